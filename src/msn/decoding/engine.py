@@ -1,0 +1,251 @@
+"""The decoding loop: prefill -> one step -> n steps, for every method.
+
+The only code here that calls the model. A step feeds the root (last accepted token)
+plus a draft tree in one forward with a 4D additive mask and explicit position ids,
+verifies greedily, keeps the accepted path's KV entries and hands the step's logits to
+the proposer. ``ar`` is a separate, plain loop: the oracle the others are tested against.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from msn.decoding import cache as kv
+from msn.decoding.config import DecodeConfig
+from msn.decoding.history import TokenHistory
+from msn.decoding.proposers import JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback, TreeJacobi
+from msn.decoding.tree import attention_bias, compiled_on
+from msn.decoding.verify import greedy_verify
+from msn.errors import MsnError
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class DecodeResult:
+    """What one generation produced.
+
+    Attributes:
+        tokens: new token ids (prompt excluded), EOS included when it ended the output.
+        steps: forward passes after prefill.
+        accept_lengths: tokens kept from each step (sum + 1 prefill token == len(tokens)).
+        prefill_s / decode_s: wall seconds, device synchronized.
+    """
+
+    tokens: list[int]
+    steps: int
+    accept_lengths: list[int] = field(default_factory=list)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        return sum(self.accept_lengths) / len(self.accept_lengths) if self.accept_lengths else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        total = self.prefill_s + self.decode_s
+        return len(self.tokens) / total if total > 0 else 0.0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def check_model(model) -> None:
+    """Refuses models whose attention ignores a custom 4D mask."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl not in SUPPORTED_ATTENTION:
+        raise MsnError(
+            f"attention implementation {impl!r} takes no custom tree mask; load the model with "
+            f"attn_implementation='sdpa' (or 'eager')")
+
+
+def context_limit(model) -> int | None:
+    cfg = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_eos(model, eos_token_id) -> set[int]:
+    """EOS ids as ``model.generate()`` would use them when none are given."""
+    if eos_token_id is None:
+        gen = getattr(model, "generation_config", None)
+        eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, int):
+        return {eos_token_id}
+    return {int(e) for e in eos_token_id}
+
+
+def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer:
+    if cfg.method == "jacobi":
+        return JacobiWindow(device, cfg.window)
+    if cfg.method == "tr-jacobi":
+        tree = cfg.tree if cfg.tree != "auto" else ("reference" if device.type == "cuda" else "small")
+        return TreeJacobi(device, tree=tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram)
+    if cfg.method == "pld":
+        return PromptLookup(device, num_tokens=cfg.pld_tokens, max_ngram=cfg.pld_ngram)
+    if cfg.method == "lookahead":
+        return Lookahead(device, window=cfg.lookahead_window, ngram=cfg.lookahead_ngram,
+                         guesses=cfg.lookahead_guesses)
+    raise MsnError(f"method {cfg.method!r} has no proposer")
+
+
+class _Output:
+    """Accepted tokens with exact stopping on EOS and ``max_new_tokens``."""
+
+    def __init__(self, max_new_tokens: int, eos: set[int], on_tokens):
+        self.tokens: list[int] = []
+        self.max_new_tokens = max_new_tokens
+        self.eos = eos
+        self.done = False
+        self.on_tokens = on_tokens
+
+    def add(self, new: list[int]) -> list[int]:
+        """Appends ``new`` up to the first stop; returns the tokens actually kept."""
+        kept = []
+        for tok in new:
+            kept.append(tok)
+            if tok in self.eos or len(self.tokens) + len(kept) >= self.max_new_tokens:
+                self.done = True
+                break
+        self.tokens.extend(kept)
+        if self.on_tokens is not None and kept:
+            self.on_tokens(kept)
+        return kept
+
+
+@torch.inference_mode()
+def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Runs the prompt (1, T) through the model; returns the last position's logits (V,)."""
+    out = model(input_ids=input_ids, logits_to_keep=1, **kv.cache_kwargs(model, cache))
+    return out.logits[0, -1]
+
+
+@torch.inference_mode()
+def decode_one_token(model, token: int, cache, device) -> int:
+    """One plain greedy step (the oracle's rung)."""
+    out = model(input_ids=torch.tensor([[token]], device=device), **kv.cache_kwargs(model, cache))
+    return int(out.logits[0, -1].argmax())
+
+
+@torch.inference_mode()
+def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor,
+              max_position: int | None):
+    """One forward of the root plus a draft tree, greedy verification, cache compaction.
+
+    Returns (new tokens, StepFeedback). ``new`` is the accepted drafts plus the bonus token.
+    """
+    device = cand.device
+    tree = compiled_on(paths, str(device))
+    drafts = cand[tree.node_pos, tree.node_col]
+    ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
+    positions = context_len + tree.depths
+    if max_position is not None:
+        # Nodes past the model's last position can only be accepted beyond max_new_tokens.
+        positions = positions.clamp_max(max_position - 1)
+    mask = attention_bias(tree, context_len, model.dtype, device)
+    logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                   **kv.cache_kwargs(model, cache)).logits[0]
+    pred = logits.argmax(dim=-1)
+    verdict = greedy_verify(tree, ids, pred)
+    host = torch.cat([verdict.pack(), pred]).tolist()        # the step's one sync
+    depth = tree.leaf_paths.shape[1]
+    accepted, best, bonus = host[0], host[1], host[2]
+    path_tokens = host[3 : 3 + depth]
+    pred_host = host[3 + depth :]
+    host_tree = compiled_on(paths, "cpu")
+    path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
+    kv.keep_path(cache, [0] + path[:accepted], tree.num_inputs)
+    new = path_tokens[:accepted] + [bonus]
+    return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host)
+
+
+def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise MsnError("input_ids must be a tensor of shape (1, T)")
+    if input_ids.shape[0] != 1:
+        raise MsnError(f"batch size {input_ids.shape[0]} is not supported yet; decode one prompt at a time (batch size 1)")
+    if input_ids.shape[1] == 0:
+        raise MsnError("empty prompt: give at least one token")
+    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+        raise MsnError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    limit = context_limit(model)
+    if limit is not None and input_ids.shape[1] >= limit:
+        raise MsnError(f"prompt of {input_ids.shape[1]} tokens does not fit the model's context of {limit} tokens; shorten it")
+
+
+def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_new_tokens: int = 128,
+             eos_token_id: int | list[int] | None = None,
+             on_tokens: Callable[[list[int]], None] | None = None, **options) -> DecodeResult:
+    """Greedy decoding of one prompt, several tokens per step where the method allows.
+
+    Every method returns exactly the tokens of greedy autoregressive decoding.
+
+    Args:
+        model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
+        input_ids: (1, T) prompt ids.
+        method: ``ar``, ``jacobi``, ``tr-jacobi``, ``pld`` or ``lookahead``.
+        max_new_tokens: at most this many new tokens.
+        eos_token_id: one id or several; None takes the model's generation config.
+        on_tokens: called with each step's newly accepted tokens (for streaming).
+        **options: fields of ``DecodeConfig`` (window, tree, retrieve_len, ...).
+    """
+    cfg = DecodeConfig.from_options(method, options)
+    check_model(model)
+    validate_request(model, input_ids, max_new_tokens)
+    device = model_device(model)
+    input_ids = input_ids.to(device)
+    prompt = input_ids[0].tolist()
+    out = _Output(max_new_tokens, resolve_eos(model, eos_token_id), on_tokens)
+    cache = kv.new_cache(model)
+    limit = context_limit(model)
+
+    _sync(device)
+    t0 = time.perf_counter()
+    first = int(prefill(model, input_ids, cache).argmax())
+    _sync(device)
+    t1 = time.perf_counter()
+    out.add([first])
+    result = DecodeResult(tokens=out.tokens, steps=0, prefill_s=t1 - t0)
+    root = first
+    if cfg.method == "ar":
+        while not out.done:
+            root = decode_one_token(model, root, cache, device)
+            result.steps += 1
+            result.accept_lengths.append(len(out.add([root])))
+    else:
+        proposer = make_proposer(cfg, device)
+        history = TokenHistory(prompt + [first], len(prompt) + max_new_tokens + 64, seed=cfg.seed)
+        context_len = len(prompt)
+        while not out.done:
+            paths, cand = proposer.propose(history)
+            new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit)
+            context_len += 1 + feedback.accepted
+            kept = out.add(new)
+            result.steps += 1
+            result.accept_lengths.append(len(kept))
+            if out.done:
+                break
+            history.extend(new)
+            root = new[-1]
+            proposer.update(feedback, history)
+    _sync(device)
+    result.decode_s = time.perf_counter() - t1
+    return result

@@ -1,0 +1,52 @@
+"""Greedy verification of a draft tree: pure tensor code, no model, no host sync."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from msn.decoding.tree import CompiledTree
+
+
+@dataclass
+class Verdict:
+    """Device tensors describing what one step accepted.
+
+    Attributes:
+        accepted: () long, number of draft nodes accepted (0..D).
+        best: () long, the chosen leaf path (row of ``tree.leaf_paths``).
+        bonus: () long, the model's greedy token after the last accepted node.
+        path_tokens: (D,) long, input tokens along the chosen path (padding after its end).
+    """
+
+    accepted: torch.Tensor
+    best: torch.Tensor
+    bonus: torch.Tensor
+    path_tokens: torch.Tensor
+
+    def pack(self) -> torch.Tensor:
+        """All fields in one 1-D tensor, so the host reads them with one sync."""
+        return torch.cat([self.accepted.view(1), self.best.view(1), self.bonus.view(1), self.path_tokens])
+
+
+def greedy_verify(tree: CompiledTree, input_ids: torch.Tensor, pred: torch.Tensor) -> Verdict:
+    """Longest path whose every token equals the greedy prediction at its parent.
+
+    Args:
+        tree: the compiled tree, on the same device as the inputs.
+        input_ids: (n + 1,) long, root then draft nodes.
+        pred: (n + 1,) long, argmax of the model's logits at each input.
+
+    Among paths accepting equally many nodes the longer path wins (its unaccepted
+    nodes give more future predictions), then the earlier one in the spec.
+    """
+    nodes = tree.leaf_paths                                   # (L, D)
+    match = (input_ids[nodes] == pred[tree.parents[nodes].clamp_min(0)]) & tree.leaf_valid
+    accepted_per_path = match.long().cumprod(dim=-1).sum(dim=-1)          # (L,)
+    depth = nodes.shape[1]
+    best = torch.argmax(accepted_per_path * (depth + 1) + tree.leaf_len)
+    accepted = accepted_per_path[best]
+    path = nodes[best]
+    last = torch.where(accepted > 0, path[(accepted - 1).clamp_min(0)], torch.zeros_like(accepted))
+    return Verdict(accepted=accepted, best=best, bonus=pred[last], path_tokens=input_ids[path])

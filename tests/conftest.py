@@ -1,0 +1,29 @@
+import warnings
+
+import pytest
+import torch
+
+from msn.testing import TINY_FAMILIES, tiny_model
+
+FAMILIES = list(TINY_FAMILIES)
+
+
+@pytest.fixture(scope="session")
+def models():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                cache[family] = tiny_model(family)
+        return cache[family]
+
+    return get
+
+
+def hf_greedy(model, ids, max_new_tokens, eos):
+    """transformers' own greedy decoding: the ecosystem's reference."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()

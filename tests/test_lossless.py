@@ -1,0 +1,84 @@
+"""The central contract: every fast decoder returns exactly greedy decoding's tokens."""
+
+import random
+
+import pytest
+import torch
+
+import msn
+from conftest import FAMILIES, hf_greedy
+
+FAST = ["jacobi", "tr-jacobi", "pld", "lookahead"]
+PROMPTS = 50
+
+
+def prompts(seed, vocab=96):
+    rng = random.Random(seed)
+    out = []
+    for i in range(PROMPTS):
+        if i % 2:
+            # Repetitive prompt: the retrieval branch and prompt lookup find matches.
+            unit = [rng.randrange(3, vocab) for _ in range(rng.randint(2, 6))]
+            ids = (unit * 8)[: rng.randint(8, 30)]
+        else:
+            ids = [rng.randrange(3, vocab) for _ in range(rng.randint(1, 30))]
+        out.append(ids)
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_decoders_equal_greedy(family, models):
+    model = models(family)
+    rng = random.Random(family)
+    accepted_more = {m: 0 for m in FAST}
+    for i, ids in enumerate(prompts(hash(family) % 1000)):
+        x = torch.tensor([ids])
+        max_new = rng.randint(1, 40)
+        ar = msn.generate(model, x, method="ar", max_new_tokens=max_new, eos_token_id=[])
+        # EOS at a random point of the output (sometimes never reached).
+        eos = rng.choice(ar.tokens) if i % 3 else 0
+        want = hf_greedy(model, x, max_new, eos)
+        got_ar = msn.generate(model, x, method="ar", max_new_tokens=max_new, eos_token_id=eos)
+        assert got_ar.tokens == want, (family, i, "ar")
+        assert sum(got_ar.accept_lengths) + 1 == len(want)
+        for m in FAST:
+            r = msn.generate(model, x, method=m, max_new_tokens=max_new, eos_token_id=eos)
+            assert r.tokens == want, (family, i, m)
+            assert sum(r.accept_lengths) + 1 == len(r.tokens) and r.steps == len(r.accept_lengths)
+            accepted_more[m] += any(a > 1 for a in r.accept_lengths)
+    # Drafts are really verified: on repetitive prompts, steps accept several tokens.
+    assert accepted_more["tr-jacobi"] > 0 and accepted_more["pld"] > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eos_given_as_several_ids_and_from_generation_config(family, models):
+    model = models(family)
+    x = torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6]])
+    ar = msn.generate(model, x, method="ar", max_new_tokens=30, eos_token_id=[])
+    stops = [ar.tokens[7], ar.tokens[12]]
+    want = hf_greedy(model, x, 30, stops)
+    for m in ["ar"] + FAST:
+        assert msn.generate(model, x, method=m, max_new_tokens=30, eos_token_id=stops).tokens == want
+    # None: the model's generation config decides, as model.generate() does.
+    default = hf_greedy(model, x, 30, model.generation_config.eos_token_id)
+    assert msn.generate(model, x, method="tr-jacobi", max_new_tokens=30).tokens == default
+
+
+@pytest.mark.parametrize("tree", ["reference", "medium", "small", "chain"])
+def test_every_tree_preset_is_lossless(tree, models):
+    model = models("qwen2")
+    for ids in prompts(7)[:12]:
+        x = torch.tensor([ids])
+        want = msn.generate(model, x, method="ar", max_new_tokens=25, eos_token_id=[]).tokens
+        got = msn.generate(model, x, method="tr-jacobi", tree=tree, max_new_tokens=25, eos_token_id=[])
+        assert got.tokens == want
+
+
+def test_eager_attention_is_lossless_too():
+    from msn.testing import tiny_model
+
+    model = tiny_model("llama", attn_implementation="eager")
+    for ids in prompts(3)[:10]:
+        x = torch.tensor([ids])
+        want = msn.generate(model, x, method="ar", max_new_tokens=20, eos_token_id=[]).tokens
+        assert msn.generate(model, x, method="tr-jacobi", max_new_tokens=20, eos_token_id=[]).tokens == want
