@@ -36,3 +36,47 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, dtype
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
     return model.eval()
+
+
+SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+_CORPUS = (
+    "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. "
+    "Write a function that sorts a list. for i in range(10): print(i)\n"
+    "class Stack:\n    def push(self, x):\n        self.items.append(x)\n"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in memory on a few lines, with ChatML specials
+    (``<|im_end|>`` is EOS, as in SmolLM2) and a ChatML chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
+                                   eos_token="<|im_end|>", pad_token="<pad>")
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_checkpoint(path, family: str = "llama", seed: int = 0):
+    """Saves a tiny random model plus ``tiny_tokenizer`` to ``path``; returns the path."""
+    tok = tiny_tokenizer()
+    model = tiny_model(family, vocab_size=len(tok), seed=seed)
+    model.config.bos_token_id = tok.bos_token_id
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

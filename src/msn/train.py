@@ -1,0 +1,225 @@
+"""``msn train``: MSN fine-tuning (or plain SFT with ``--no-noise``) on transformers' Trainer.
+
+One code path for every scale: run it as is for one process (CPU or one GPU), or under
+``torchrun`` / ``accelerate launch`` for several (DDP; FSDP or DeepSpeed through an
+accelerate config file); the Trainer picks the set-up up from the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from msn.errors import MsnError
+from msn.loading import load_model, load_tokenizer
+from msn.noise import MsnCollator, NoiseConfig
+
+log = logging.getLogger("msn.train")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved as ``msn_config.json`` beside the output.
+
+    Attributes:
+        model: a local checkpoint folder (or a hub id when the hub is reachable).
+        data: training records (JSONL with {"prompt","response"} or {"messages"}, or a
+            file/folder ``datasets`` reads).
+        output_dir: where checkpoints, the final model, tokenizer and config go.
+        eval_data: optional held-out records; eval loss is on clean inputs.
+        noise: MSN noise settings (``noise.enabled=False`` is plain SFT).
+        max_length: tokens per sample; longer samples keep their first ``max_length``.
+        epochs / max_steps: training length (``max_steps > 0`` wins).
+        lr / scheduler / warmup: learning rate, transformers scheduler name, warmup
+            (a fraction of the steps if < 1, else a number of steps).
+        batch_size / grad_accum: per-process batch and gradient accumulation.
+        precision: fp32, bf16 or fp16 (mixed precision).
+        lora_r: LoRA rank; 0 trains all weights. lora_alpha / lora_dropout /
+            lora_targets configure peft; merge_lora saves merged full weights.
+        save_steps / eval_steps / logging_steps / save_total_limit: Trainer cadence.
+        resume: continue from the newest checkpoint in ``output_dir``.
+        gradient_checkpointing: trade compute for memory.
+        seed: seed of data order, noise and initialisation of LoRA weights.
+    """
+
+    model: str
+    data: str
+    output_dir: str
+    eval_data: str | None = None
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    max_length: int = 1024
+    epochs: float = 1.0
+    max_steps: int = -1
+    lr: float = 2e-5
+    scheduler: str = "cosine"
+    warmup: float = 0.03
+    batch_size: int = 4
+    grad_accum: int = 1
+    precision: str = "fp32"
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_targets: str = "all-linear"
+    merge_lora: bool = False
+    save_steps: int = 500
+    eval_steps: int | None = None
+    logging_steps: int = 10
+    save_total_limit: int | None = 2
+    resume: bool = False
+    gradient_checkpointing: bool = False
+    seed: int = 42
+
+    def __post_init__(self):
+        if isinstance(self.noise, dict):
+            self.noise = NoiseConfig(**self.noise)
+        if self.precision not in PRECISIONS:
+            raise MsnError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        for name in ("max_length", "batch_size", "grad_accum", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise MsnError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise MsnError(f"learning rate must be positive, got {self.lr}")
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise MsnError("give a positive number of epochs or max_steps")
+        if self.lora_r < 0:
+            raise MsnError(f"lora_r must be >= 0, got {self.lora_r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _dataset(tokenizer, path: str, max_length: int, what: str):
+    from msn.data.records import build_examples, load_conversations
+
+    examples, dropped = build_examples(tokenizer, load_conversations(path), max_length)
+    if not examples:
+        raise MsnError(f"{path}: no {what} example keeps a response token within max_length={max_length}")
+    if dropped:
+        log.warning("%s: %d sample(s) dropped: no response token within max_length=%d", path, dropped, max_length)
+    return examples
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+def run(cfg: TrainConfig) -> dict:
+    """Trains and saves; returns a summary (final loss, steps, noise statistics)."""
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from msn.data.records import ensure_chat_template
+
+    if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
+        raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
+    if not os.path.exists(cfg.data):
+        raise MsnError(f"data file {cfg.data} does not exist")
+    if cfg.eval_data and not os.path.exists(cfg.eval_data):
+        raise MsnError(f"eval data file {cfg.eval_data} does not exist")
+    if cfg.resume and _latest_checkpoint(cfg.output_dir) is None:
+        raise MsnError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
+    tokenizer = load_tokenizer(cfg.model) if os.path.isdir(cfg.model) else None
+    model = load_model(cfg.model, dtype=torch.float32)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model)
+    if ensure_chat_template(tokenizer):
+        log.warning("the tokenizer has no chat template; using ChatML")
+    train_set = _dataset(tokenizer, cfg.data, cfg.max_length, "training")
+    eval_set = _dataset(tokenizer, cfg.eval_data, cfg.max_length, "eval") if cfg.eval_data else None
+
+    if cfg.lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=targets, task_type="CAUSAL_LM"))
+    collator = MsnCollator(cfg.noise, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), seed=cfg.seed)
+    eval_collator = MsnCollator(NoiseConfig(enabled=False), tokenizer.pad_token_id, len(tokenizer))
+    is_cpu = not torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        bf16=cfg.precision == "bf16",
+        fp16=cfg.precision == "fp16",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if eval_set is not None and cfg.eval_steps else "no",
+        eval_steps=cfg.eval_steps,
+        seed=cfg.seed,
+        report_to="none",
+        remove_unused_columns=False,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        ddp_backend="gloo" if is_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        use_cpu=is_cpu,
+    )
+
+    class EvalWithCleanInputs(Trainer):
+        def get_eval_dataloader(self, eval_dataset=None):
+            self.data_collator, saved = eval_collator, self.data_collator
+            try:
+                return super().get_eval_dataloader(eval_dataset)
+            finally:
+                self.data_collator = saved
+
+    class NoiseStats(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs is not None and "loss" in logs:
+                logs["noise_too_short"] = collator.too_short
+
+    trainer = EvalWithCleanInputs(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                                  data_collator=collator, processing_class=tokenizer, callbacks=[NoiseStats()])
+    resume_from = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if resume_from:
+        log.warning("resuming from %s", resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        last = _latest_checkpoint(cfg.output_dir)
+        raise MsnError("interrupted; " + (f"continue with --resume (from {last})" if last else
+                                          "no checkpoint was saved yet (lower --save-steps)")) from None
+
+    summary = {
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "resumed_from": resume_from,
+        "noise_stats": collator.stats(),
+        "train_examples": len(train_set),
+    }
+    if eval_set is not None:
+        summary["eval_loss"] = trainer.evaluate()["eval_loss"]
+    if collator.too_short:
+        log.warning("%d sample(s) had a response too short for a noise span and stayed clean", collator.too_short)
+    if trainer.is_world_process_zero():
+        save_final(trainer, tokenizer, cfg, summary)
+    return summary
+
+
+def save_final(trainer, tokenizer, cfg: TrainConfig, summary: dict) -> None:
+    import transformers
+
+    import msn
+
+    out = Path(cfg.output_dir)
+    model = trainer.model
+    if cfg.lora_r > 0 and cfg.merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = {"msn_version": msn.__version__, "transformers_version": transformers.__version__,
+              "config": cfg.to_dict(), "summary": summary}
+    (out / "msn_config.json").write_text(json.dumps(record, indent=2) + "\n")
