@@ -104,13 +104,31 @@ def _dataset(tokenizer, path: str, max_length: int, what: str):
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest complete checkpoint: one killed while being written has no trainer state
+    yet, and is skipped."""
+    root = Path(output_dir)
+    done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
+            and (p / "trainer_state.json").exists()] if root.is_dir() else []
+    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+def _checkpointing_kwarg(enabled: bool) -> dict:
+    """``activation_checkpointing`` in newer transformers, ``gradient_checkpointing`` before."""
+    import inspect
+
+    from transformers import TrainingArguments
+
+    if not enabled:
+        return {}
+    params = inspect.signature(TrainingArguments.__init__).parameters
+    return {"activation_checkpointing" if "activation_checkpointing" in params else "gradient_checkpointing": True}
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Trains and saves; returns a summary (final loss, steps, noise statistics)."""
+def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
+    """Trains and saves; returns a summary (final loss, steps, noise statistics).
+
+    ``callbacks``: extra transformers ``TrainerCallback`` objects.
+    """
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -163,7 +181,7 @@ def run(cfg: TrainConfig) -> dict:
         seed=cfg.seed,
         report_to="none",
         remove_unused_columns=False,
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        **_checkpointing_kwarg(cfg.gradient_checkpointing),
         ddp_backend="gloo" if is_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         use_cpu=is_cpu,
     )
@@ -182,7 +200,7 @@ def run(cfg: TrainConfig) -> dict:
                 logs["noise_too_short"] = collator.too_short
 
     trainer = EvalWithCleanInputs(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  data_collator=collator, processing_class=tokenizer, callbacks=[NoiseStats()])
+                                  data_collator=collator, processing_class=tokenizer, callbacks=[NoiseStats(), *(callbacks or [])])
     resume_from = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if resume_from:
         log.warning("resuming from %s", resume_from)

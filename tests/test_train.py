@@ -1,0 +1,122 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msn.noise import NoiseConfig
+from msn.testing import tiny_checkpoint
+from msn.train import TrainConfig, run
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    tiny_checkpoint(d / "model")
+    with open(d / "data.jsonl", "w") as f:
+        for i in range(48):
+            f.write(json.dumps({"prompt": f"Write add number {i}",
+                                "response": "def add(a, b):\n    return a + b  # " + "x" * (i % 7)}) + "\n")
+    return d
+
+
+def test_training_lowers_loss_and_saves_a_loadable_model(setup, tmp_path):
+    losses = []
+    from transformers import AutoModelForCausalLM, TrainerCallback
+
+    class Record(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    out = tmp_path / "msn"
+    summary = run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(out),
+                              eval_data=str(setup / "data.jsonl"), max_steps=36, lr=3e-3, batch_size=4,
+                              logging_steps=4, save_steps=100), callbacks=[Record()])
+    assert losses[-1] < 0.5 * losses[0]
+    assert summary["noise_stats"]["noised_positions"] == 5 * summary["noise_stats"]["samples"]
+    assert summary["eval_loss"] < losses[0]
+    AutoModelForCausalLM.from_pretrained(out)
+    saved = json.loads((out / "msn_config.json").read_text())
+    assert saved["config"]["noise"] == {"span_len": 5, "num_spans": 1, "source": "ahead", "enabled": True}
+    assert (out / "tokenizer_config.json").exists()
+
+
+def test_no_noise_is_the_same_pipeline_without_corruption(setup, tmp_path):
+    summary = run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path),
+                              max_steps=4, noise=NoiseConfig(enabled=False), save_steps=100))
+    assert summary["noise_stats"]["samples"] >= 16 and summary["noise_stats"]["noised_positions"] == 0
+
+
+def test_lora_adapter_and_merge(setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path / "a"),
+                    max_steps=3, lora_r=4, save_steps=100))
+    assert (tmp_path / "a" / "adapter_config.json").exists()
+    base = AutoModelForCausalLM.from_pretrained(setup / "model")
+    PeftModel.from_pretrained(base, tmp_path / "a")
+    run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path / "m"),
+                    max_steps=3, lora_r=4, merge_lora=True, save_steps=100))
+    assert not (tmp_path / "m" / "adapter_config.json").exists()
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def _cli(*args):
+    return [str(BIN / "msn"), *map(str, args)]
+
+
+def test_killed_run_resumes_at_its_last_checkpoint(setup, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--model", setup / "model", "--data", setup / "data.jsonl", "--output-dir", out,
+            "--max-steps", 240, "--save-steps", 20, "--batch-size", 2, "--logging-steps", 20, "--lr", "1e-3"]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoint-40" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps = sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")
+                   if (p / "trainer_state.json").exists())
+    assert steps and steps[-1] < 240
+    state = json.loads((out / f"checkpoint-{steps[-1]}" / "trainer_state.json").read_text())
+    assert state["global_step"] == steps[-1]
+    # A checkpoint being written at kill time may be partial; the newest complete one is used.
+    done = subprocess.run(_cli(*args, "--resume"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["global_step"] == 240
+    resumed = int(summary["resumed_from"].rsplit("-", 1)[1])
+    assert resumed == steps[-1] and resumed >= 40
+
+
+def test_two_processes_match_one_process(setup, tmp_path):
+    """DDP on 2 CPU processes (gloo): both ranks end with identical weights, equal within
+    tolerance to one process with the same global batch."""
+    worker = ROOT / "tests" / "ddp_worker.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29561", worker,
+                          setup / "model", setup / "data.jsonl", tmp_path / "two", "2"],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, worker, setup / "model", setup / "data.jsonl", tmp_path / "one", "4"],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / "two" / f"digest.rank{r}").read_text()) for r in (0, 1))
+    assert r0["world"] == 2 and r0["sha"] == r1["sha"]
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    init = load_file(setup / "model" / "model.safetensors")
+    assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
