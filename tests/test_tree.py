@@ -70,3 +70,9 @@ def test_every_preset_compiles():
         compile_tree(tuple(paths + chain(5, column=99)))
     with pytest.raises(MsnError, match="unknown tree preset"):
         preset_paths("huge")
+
+
+def test_cli_tree_choices_match_the_presets():
+    from msn.decoding.config import TREE_CHOICES
+
+    assert set(TREE_CHOICES) == {"auto", *TREE_PRESETS}

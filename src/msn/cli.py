@@ -117,8 +117,7 @@ def cmd_bench(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msn.decoding.config import METHODS
-    from msn.decoding.tree import TREE_PRESETS
+    from msn.decoding.config import METHODS, TREE_CHOICES
 
     p = argparse.ArgumentParser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
                                 "decoding (several tokens per step, output identical to greedy decoding).")
@@ -180,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--method", default="tr-jacobi", choices=METHODS)
     gen.add_argument("--max-new-tokens", type=int, default=256)
-    gen.add_argument("--tree", choices=["auto", *TREE_PRESETS], help="TR-Jacobi tree preset (default auto)")
+    gen.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset (default auto)")
     gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
     gen.add_argument("--seed", type=int, help="noise seed for empty draft slots")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -200,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", help="comma-separated categories to keep")
     b.add_argument("--repeats", type=int, help="timed repeats per prompt and method; medians reported (default 1)")
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
-    b.add_argument("--tree", choices=["auto", *TREE_PRESETS], help="TR-Jacobi tree preset")
+    b.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset")
     b.add_argument("--device", help="auto, cpu, cuda")
     b.add_argument("--dtype", help="auto, float32, bfloat16")
     b.set_defaults(func=cmd_bench)

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, fields
 from msn.errors import MsnError
 
 METHODS = ("ar", "jacobi", "tr-jacobi", "pld", "lookahead")
+# Names of tree.TREE_PRESETS (kept here so the CLI parser needs no torch import).
+TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
 
 
 @dataclass
@@ -48,6 +50,8 @@ class DecodeConfig:
                      "lookahead_window", "lookahead_guesses"):
             if getattr(self, name) <= 0:
                 raise MsnError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.tree not in TREE_CHOICES:
+            raise MsnError(f"unknown tree preset {self.tree!r}; choose one of {', '.join(TREE_CHOICES)}")
         if self.lookahead_ngram < 2:
             raise MsnError(f"lookahead_ngram must be at least 2, got {self.lookahead_ngram}")
 

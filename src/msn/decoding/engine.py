@@ -52,7 +52,7 @@ class DecodeResult:
         return len(self.tokens) / total if total > 0 else 0.0
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
@@ -217,10 +217,10 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_n
     cache = kv.new_cache(model)
     limit = context_limit(model)
 
-    _sync(device)
+    sync_device(device)
     t0 = time.perf_counter()
     first = int(prefill(model, input_ids, cache).argmax())
-    _sync(device)
+    sync_device(device)
     t1 = time.perf_counter()
     out.add([first])
     result = DecodeResult(tokens=out.tokens, steps=0, prefill_s=t1 - t0)
@@ -246,6 +246,6 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_n
             history.extend(new)
             root = new[-1]
             proposer.update(feedback, history)
-    _sync(device)
+    sync_device(device)
     result.decode_s = time.perf_counter() - t1
     return result

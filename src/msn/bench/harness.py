@@ -1,0 +1,200 @@
+"""The timed benchmark run: every method on every prompt, ``ar`` first, in one process."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from msn.bench.prompts import Question, load_questions
+from msn.bench.report import plots, summarize, table
+from msn.decoding.config import METHODS
+from msn.decoding.engine import generate, resolve_eos, sync_device
+from msn.errors import MsnError
+
+BENCH_METHODS = (*METHODS, "hf-pld")
+DEFAULT_METHODS = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
+
+
+@dataclass
+class BenchConfig:
+    """Options of ``msn bench`` (saved into ``summary.json``).
+
+    Attributes:
+        model: checkpoint folder.
+        bench: spec-bench, mt-bench, humaneval or a JSONL file of questions.
+        out: output folder.
+        methods: decoders to compare; ``ar`` is always run first, as the baseline.
+        max_new_tokens: per turn.
+        questions: Spec-Bench question file (default ../shared/data/spec_bench/question.jsonl).
+        limit: first K questions of each category.
+        categories: keep only these categories.
+        repeats: timed runs per prompt and method; the median wall time is used.
+        warmup: untimed generations of every method before timing starts.
+        tree: TR-Jacobi tree preset.
+        pld_tokens / pld_ngram: prompt-lookup settings, shared by ``pld`` and ``hf-pld``.
+        device / dtype: where and how the model runs.
+    """
+
+    model: str
+    out: str
+    bench: str = "spec-bench"
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    max_new_tokens: int = 128
+    questions: str | None = None
+    limit: int | None = None
+    categories: list[str] | None = None
+    repeats: int = 1
+    warmup: int = 2
+    tree: str = "auto"
+    pld_tokens: int = 10
+    pld_ngram: int = 2
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in BENCH_METHODS]
+        if unknown:
+            raise MsnError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)}")
+        self.methods = ["ar"] + [m for m in dict.fromkeys(self.methods) if m != "ar"]
+        if self.max_new_tokens <= 0:
+            raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        if self.repeats <= 0 or self.warmup < 0:
+            raise MsnError("--repeats must be positive and --warmup non-negative")
+
+
+class ForwardCounter:
+    """Counts the model's forward passes (a forward hook), for methods that report no steps."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, *args):
+        self.calls += 1
+
+
+@dataclass
+class Run:
+    tokens: list[int]
+    steps: int
+    accept_lengths: list[int] | None
+    forwards: int
+
+
+def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter: ForwardCounter) -> Run:
+    before = counter.calls
+    if method == "hf-pld":
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=cfg.max_new_tokens, prompt_lookup_num_tokens=cfg.pld_tokens,
+                             max_matching_ngram_size=cfg.pld_ngram,
+                             eos_token_id=sorted(resolve_eos(model, None)) or None,
+                             pad_token_id=model.generation_config.pad_token_id)
+        forwards = counter.calls - before
+        return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
+    options = {"tree": cfg.tree} if method == "tr-jacobi" else {}
+    if method == "pld":
+        options = {"pld_tokens": cfg.pld_tokens, "pld_ngram": cfg.pld_ngram}
+    r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, **options)
+    return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before)
+
+
+def _encode(tokenizer, conversation: list[dict], device) -> torch.Tensor:
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+
+
+def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
+              progress: bool = True) -> dict:
+    """Runs the benchmark, writes records.jsonl, summary.json and plots to ``cfg.out``,
+    prints the table and, as the last stdout line, the summary as one JSON document."""
+    from msn.data.records import ensure_chat_template
+    from msn.loading import load_for_inference
+
+    questions = load_questions(cfg.bench, cfg.questions, cfg.limit, cfg.categories)
+    if model is None:
+        model, tokenizer = load_for_inference(cfg.model, cfg.device, cfg.dtype)
+    ensure_chat_template(tokenizer)
+    device = next(model.parameters()).device
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    counter = ForwardCounter(model)
+    try:
+        records = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
+    finally:
+        counter.handle.remove()
+    with open(out / "records.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    summary = {"methods": summarize(records, cfg.methods),
+               "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
+                          "torch": torch.__version__, "questions_run": len(questions)}}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    plots(summary["methods"], out)
+    print(table(summary["methods"]))
+    print(json.dumps(summary))
+    sys.stdout.flush()
+    return summary
+
+
+def _timed(fn, device, clock) -> tuple[object, float]:
+    sync_device(device)
+    t0 = clock()
+    result = fn()
+    sync_device(device)
+    return result, clock() - t0
+
+
+def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, counter, clock, device, progress):
+    first = _encode(tokenizer, [{"role": "user", "content": questions[0].turns[0]}], device)
+    warm = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)})
+    for _ in range(cfg.warmup):
+        for m in cfg.methods:
+            run_method(model, first, m, warm, counter)
+    turns = sum(len(q.turns) for q in questions)
+    bar = tqdm(total=turns * len(cfg.methods), desc="bench", unit="gen", disable=not progress, file=sys.stderr)
+    per_method: dict[tuple[str, str], dict] = {}
+    for q in questions:
+        conversation: list[dict] = []
+        for turn in q.turns:
+            conversation.append({"role": "user", "content": turn})
+            ids = _encode(tokenizer, conversation, device)
+            reference = None
+            for m in cfg.methods:                      # ar first: the baseline, interleaved per prompt
+                walls = []
+                for _ in range(cfg.repeats):
+                    run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter), device, clock)
+                    walls.append(wall)
+                if m == "ar":
+                    reference = run.tokens
+                rec = per_method.setdefault((q.qid, m), {
+                    "question_id": q.qid, "category": q.category, "method": m,
+                    "choices": [{"index": 0, "turns": [], "new_tokens": [], "wall_time": [], "accept_lengths": [],
+                                 "steps": []}],
+                    "match": True})
+                choice = rec["choices"][0]
+                choice["turns"].append(tokenizer.decode(run.tokens, skip_special_tokens=True))
+                choice["new_tokens"].append(len(run.tokens))
+                choice["wall_time"].append(statistics.median(walls))
+                choice["accept_lengths"].append(run.accept_lengths)
+                choice["steps"].append(run.steps)
+                rec.setdefault("forwards", []).append(run.forwards)
+                rec["match"] = rec["match"] and run.tokens == reference
+                bar.update(1)
+            # The next turn follows the model's own answer, as Spec-Bench does.
+            conversation.append({"role": "assistant", "content": tokenizer.decode(reference, skip_special_tokens=True)})
+    bar.close()
+    records = []
+    for rec in per_method.values():
+        c = rec["choices"][0]
+        lengths = None if any(a is None for a in c["accept_lengths"]) else [x for a in c["accept_lengths"] for x in a]
+        records.append({**rec, "new_tokens": sum(c["new_tokens"]), "wall_time": sum(c["wall_time"]),
+                        "steps": sum(c["steps"]), "accept_lengths": lengths, "forwards": sum(rec["forwards"])})
+    return records

@@ -1,0 +1,137 @@
+import json
+
+import pytest
+import torch
+
+from msn.bench.harness import BenchConfig, run_bench
+from msn.bench.prompts import load_questions
+from msn.bench.report import summarize
+from msn.errors import MsnError
+from msn.testing import tiny_tokenizer, tiny_model
+
+METHODS = ["ar", "pld", "lookahead", "jacobi", "tr-jacobi", "hf-pld"]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
+
+
+@pytest.fixture
+def questions(tmp_path):
+    p = tmp_path / "q.jsonl"
+    rows = [{"question_id": i, "category": c, "turns": t} for i, (c, t) in enumerate([
+        ("writing", ["def add(a, b): return a + b", "again"]), ("qa", ["The quick brown fox"]),
+        ("qa", ["for i in range(10): print(i)"]), ("translation", ["class Stack: push"])])]
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+class ForwardClock:
+    """A fake clock whose time is the number of model forward passes so far."""
+
+    def __init__(self, model):
+        self.t = 0
+        model.register_forward_hook(lambda *a: setattr(self, "t", self.t + 1))
+
+    def __call__(self):
+        return float(self.t)
+
+
+def test_harness_writes_a_well_formed_summary(tiny, questions, tmp_path, capsys):
+    model, tok = tiny
+    clock = ForwardClock(model)
+    cfg = BenchConfig(model="tiny", out=str(tmp_path / "out"), bench="spec-bench", questions=str(questions),
+                      methods=METHODS, max_new_tokens=24, warmup=1)
+    summary = run_bench(cfg, model=model, tokenizer=tok, clock=clock, progress=False)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last) == json.loads(json.dumps(summary))
+    on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(on_disk["methods"]) == set(METHODS)
+    assert set(on_disk["methods"]["ar"]["categories"]) == {"mt_bench", "qa", "translation"}
+    for key in ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate"):
+        assert key in on_disk["methods"]["tr-jacobi"]["overall"]
+    assert (tmp_path / "out" / "speedup.png").stat().st_size > 0
+    assert (tmp_path / "out" / "acceptance.png").stat().st_size > 0
+    records = [json.loads(l) for l in open(tmp_path / "out" / "records.jsonl")]
+    assert len(records) == 4 * len(METHODS)
+    for m, entry in summary["methods"].items():
+        o = entry["overall"]
+        assert o["match_rate"] == 1.0, m
+        # Wall time is measured by the clock: here it counts forward passes, so the
+        # speedup must equal the ratio of forward passes.
+        recs = [r for r in records if r["method"] == m]
+        ar = [r for r in records if r["method"] == "ar"]
+        assert o["speedup"] == pytest.approx(sum(r["forwards"] for r in ar) / sum(r["forwards"] for r in recs))
+        if o["histogram"] is not None:
+            assert sum(o["histogram"].values()) == o["steps"]
+    ar_forwards = sum(r["forwards"] for r in records if r["method"] == "ar")
+    assert ar_forwards == sum(r["new_tokens"] for r in records if r["method"] == "ar")
+
+
+def test_equality_check_catches_a_wrong_decoder(tiny, questions, tmp_path, monkeypatch):
+    import msn.bench.harness as h
+
+    model, tok = tiny
+    real = h.generate
+
+    def off_by_one(model, ids, method, **kw):
+        r = real(model, ids, method=method, **kw)
+        if method == "jacobi":
+            r.tokens[-1] = (r.tokens[-1] + 1) % 50
+        return r
+
+    monkeypatch.setattr(h, "generate", off_by_one)
+    cfg = BenchConfig(model="tiny", out=str(tmp_path), questions=str(questions), methods=["ar", "jacobi", "pld"],
+                      max_new_tokens=12, warmup=0)
+    s = run_bench(cfg, model=model, tokenizer=tok, progress=False)
+    assert s["methods"]["jacobi"]["overall"]["match_rate"] == 0.0
+    assert s["methods"]["pld"]["overall"]["match_rate"] == 1.0
+
+
+def test_summarize_by_hand():
+    recs = [
+        dict(method="ar", category="a", wall_time=4.0, new_tokens=4, steps=3, accept_lengths=[1, 1, 1], forwards=4, match=True),
+        dict(method="ar", category="b", wall_time=2.0, new_tokens=2, steps=1, accept_lengths=[1], forwards=2, match=True),
+        dict(method="x", category="a", wall_time=1.0, new_tokens=4, steps=1, accept_lengths=[3], forwards=2, match=True),
+        dict(method="x", category="b", wall_time=2.0, new_tokens=2, steps=1, accept_lengths=[1], forwards=2, match=False),
+    ]
+    s = summarize(recs, ["ar", "x"])["x"]
+    assert s["overall"]["speedup"] == pytest.approx(2.0)
+    assert s["categories"]["a"]["speedup"] == pytest.approx(4.0)
+    assert s["overall"]["mean_accepted_tokens"] == pytest.approx(2.0)
+    assert s["overall"]["match_rate"] == 0.5
+    assert s["overall"]["histogram"] == {"1": 1, "3": 1}
+
+
+def test_limit_and_categories(questions):
+    qs = load_questions("spec-bench", str(questions), limit=1)
+    assert [q.category for q in qs] == ["mt_bench", "qa", "translation"]
+    assert [q.category for q in load_questions("spec-bench", str(questions), categories=["qa"])] == ["qa", "qa"]
+
+
+def test_bad_bench_input(questions, tmp_path):
+    with pytest.raises(MsnError, match="does not exist"):
+        load_questions("spec-bench", str(tmp_path / "none.jsonl"))
+    with pytest.raises(MsnError, match="unknown category"):
+        load_questions("spec-bench", str(questions), categories=["poetry"])
+    with pytest.raises(MsnError, match="unknown method"):
+        BenchConfig(model="m", out="o", methods=["ar", "medusa"])
+    with pytest.raises(MsnError, match="unknown benchmark"):
+        load_questions("nobench")
+
+
+def test_real_spec_bench_file_loads_when_present():
+    from msn.bench.prompts import default_questions_path
+
+    try:
+        path = default_questions_path()
+    except MsnError:
+        pytest.skip("../shared/data/spec_bench/question.jsonl not present")
+    qs = load_questions("spec-bench", str(path), limit=2)
+    assert len(qs) == 12 and sum(len(q.turns) == 2 for q in qs) == 2
+    assert len(load_questions("mt-bench", str(path))) == 80
