@@ -13,7 +13,7 @@ def model(models):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
     (dict(input_ids=torch.ones(2, 4, dtype=torch.long)), "batch size 2"),
-    (dict(input_ids=torch.ones(1, 600, dtype=torch.long)), "does not fit the model's context"),
+    (dict(input_ids=torch.ones(1, 2100, dtype=torch.long)), "does not fit the model's context"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
     (dict(method="beam"), "unknown method"),
     (dict(tree="huge"), "unknown tree preset"),

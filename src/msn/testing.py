@@ -15,7 +15,7 @@ TINY_FAMILIES: dict[str, dict] = {
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=None),
     "gemma": dict(model_type="gemma", num_key_value_heads=1, head_dim=8),
     "phi3": dict(model_type="phi3", num_key_value_heads=2, pad_token_id=0),
-    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=512),
+    "gpt2": dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=4, n_positions=2048),
 }
 
 
@@ -28,7 +28,7 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, dtype
     spec = dict(TINY_FAMILIES[family])
     model_type = spec.pop("model_type")
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, initializer_range=0.4,
+                  num_attention_heads=4, max_position_embeddings=2048, initializer_range=0.4,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if model_type == "gpt2":
         common = dict(vocab_size=vocab_size, initializer_range=0.4, bos_token_id=1, eos_token_id=2)

@@ -1,0 +1,144 @@
+"""``msn reproduce``: MSN versus plain SFT on SmolLM2-135M-Instruct with the stdlib code set.
+
+Fetches the model, builds the data, fine-tunes twice with identical data, settings and
+seed (plain SFT with ``--no-noise``, then MSN), and evaluates the base model and both
+fine-tuned models: held-out response loss on clean inputs, HumanEval pass@1, and the
+acceleration of every decoder on held-out prompts (``msn bench``). Results go to
+``OUT/results.json`` and ``OUT/results.md``; every stage is skipped when its output
+exists, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from msn.errors import MsnError
+
+
+@dataclass
+class Preset:
+    """Sizes of one reproduction run.
+
+    Attributes:
+        steps / batch_size / grad_accum / max_length / lr: training of SFT and MSN.
+        noise_spans / noise_len: MSN noise (the paper: 1 span of 5).
+        heldout_prompts: held-out prompts decoded by the bench.
+        heldout_loss_examples: held-out examples scored for loss.
+        humaneval_limit: HumanEval problems (None: all 164).
+        max_new_tokens: per bench prompt; humaneval_tokens: per HumanEval answer.
+        methods: decoders benchmarked; tree: TR-Jacobi preset.
+    """
+
+    steps: int = 150
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_length: int = 384
+    lr: float = 5e-5
+    noise_spans: int = 1
+    noise_len: int = 5
+    heldout_prompts: int = 20
+    heldout_loss_examples: int = 300
+    humaneval_limit: int | None = None
+    max_new_tokens: int = 128
+    humaneval_tokens: int = 320
+    methods: list[str] = field(default_factory=lambda: ["ar", "pld", "lookahead", "jacobi", "tr-jacobi"])
+    tree: str = "auto"
+    precision: str = "fp32"
+
+
+PRESETS = {
+    # About 2 hours on a 2-core CPU.
+    "cpu": Preset(),
+    # One GPU: a real epoch-scale run.
+    # Minutes on a tiny model: checks the pipeline, not the method.
+    "smoke": Preset(steps=2, batch_size=2, max_length=128, heldout_prompts=2, heldout_loss_examples=4,
+                    humaneval_limit=2, max_new_tokens=8, humaneval_tokens=16, methods=["ar", "tr-jacobi"]),
+    "gpu": Preset(steps=3000, batch_size=16, max_length=1024, lr=2e-5, heldout_prompts=80,
+                  heldout_loss_examples=1204, max_new_tokens=256, humaneval_tokens=512, precision="bf16"),
+}
+
+
+def _msn(*args) -> None:
+    cmd = [sys.executable, "-m", "msn", *map(str, args)]
+    print("$ msn " + " ".join(map(str, args)), file=sys.stderr, flush=True)
+    if subprocess.run(cmd).returncode != 0:
+        raise MsnError(f"stage failed: msn {' '.join(map(str, args[:2]))}")
+
+
+def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int | None = None,
+        base_model: str | None = None) -> dict:
+    import torch
+
+    from msn.bench.harness import BenchConfig, run_bench
+    from msn.evaluate import heldout_loss, humaneval_pass1
+    from msn.fetch import fetch
+    from msn.loading import load_for_inference
+
+    preset = PRESETS[preset_name]
+    if spans is not None:
+        preset.noise_spans = spans
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    t = time.time()
+    base = base_model or fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr))
+    data = out / "data"
+    if not (data / "info.json").exists():
+        _msn("data", "stdlib-code", "--out", data)
+    questions = data / "heldout_questions.jsonl"
+    if not questions.exists():
+        rows = [json.loads(l) for l in open(data / "heldout.jsonl")][: preset.heldout_prompts]
+        questions.write_text("".join(json.dumps({"question_id": i, "category": "stdlib-heldout",
+                                                 "turns": [r["prompt"]]}) + "\n" for i, r in enumerate(rows)))
+    times["setup_s"] = time.time() - t
+    paths = {"base": str(base)}
+    common = ["--model", base, "--data", data / "train.jsonl", "--max-steps", preset.steps,
+              "--batch-size", preset.batch_size, "--grad-accum", preset.grad_accum, "--max-length", preset.max_length,
+              "--lr", preset.lr, "--precision", preset.precision, "--save-steps", max(preset.steps // 3, 1),
+              "--logging-steps", 10, "--seed", 42]
+    for name, extra in (("sft", ["--no-noise"]),
+                        ("msn", ["--noise-len", preset.noise_len, "--noise-spans", preset.noise_spans])):
+        if name not in models:
+            continue
+        target = out / name
+        paths[name] = str(target)
+        if not (target / "msn_config.json").exists():
+            t = time.time()
+            resume = ["--resume"] if any(target.glob("checkpoint-*/trainer_state.json")) else []
+            _msn("train", *common, *extra, "--output-dir", target, *resume)
+            times[f"train_{name}_s"] = time.time() - t
+    results = {"models": {}, "config": {"preset": preset_name, **asdict(preset), "torch": torch.__version__},
+               "times": times}
+    for name in models:
+        result_file = out / f"eval_{name}.json"
+        if result_file.exists():
+            results["models"][name] = json.loads(result_file.read_text())
+            continue
+        t = time.time()
+        model, tok = load_for_inference(paths[name])
+        loss = heldout_loss(model, tok, str(data / "heldout.jsonl"), preset.max_length,
+                            limit=preset.heldout_loss_examples)
+        bench = run_bench(BenchConfig(model=paths[name], out=str(out / f"bench_{name}"), bench=str(questions),
+                                      methods=preset.methods, max_new_tokens=preset.max_new_tokens,
+                                      tree=preset.tree, warmup=1), model=model, tokenizer=tok)
+        he = humaneval_pass1(model, tok, method="pld", max_new_tokens=preset.humaneval_tokens,
+                             limit=preset.humaneval_limit)
+        entry = {
+            "held_out_loss": loss,
+            "humaneval_pass1": he["pass1"],
+            "humaneval_problems": he["problems"],
+            "methods": {m: {k: v["overall"][k] for k in ("mean_accepted_tokens", "speedup", "match_rate",
+                                                          "tokens_per_s")}
+                        for m, v in bench["methods"].items()},
+            "eval_s": time.time() - t,
+        }
+        result_file.write_text(json.dumps(entry, indent=2) + "\n")
+        results["models"][name] = entry
+        del model
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results))
+    return results
