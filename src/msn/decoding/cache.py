@@ -16,8 +16,13 @@ from transformers import DynamicCache
 
 
 def new_cache(model) -> DynamicCache:
-    """An empty dynamic cache for ``model``."""
-    return DynamicCache(config=model.config)
+    """An empty dynamic cache with full (not sliding) layers for every model.
+
+    Tree steps append more entries than they keep; sliding layers refuse to roll back
+    past their window. Full layers are exact here because the engine refuses requests
+    longer than a model's sliding window.
+    """
+    return DynamicCache()
 
 
 def cache_length(cache) -> int:

@@ -189,6 +189,11 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> Non
     limit = context_limit(model)
     if limit is not None and input_ids.shape[1] >= limit:
         raise MsnError(f"prompt of {input_ids.shape[1]} tokens does not fit the model's context of {limit} tokens; shorten it")
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True) and input_ids.shape[1] + max_new_tokens > window:
+        # The tree mask gives full attention; past the window the model would attend differently.
+        raise MsnError(f"prompt plus max_new_tokens ({input_ids.shape[1] + max_new_tokens}) exceeds the model's "
+                       f"sliding attention window ({window}); lower max_new_tokens or shorten the prompt")
 
 
 def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_new_tokens: int = 128,
