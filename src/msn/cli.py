@@ -219,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fetch, build data, fine-tune SFT and MSN with identical settings, evaluate "
                        "base/SFT/MSN (held-out loss, HumanEval pass@1, all decoders). Stages whose output exists "
                        "are skipped, so rerunning continues an interrupted run.")
-    r.add_argument("--preset", choices=["cpu", "gpu", "smoke"], default="cpu",
-                   help="cpu: ~2 h on 2 cores; gpu: one GPU; smoke: minutes, checks the pipeline")
+    r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke"], default="cpu",
+                   help="cpu: ~2 h on 2 cores; pilot: <1 h on 2 cores; gpu: one GPU; smoke: minutes, checks the pipeline")
     r.add_argument("--base-model", help="checkpoint to start from instead of the fetched SmolLM2-135M-Instruct")
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
     r.add_argument("--models", default="base,sft,msn", help="which of base,sft,msn to train/evaluate")

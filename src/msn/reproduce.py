@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from msn.errors import MsnError
@@ -55,6 +55,9 @@ PRESETS = {
     # About 2 hours on a 2-core CPU.
     "cpu": Preset(),
     # One GPU: a real epoch-scale run.
+    # Under an hour on a 2-core CPU: a first look at the acceptance gap, not the full claim.
+    "pilot": Preset(steps=60, heldout_prompts=10, heldout_loss_examples=100, humaneval_limit=20,
+                    humaneval_tokens=256, methods=["ar", "pld", "jacobi", "tr-jacobi"], noise_spans=4),
     # Minutes on a tiny model: checks the pipeline, not the method.
     "smoke": Preset(steps=2, batch_size=2, max_length=128, heldout_prompts=2, heldout_loss_examples=4,
                     humaneval_limit=2, max_new_tokens=8, humaneval_tokens=16, methods=["ar", "tr-jacobi"]),
@@ -81,7 +84,7 @@ def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int |
 
     preset = PRESETS[preset_name]
     if spans is not None:
-        preset.noise_spans = spans
+        preset = replace(preset, noise_spans=spans)
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.time()
