@@ -82,3 +82,24 @@ def test_eager_attention_is_lossless_too():
         x = torch.tensor([ids])
         want = msn.generate(model, x, method="ar", max_new_tokens=20, eos_token_id=[]).tokens
         assert msn.generate(model, x, method="tr-jacobi", max_new_tokens=20, eos_token_id=[]).tokens == want
+
+
+def test_max_new_tokens_and_eos_cut_a_multi_token_step(models):
+    model = models("llama")
+    for ids in prompts(11):  # the first prompt whose output has a step accepting 3+ tokens
+        x = torch.tensor([ids])
+        full = msn.generate(model, x, method="pld", max_new_tokens=40, eos_token_id=[])
+        big = [i for i, a in enumerate(full.accept_lengths) if a > 2]
+        if big:
+            break
+    assert big, "some prompt should give a multi-token step"
+    # Cut inside that step: tokens before it + 1 (prefill) + part of it.
+    cut = 1 + sum(full.accept_lengths[: big[0]]) + 1
+    ar = msn.generate(model, x, method="ar", max_new_tokens=cut, eos_token_id=[])
+    got = msn.generate(model, x, method="pld", max_new_tokens=cut, eos_token_id=[])
+    assert got.tokens == ar.tokens and len(got.tokens) == cut
+    # The same cut made by EOS: the token at that place, if it first appears there.
+    eos = full.tokens[cut - 1]
+    if eos not in full.tokens[: cut - 1]:
+        got = msn.generate(model, x, method="pld", max_new_tokens=40, eos_token_id=eos)
+        assert got.tokens == full.tokens[:cut]
