@@ -19,6 +19,9 @@ def model(models):
     (dict(tree="huge"), "unknown tree preset"),
     (dict(window=0), "window must be positive"),
     (dict(colour="red"), "unknown decoding option"),
+    (dict(tree=[]), "malformed tree: it has no node"),
+    (dict(tree=[(0,), (1, 0)]), "malformed tree: .* prefix-closed"),
+    (dict(tree=[(0,), ()]), "malformed tree: empty path"),
 ])
 def test_bad_requests_get_one_clear_error(model, kwargs, match):
     args = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=5, method="tr-jacobi")

@@ -22,7 +22,8 @@ class DecodeConfig:
         tree: TR-Jacobi top-K tree preset: ``reference`` (the paper's 63 top-10 nodes,
             69 inputs per step with the retrieval chain; for GPUs), ``medium``,
             ``small`` or ``chain``; ``auto`` picks ``reference`` on CUDA and ``small``
-            elsewhere, because a tree step's cost grows with its size on a CPU.
+            elsewhere, because a tree step's cost grows with its size on a CPU. A list
+            of paths over top-K ranks (e.g. ``[(0,), (1,), (0, 0)]``) gives a custom tree.
         retrieve_len: length of TR-Jacobi's retrieval chain.
         retrieve_ngram: n-gram size matched for retrieval (falls back to shorter ones).
         pld_tokens: tokens proposed by prompt lookup (``prompt_lookup_num_tokens``).
@@ -33,7 +34,7 @@ class DecodeConfig:
 
     method: str = "tr-jacobi"
     window: int = 5
-    tree: str = "auto"
+    tree: str | list = "auto"
     retrieve_len: int = 5
     retrieve_ngram: int = 3
     pld_tokens: int = 10
@@ -50,8 +51,15 @@ class DecodeConfig:
                      "lookahead_window", "lookahead_guesses"):
             if getattr(self, name) <= 0:
                 raise MsnError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.tree not in TREE_CHOICES:
-            raise MsnError(f"unknown tree preset {self.tree!r}; choose one of {', '.join(TREE_CHOICES)}")
+        if isinstance(self.tree, str):
+            if self.tree not in TREE_CHOICES:
+                raise MsnError(f"unknown tree preset {self.tree!r}; choose one of {', '.join(TREE_CHOICES)}")
+        else:
+            from msn.decoding.tree import validate_paths
+
+            if not self.tree:
+                raise MsnError("malformed tree: it has no node; give at least one path, e.g. [(0,)]")
+            self.tree = [tuple(p) for p in validate_paths(self.tree)]
         if self.lookahead_ngram < 2:
             raise MsnError(f"lookahead_ngram must be at least 2, got {self.lookahead_ngram}")
 

@@ -97,6 +97,9 @@ def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer:
     if cfg.method == "jacobi":
         return JacobiWindow(device, cfg.window)
     if cfg.method == "tr-jacobi":
+        if not isinstance(cfg.tree, str):
+            return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
+                              retrieve_ngram=cfg.retrieve_ngram)
         tree = cfg.tree if cfg.tree != "auto" else ("reference" if device.type == "cuda" else "small")
         return TreeJacobi(device, tree=tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram)
     if cfg.method == "pld":
