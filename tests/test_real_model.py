@@ -20,12 +20,11 @@ def smollm2():
 
 def test_tr_jacobi_equals_ar_on_spec_bench_prompts(smollm2):
     from msn.bench.prompts import default_questions_path, load_questions
+    from msn.data.records import encode_prompt
 
     model, tok = smollm2
     for q in load_questions("spec-bench", str(default_questions_path()), limit=1):
-        text = tok.apply_chat_template([{"role": "user", "content": q.turns[0]}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = encode_prompt(tok, [{"role": "user", "content": q.turns[0]}])
         ar = msn.generate(model, ids, method="ar", max_new_tokens=48)
         for m in ("tr-jacobi", "pld", "lookahead", "jacobi"):
             assert msn.generate(model, ids, method=m, max_new_tokens=48).tokens == ar.tokens, (q.qid, m)

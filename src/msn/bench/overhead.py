@@ -14,8 +14,13 @@ import time
 
 import torch
 
+from msn.data.records import encode_prompt
 from msn.decoding import cache as kv
-from msn.decoding.engine import generate, sync_device
+from msn.decoding.config import DecodeConfig
+from msn.decoding.engine import generate, make_proposer, sync_device
+from msn.decoding.tree import compile_tree
+
+FIXED_SHAPE = ("ar", "jacobi", "tr-jacobi")
 
 
 class ForwardTimer:
@@ -58,12 +63,12 @@ def measure(model, ids: torch.Tensor, method: str, max_new_tokens: int, **option
 def bare_forward_ms(model, context: int, n: int, repeats: int = 10) -> float:
     """Median ms of one forward of ``n`` tokens after a ``context``-token cache."""
     device = next(model.parameters()).device
-    ids = torch.randint(100, 1000, (1, context), device=device)
+    ids = torch.randint(model.config.vocab_size, (1, context), device=device)
     times = []
     for _ in range(repeats + 2):
         cache = kv.new_cache(model)
         model(input_ids=ids, **kv.cache_kwargs(model, cache))
-        q = torch.randint(100, 1000, (1, n), device=device)
+        q = torch.randint(model.config.vocab_size, (1, n), device=device)
         sync_device(device)
         t0 = time.perf_counter()
         model(input_ids=q, **kv.cache_kwargs(model, cache))
@@ -83,22 +88,14 @@ def main(argv=None):
     p.add_argument("--tree", default="auto")
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model)
-    text = tok.apply_chat_template([{"role": "user", "content": a.prompt}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-    rows = []
+    ids = encode_prompt(tok, [{"role": "user", "content": a.prompt}], model.device)
     for m in a.methods.split(","):
-        row = measure(model, ids, m, a.max_new_tokens, **({"tree": a.tree} if m == "tr-jacobi" else {}))
-        rows.append(row)
-    from msn.decoding.engine import make_proposer
-    from msn.decoding.config import DecodeConfig
-    from msn.decoding.tree import compile_tree
-
-    sizes = {"ar": 1, "jacobi": 1 + DecodeConfig().window}
-    prop = make_proposer(DecodeConfig(method="tr-jacobi", tree=a.tree), model.device)
-    sizes["tr-jacobi"] = compile_tree(prop.paths).num_inputs
-    for row in rows:
-        n = sizes.get(row["method"])
-        if n:
+        options = {"tree": a.tree} if m == "tr-jacobi" else {}
+        row = measure(model, ids, m, a.max_new_tokens, **options)
+        if m in FIXED_SHAPE:
+            # Methods with a fixed tree: compare with a bare forward of as many tokens.
+            proposer = make_proposer(DecodeConfig(method=m, **options), model.device)
+            n = compile_tree(proposer.paths).num_inputs if proposer else 1
             row["inputs_per_step"] = n
             row["bare_forward_ms"] = bare_forward_ms(model, ids.shape[1] + a.max_new_tokens // 2, n)
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}))

@@ -93,6 +93,14 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
+def encode_prompt(tokenizer, messages: list[dict], device=None):
+    """(1, T) ids of a conversation rendered with the chat template and the assistant's
+    generation prompt, ready for decoding."""
+    text = _render(tokenizer, messages, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return ids.to(device) if device is not None else ids
+
+
 def _render(tokenizer, messages, add_generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 

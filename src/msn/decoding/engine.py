@@ -93,7 +93,10 @@ def resolve_eos(model, eos_token_id) -> set[int]:
     return {int(e) for e in eos_token_id}
 
 
-def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer:
+def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer | None:
+    """The drafting strategy of ``cfg.method``; None for ``ar``, which drafts nothing."""
+    if cfg.method == "ar":
+        return None
     if cfg.method == "jacobi":
         return JacobiWindow(device, cfg.window)
     if cfg.method == "tr-jacobi":
