@@ -45,3 +45,24 @@ def test_reproduce_smoke(tmp_path):
     for entry in res["models"].values():
         assert entry["methods"]["tr-jacobi"]["match_rate"] == 1.0
     assert (tmp_path / "out" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_ablation_smoke(tmp_path):
+    from msn.reproduce import Ablation, ablation
+
+    base = tiny_checkpoint(tmp_path / "base")
+    cfg = Ablation(spans=(0, 2), steps=2, eval_every=1, batch_size=2, max_length=128, prompts=2,
+                   max_new_tokens=8, loss_examples=4, trees=("chain", "small"))
+    res = ablation(tmp_path / "out", cfg, base_model=str(base))
+    runs = [(r["run"], r["steps"]) for r in res["rows"]]
+    assert runs == [("sft", 1), ("sft", 2), ("msn-spans2", 1), ("msn-spans2", 2), ("base", 0),
+                    ("msn-spans2 tree=chain", 2), ("msn-spans2 tree=small", 2)]
+    for row in res["rows"]:
+        assert all(m["match_rate"] == 1.0 for m in row["methods"].values())
+        assert (row["train_tokens"] > 0) == (row["steps"] > 0)
+    final = next(r for r in res["rows"] if r["run"] == "msn-spans2" and r["steps"] == 2)
+    assert set(final["methods"]) == set(cfg.final_methods)
+    # a rerun reuses every finished stage
+    again = ablation(tmp_path / "out", cfg, base_model=str(base))
+    assert again["rows"] == res["rows"]

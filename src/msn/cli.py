@@ -50,7 +50,8 @@ def cmd_train(a) -> int:
         scheduler=a.scheduler, warmup=a.warmup, batch_size=a.batch_size, grad_accum=a.grad_accum,
         precision=a.precision, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_targets=a.lora_targets, merge_lora=a.merge_lora or None, save_steps=a.save_steps,
-        eval_steps=a.eval_steps, logging_steps=a.logging_steps, resume=a.resume or None,
+        save_total_limit=a.save_total_limit, eval_steps=a.eval_steps, logging_steps=a.logging_steps,
+        resume=a.resume or None,
         gradient_checkpointing=a.gradient_checkpointing or None, seed=a.seed))
     summary = run(cfg)
     print(json.dumps(summary))
@@ -119,9 +120,12 @@ def cmd_bench(a) -> int:
 def cmd_reproduce(a) -> int:
     from pathlib import Path
 
-    from msn.reproduce import run
+    from msn.reproduce import ablation, run
 
-    run(a.preset, Path(a.out), tuple(a.models.split(",")), a.noise_spans, a.base_model)
+    if a.preset == "ablation":
+        ablation(Path(a.out), base_model=a.base_model)
+    else:
+        run(a.preset, Path(a.out), tuple(a.models.split(",")), a.noise_spans, a.base_model)
     return 0
 
 
@@ -177,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of an adapter")
     g = t.add_argument_group("checkpoints and logging")
     g.add_argument("--save-steps", type=int, help="checkpoint every N steps (default 500)")
+    g.add_argument("--save-total-limit", type=int, help="checkpoints kept (default 2; 0 keeps all)")
     g.add_argument("--eval-steps", type=int, help="evaluate every N steps (needs --eval-data)")
     g.add_argument("--logging-steps", type=int, help="log loss every N steps (default 10)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
@@ -217,8 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fetch, build data, fine-tune SFT and MSN with identical settings, evaluate "
                        "base/SFT/MSN (held-out loss, HumanEval pass@1, all decoders). Stages whose output exists "
                        "are skipped, so rerunning continues an interrupted run.")
-    r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke"], default="cpu",
-                   help="cpu: ~2 h on 2 cores; pilot: <1 h on 2 cores; gpu: one GPU; smoke: minutes, checks the pipeline")
+    r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "ablation"], default="cpu",
+                   help="cpu: ~2 h on 2 cores; pilot: <1 h on 2 cores; gpu: one GPU; smoke: minutes, checks the "
+                   "pipeline; ablation: SFT and MSN with 1 and 8 noise spans, evaluated every 60 steps, "
+                   "and the TR-Jacobi trees timed (~2 h on 2 cores)")
     r.add_argument("--base-model", help="checkpoint to start from instead of the fetched SmolLM2-135M-Instruct")
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
     r.add_argument("--models", default="base,sft,msn", help="which of base,sft,msn to train/evaluate")

@@ -122,6 +122,8 @@ class MsnCollator:
         self.samples = 0
         self.too_short = 0
         self.noised_positions = 0
+        self.tokens = 0
+        self.response_tokens = 0
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         length = max(len(f["input_ids"]) for f in features)
@@ -142,6 +144,8 @@ class MsnCollator:
             labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
             attention[row, :n] = 1
             self.samples += 1
+            self.tokens += n
+            self.response_tokens += int((labels[row, :n] != IGNORE_INDEX).sum())
             spans = int(noised.sum()) // self.cfg.span_len
             self.noised_positions += int(noised.sum())
             if self.cfg.enabled and spans == 0:
@@ -150,4 +154,5 @@ class MsnCollator:
 
     def stats(self) -> dict:
         return {"samples": self.samples, "too_short_for_a_span": self.too_short,
-                "noised_positions": self.noised_positions}
+                "noised_positions": self.noised_positions, "tokens": self.tokens,
+                "response_tokens": self.response_tokens}

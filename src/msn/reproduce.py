@@ -66,6 +66,33 @@ PRESETS = {
 }
 
 
+@dataclass
+class Ablation:
+    """The noise-spans x training-tokens ablation: which MSN setting shows the effect on a CPU budget.
+
+    Attributes:
+        spans: noise spans per sample, one training run each; 0 is plain SFT, 1 the paper's default.
+        steps: training steps of every run; eval_every: a checkpoint is evaluated every this many.
+        prompts: held-out prompts decoded per evaluation.
+        methods: decoders at intermediate checkpoints; final_methods: at the last one and the base model.
+        trees: TR-Jacobi tree presets timed on the last MSN model, to pick the fastest on this machine.
+    """
+
+    spans: tuple[int, ...] = (0, 8, 1)
+    steps: int = 120
+    eval_every: int = 60
+    batch_size: int = 4
+    max_length: int = 384
+    lr: float = 1e-4
+    noise_len: int = 5
+    prompts: int = 8
+    max_new_tokens: int = 128
+    loss_examples: int = 100
+    methods: tuple[str, ...] = ("ar", "jacobi", "tr-jacobi")
+    final_methods: tuple[str, ...] = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
+    trees: tuple[str, ...] = ("chain", "small", "medium", "reference")
+
+
 def _msn(*args) -> None:
     cmd = [sys.executable, "-m", "msn", *map(str, args)]
     print("$ msn " + " ".join(map(str, args)), file=sys.stderr, flush=True)
@@ -145,3 +172,90 @@ def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int |
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
     return results
+
+
+def _prepare(out: Path, prompts: int, base_model: str | None) -> tuple[str, Path, Path]:
+    """Fetches the model and builds the data and held-out question file once."""
+    from msn.fetch import fetch
+
+    base = base_model or str(fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr)))
+    data = out / "data"
+    if not (data / "info.json").exists():
+        _msn("data", "stdlib-code", "--out", data)
+    questions = out / f"heldout_questions_{prompts}.jsonl"
+    if not questions.exists():
+        rows = [json.loads(line) for line in open(data / "heldout.jsonl")][:prompts]
+        questions.write_text("".join(json.dumps({"question_id": i, "category": "stdlib-heldout",
+                                                 "turns": [r["prompt"]]}) + "\n" for i, r in enumerate(rows)))
+    return base, data, questions
+
+
+def _evaluate_checkpoint(path: str, out: Path, data: Path, questions: Path, methods, max_new_tokens: int,
+                         max_length: int, loss_examples: int, tree: str = "auto") -> dict:
+    """Held-out loss and bench figures of one checkpoint; cached in ``out/eval.json``."""
+    from msn.bench.harness import BenchConfig, run_bench
+    from msn.evaluate import heldout_loss
+    from msn.loading import load_for_inference
+
+    cached = out / "eval.json"
+    if cached.exists():
+        return json.loads(cached.read_text())
+    t = time.time()
+    model, tok = load_for_inference(path)
+    loss = heldout_loss(model, tok, str(data / "heldout.jsonl"), max_length, limit=loss_examples) \
+        if loss_examples else None
+    bench = run_bench(BenchConfig(model=path, out=str(out / "bench"), bench=str(questions), methods=list(methods),
+                                  max_new_tokens=max_new_tokens, tree=tree, warmup=1), model=model, tokenizer=tok)
+    entry = {"held_out_loss": loss,
+             "methods": {m: {k: v["overall"][k] for k in ("mean_accepted_tokens", "speedup", "match_rate",
+                                                           "tokens_per_s")}
+                         for m, v in bench["methods"].items()},
+             "eval_s": time.time() - t}
+    cached.write_text(json.dumps(entry, indent=2) + "\n")
+    return entry
+
+
+def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = None) -> dict:
+    """Trains one model per noise-spans setting (0 = plain SFT), evaluates every ``eval_every``
+    steps, times the TR-Jacobi trees on the last MSN model, and writes ``ablation.json``.
+    Finished stages are skipped, so a rerun continues."""
+    out.mkdir(parents=True, exist_ok=True)
+    base, data, questions = _prepare(out, cfg.prompts, base_model)
+    tokens_per_step = None
+    rows = []
+
+    def record(name, spans, step, entry):
+        rows.append({"run": name, "noise_spans": spans, "steps": step,
+                     "train_tokens": None if tokens_per_step is None else round(tokens_per_step * step), **entry})
+        (out / "ablation.json").write_text(json.dumps({"rows": rows, "config": asdict(cfg)}, indent=2) + "\n")
+
+    for spans in cfg.spans:
+        name = "sft" if spans == 0 else f"msn-spans{spans}"
+        target = out / name
+        noise = ["--no-noise"] if spans == 0 else ["--noise-len", cfg.noise_len, "--noise-spans", spans]
+        if not (target / "msn_config.json").exists():
+            resume = ["--resume"] if any(target.glob("checkpoint-*/trainer_state.json")) else []
+            _msn("train", "--model", base, "--data", data / "train.jsonl", "--max-steps", cfg.steps,
+                 "--batch-size", cfg.batch_size, "--max-length", cfg.max_length, "--lr", cfg.lr,
+                 "--save-steps", cfg.eval_every, "--save-total-limit", cfg.steps // cfg.eval_every + 1,
+                 "--logging-steps", 10, "--seed", 42, *noise, "--output-dir", target, *resume)
+        stats = json.loads((target / "msn_config.json").read_text())["summary"]["noise_stats"]
+        if stats.get("samples"):
+            tokens_per_step = stats["tokens"] / stats["samples"] * cfg.batch_size
+        for step in range(cfg.eval_every, cfg.steps + 1, cfg.eval_every):
+            final = step == cfg.steps
+            path = target if final else target / f"checkpoint-{step}"
+            entry = _evaluate_checkpoint(str(path), target / f"eval-{step}", data, questions,
+                                         cfg.final_methods if final else cfg.methods, cfg.max_new_tokens,
+                                         cfg.max_length, cfg.loss_examples)
+            record(name, spans, step, entry)
+    record("base", None, 0, _evaluate_checkpoint(base, out / "base", data, questions, cfg.final_methods,
+                                                 cfg.max_new_tokens, cfg.max_length, cfg.loss_examples))
+    msn_runs = [s for s in cfg.spans if s]
+    if msn_runs and cfg.trees:
+        target = out / f"msn-spans{msn_runs[0]}"
+        for tree in cfg.trees:
+            entry = _evaluate_checkpoint(str(target), target / f"tree-{tree}", data, questions, ("ar", "tr-jacobi"),
+                                         cfg.max_new_tokens, cfg.max_length, 0, tree=tree)
+            record(f"msn-spans{msn_runs[0]} tree={tree}", msn_runs[0], cfg.steps, entry)
+    return {"rows": rows, "config": asdict(cfg)}
