@@ -104,9 +104,7 @@ def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int |
         base_model: str | None = None) -> dict:
     import torch
 
-    from msn.bench.harness import BenchConfig, run_bench
-    from msn.evaluate import heldout_loss, humaneval_pass1
-    from msn.fetch import fetch
+    from msn.evaluate import humaneval_pass1
     from msn.loading import load_for_inference
 
     preset = PRESETS[preset_name]
@@ -115,31 +113,18 @@ def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int |
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     t = time.time()
-    base = base_model or fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr))
-    data = out / "data"
-    if not (data / "info.json").exists():
-        _msn("data", "stdlib-code", "--out", data)
-    questions = data / "heldout_questions.jsonl"
-    if not questions.exists():
-        rows = [json.loads(l) for l in open(data / "heldout.jsonl")][: preset.heldout_prompts]
-        questions.write_text("".join(json.dumps({"question_id": i, "category": "stdlib-heldout",
-                                                 "turns": [r["prompt"]]}) + "\n" for i, r in enumerate(rows)))
+    base, data, questions = _prepare(out, preset.heldout_prompts, base_model)
     times["setup_s"] = time.time() - t
     paths = {"base": str(base)}
-    common = ["--model", base, "--data", data / "train.jsonl", "--max-steps", preset.steps,
-              "--batch-size", preset.batch_size, "--grad-accum", preset.grad_accum, "--max-length", preset.max_length,
-              "--lr", preset.lr, "--precision", preset.precision, "--save-steps", max(preset.steps // 3, 1),
-              "--logging-steps", 10, "--seed", 42]
-    for name, extra in (("sft", ["--no-noise"]),
+    for name, noise in (("sft", ["--no-noise"]),
                         ("msn", ["--noise-len", preset.noise_len, "--noise-spans", preset.noise_spans])):
         if name not in models:
             continue
-        target = out / name
-        paths[name] = str(target)
-        if not (target / "msn_config.json").exists():
-            t = time.time()
-            resume = ["--resume"] if any(target.glob("checkpoint-*/trainer_state.json")) else []
-            _msn("train", *common, *extra, "--output-dir", target, *resume)
+        paths[name] = str(out / name)
+        t = time.time()
+        if _train(out / name, base, data, preset.steps, preset.batch_size, preset.max_length, preset.lr,
+                  max(preset.steps // 3, 1), *noise, "--grad-accum", preset.grad_accum, "--precision",
+                  preset.precision):
             times[f"train_{name}_s"] = time.time() - t
     results = {"models": {}, "config": {"preset": preset_name, **asdict(preset), "torch": torch.__version__},
                "times": times}
@@ -149,29 +134,32 @@ def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int |
             results["models"][name] = json.loads(result_file.read_text())
             continue
         t = time.time()
+        entry = _evaluate_checkpoint(paths[name], out / f"eval_{name}", data, questions, preset.methods,
+                                     preset.max_new_tokens, preset.max_length, preset.heldout_loss_examples,
+                                     preset.tree)
         model, tok = load_for_inference(paths[name])
-        loss = heldout_loss(model, tok, str(data / "heldout.jsonl"), preset.max_length,
-                            limit=preset.heldout_loss_examples)
-        bench = run_bench(BenchConfig(model=paths[name], out=str(out / f"bench_{name}"), bench=str(questions),
-                                      methods=preset.methods, max_new_tokens=preset.max_new_tokens,
-                                      tree=preset.tree, warmup=1), model=model, tokenizer=tok)
         he = humaneval_pass1(model, tok, method="pld", max_new_tokens=preset.humaneval_tokens,
                              limit=preset.humaneval_limit)
-        entry = {
-            "held_out_loss": loss,
-            "humaneval_pass1": he["pass1"],
-            "humaneval_problems": he["problems"],
-            "methods": {m: {k: v["overall"][k] for k in ("mean_accepted_tokens", "speedup", "match_rate",
-                                                          "tokens_per_s")}
-                        for m, v in bench["methods"].items()},
-            "eval_s": time.time() - t,
-        }
+        entry = {**entry, "humaneval_pass1": he["pass1"], "humaneval_problems": he["problems"],
+                 "eval_s": time.time() - t}
         result_file.write_text(json.dumps(entry, indent=2) + "\n")
         results["models"][name] = entry
         del model
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results))
     return results
+
+
+def _train(target: Path, base: str, data: Path, steps: int, batch_size: int, max_length: int, lr: float,
+           save_steps: int, *extra) -> bool:
+    """Fine-tunes ``base`` into ``target`` unless it is finished; resumes an interrupted run."""
+    if (target / "msn_config.json").exists():
+        return False
+    resume = ["--resume"] if any(target.glob("checkpoint-*/trainer_state.json")) else []
+    _msn("train", "--model", base, "--data", data / "train.jsonl", "--max-steps", steps, "--batch-size", batch_size,
+         "--max-length", max_length, "--lr", lr, "--save-steps", save_steps, "--logging-steps", 10, "--seed", 42,
+         *extra, "--output-dir", target, *resume)
+    return True
 
 
 def _prepare(out: Path, prompts: int, base_model: str | None) -> tuple[str, Path, Path]:
@@ -228,17 +216,14 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
         rows.append({"run": name, "noise_spans": spans, "steps": step,
                      "train_tokens": None if tokens_per_step is None else round(tokens_per_step * step), **entry})
         (out / "ablation.json").write_text(json.dumps({"rows": rows, "config": asdict(cfg)}, indent=2) + "\n")
+        (out / "ablation.md").write_text(ablation_table(rows))
 
     for spans in cfg.spans:
         name = "sft" if spans == 0 else f"msn-spans{spans}"
         target = out / name
         noise = ["--no-noise"] if spans == 0 else ["--noise-len", cfg.noise_len, "--noise-spans", spans]
-        if not (target / "msn_config.json").exists():
-            resume = ["--resume"] if any(target.glob("checkpoint-*/trainer_state.json")) else []
-            _msn("train", "--model", base, "--data", data / "train.jsonl", "--max-steps", cfg.steps,
-                 "--batch-size", cfg.batch_size, "--max-length", cfg.max_length, "--lr", cfg.lr,
-                 "--save-steps", cfg.eval_every, "--save-total-limit", cfg.steps // cfg.eval_every + 1,
-                 "--logging-steps", 10, "--seed", 42, *noise, "--output-dir", target, *resume)
+        _train(target, base, data, cfg.steps, cfg.batch_size, cfg.max_length, cfg.lr, cfg.eval_every, *noise,
+               "--save-total-limit", cfg.steps // cfg.eval_every + 1)
         stats = json.loads((target / "msn_config.json").read_text())["summary"]["noise_stats"]
         if stats.get("samples"):
             tokens_per_step = stats["tokens"] / stats["samples"] * cfg.batch_size
@@ -259,3 +244,20 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
                                          cfg.max_new_tokens, cfg.max_length, 0, tree=tree)
             record(f"msn-spans{msn_runs[0]} tree={tree}", msn_runs[0], cfg.steps, entry)
     return {"rows": rows, "config": asdict(cfg)}
+
+
+def ablation_table(rows: list[dict]) -> str:
+    """The ablation rows as a Markdown table: mean accepted tokens (speedup over ``ar``) per method."""
+    methods = list(dict.fromkeys(m for r in rows for m in r["methods"] if m != "ar"))
+    head = ["run", "noise spans", "steps", "train tokens", "held-out loss", *methods, "match"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["run"], "-" if not r["noise_spans"] else str(r["noise_spans"]), str(r["steps"]),
+                 f"{r['train_tokens']:,}" if r["train_tokens"] else "0",
+                 "-" if r["held_out_loss"] is None else f"{r['held_out_loss']:.3f}"]
+        for m in methods:
+            v = r["methods"].get(m)
+            cells.append(f"{v['mean_accepted_tokens']:.2f} ({v['speedup']:.2f}x)" if v else "")
+        cells.append(f"{min(v['match_rate'] for v in r['methods'].values()):.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nCells: mean accepted tokens per step (wall-clock speedup over ar).\n"
