@@ -66,4 +66,6 @@ def test_ablation_smoke(tmp_path):
     # a rerun reuses every finished stage
     again = ablation(tmp_path / "out", cfg, base_model=str(base))
     assert again["rows"] == res["rows"]
+    assert set(res["summary"]["models"]) == {"base", "sft", "msn"}
+    assert res["summary"]["models"]["msn"]["noise_spans"] == 2
     assert (tmp_path / "out" / "ablation.md").read_text().count("\n| ") == len(res["rows"])

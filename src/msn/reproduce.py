@@ -243,7 +243,29 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
             entry = _evaluate_checkpoint(str(target), target / f"tree-{tree}", data, questions, ("ar", "tr-jacobi"),
                                          cfg.max_new_tokens, cfg.max_length, 0, tree=tree)
             record(f"msn-spans{msn_runs[0]} tree={tree}", msn_runs[0], cfg.steps, entry)
-    return {"rows": rows, "config": asdict(cfg)}
+    summary = _ablation_summary(rows, cfg)
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return {"rows": rows, "config": asdict(cfg), "summary": summary}
+
+
+def _ablation_summary(rows: list[dict], cfg: Ablation) -> dict:
+    """``{"models": {"base", "sft", "msn"}}`` from the ablation: the final checkpoints, with ``msn`` the
+    noise setting whose Jacobi and TR-Jacobi acceptance is highest (HumanEval is not run here)."""
+    def pick(row):
+        return {"held_out_loss": row["held_out_loss"], "humaneval_pass1": None, "methods": row["methods"],
+                "steps": row["steps"], "train_tokens": row["train_tokens"], "noise_spans": row["noise_spans"]}
+
+    final = {r["run"]: r for r in rows if r["steps"] == cfg.steps and "tree=" not in r["run"]}
+    models = {"base": pick(r) for r in rows if r["run"] == "base"}
+    if "sft" in final:
+        models["sft"] = pick(final["sft"])
+    msn = [r for name, r in final.items() if name.startswith("msn-")]
+    if msn:
+        best = max(msn, key=lambda r: sum(r["methods"][m]["mean_accepted_tokens"] for m in ("jacobi", "tr-jacobi")
+                                          if m in r["methods"]))
+        models["msn"] = pick(best)
+    return {"models": models, "config": {**asdict(cfg), "selection": "msn = the noise setting with the highest "
+                                         "jacobi + tr-jacobi acceptance at the last step"}}
 
 
 def ablation_table(rows: list[dict]) -> str:
