@@ -68,4 +68,5 @@ def test_ablation_smoke(tmp_path):
     assert again["rows"] == res["rows"]
     assert set(res["summary"]["models"]) == {"base", "sft", "msn"}
     assert res["summary"]["models"]["msn"]["noise_spans"] == 2
+    assert (tmp_path / "out" / "ablation.png").stat().st_size > 0
     assert (tmp_path / "out" / "ablation.md").read_text().count("\n| ") == len(res["rows"])

@@ -217,6 +217,7 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
                      "train_tokens": None if tokens_per_step is None else round(tokens_per_step * step), **entry})
         (out / "ablation.json").write_text(json.dumps({"rows": rows, "config": asdict(cfg)}, indent=2) + "\n")
         (out / "ablation.md").write_text(ablation_table(rows))
+        ablation_plot(rows, out / "ablation.png")
 
     for spans in cfg.spans:
         name = "sft" if spans == 0 else f"msn-spans{spans}"
@@ -283,3 +284,28 @@ def ablation_table(rows: list[dict]) -> str:
         cells.append(f"{min(v['match_rate'] for v in r['methods'].values()):.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n\nCells: mean accepted tokens per step (wall-clock speedup over ar).\n"
+
+
+def ablation_plot(rows: list[dict], path: Path) -> None:
+    """Mean accepted tokens against training tokens, one line per run and decoder (base at 0 tokens)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next((r for r in rows if r["run"] == "base"), None)
+    runs = list(dict.fromkeys(r["run"] for r in rows if r["steps"] and "tree=" not in r["run"]))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, method in zip(axes, ("jacobi", "tr-jacobi")):
+        for name in runs:
+            points = [(0, base["methods"][method]["mean_accepted_tokens"])] if base else []
+            points += [(r["train_tokens"], r["methods"][method]["mean_accepted_tokens"]) for r in rows
+                       if r["run"] == name and method in r["methods"]]
+            ax.plot(*zip(*points), marker="o", label=name)
+        ax.set_title(method)
+        ax.set_xlabel("training tokens")
+        ax.set_ylabel("mean accepted tokens per step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
