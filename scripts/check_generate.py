@@ -1,7 +1,7 @@
 """Runs `msn generate` (the CLI) with --method ar and with each other method on Spec-Bench
 prompts and checks the text is identical. Prints one JSON line per prompt and a summary.
 
-usage: python scripts/check_generate.py --model PATH [--prompts 20] [--max-new-tokens 128]
+usage: python scripts/check_generate.py --model PATH [--prompts 20] [--max-new-tokens N]
 """
 
 import argparse
@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 from msn.bench.prompts import load_questions
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS
 
 p = argparse.ArgumentParser()
 p.add_argument("--model", required=True)
 p.add_argument("--prompts", type=int, default=20)
-p.add_argument("--max-new-tokens", type=int, default=128)
+p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
 p.add_argument("--methods", default="tr-jacobi")
 p.add_argument("--questions")
 a = p.parse_args()

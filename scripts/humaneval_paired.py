@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from msn.data.records import ensure_chat_template
-from msn.evaluate import humaneval_attempt, humaneval_problems
+from msn.evaluate import HUMANEVAL_MAX_NEW_TOKENS, humaneval_attempt, humaneval_problems
 from msn.loading import load_for_inference
 
 
@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("models", nargs="+", help="checkpoint folders")
     ap.add_argument("--out", required=True, help="JSONL of per-problem results (appended)")
     ap.add_argument("--limit", type=int, help="first N problems")
-    ap.add_argument("--max-new-tokens", type=int, default=320)
+    ap.add_argument("--max-new-tokens", type=int, default=HUMANEVAL_MAX_NEW_TOKENS)
     a = ap.parse_args()
     names = [Path(m).name for m in a.models]
     out = Path(a.out)

@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 
-from msn.testing import TINY_FAMILIES, tiny_model
+from tiny import TINY_FAMILIES, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
 

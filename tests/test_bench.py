@@ -7,7 +7,7 @@ from msn.bench.harness import BenchConfig, run_bench
 from msn.bench.prompts import load_questions
 from msn.bench.report import summarize
 from msn.errors import MsnError
-from msn.testing import tiny_tokenizer, tiny_model
+from tiny import tiny_tokenizer, tiny_model
 
 METHODS = ["ar", "pld", "lookahead", "jacobi", "tr-jacobi", "hf-pld"]
 

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from msn.evaluate import extract_code, heldout_loss
-from msn.testing import tiny_checkpoint, tiny_model, tiny_tokenizer
+from tiny import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 
 def test_extract_code():
@@ -37,7 +37,7 @@ def test_humaneval_pipeline_runs_a_canonical_solution():
 
 @pytest.mark.slow
 def test_reproduce_smoke(tmp_path):
-    from msn.reproduce import run
+    from msn.experiments.reproduce import run
 
     base = tiny_checkpoint(tmp_path / "base")
     res = run("smoke", tmp_path / "out", base_model=str(base))
@@ -49,7 +49,7 @@ def test_reproduce_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_ablation_smoke(tmp_path):
-    from msn.reproduce import Ablation, ablation
+    from msn.experiments.ablation import Ablation, ablation
 
     base = tiny_checkpoint(tmp_path / "base")
     cfg = Ablation(spans=(0, 2), steps=2, eval_every=1, batch_size=2, max_length=128, prompts=2,

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from msn.errors import MsnError
-from msn.noise import MsnCollator, NoiseConfig, noise_sequence, pick_spans
+from msn.data.collate import MsnCollator
+from msn.noise import NoiseConfig, noise_sequence, pick_spans
 
 
 def random_sample(rng, vocab=50):

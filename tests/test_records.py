@@ -4,7 +4,7 @@ import pytest
 
 from msn.data.records import build_examples, load_conversations, tokenize_conversation
 from msn.errors import MsnError
-from msn.testing import tiny_tokenizer
+from tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

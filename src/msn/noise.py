@@ -1,10 +1,12 @@
-"""MSN input noise: the pure corruption function and a data collator.
+"""MSN input noise: the corruption of one sequence, as pure functions.
 
 For each sample, ``num_spans`` non-overlapping spans of ``span_len`` consecutive
 positions are picked among the noise-eligible positions (response tokens that are not
 special tokens; a span never crosses out of one assistant turn). Each position in a
 span gets a token drawn uniformly from the clean tokens before it (``ahead``) or from
 the vocabulary (``uniform``). Labels stay the clean ids.
+
+Padding, labels and the per-sample seeding live in ``msn.data.collate``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import torch
 
 from msn.errors import MsnError
 
-IGNORE_INDEX = -100
 NOISE_SOURCES = ("ahead", "uniform")
 
 
@@ -101,58 +102,3 @@ def sample_seed(seed: int, index: int, visit: int) -> int:
     noise is the same whatever the number of processes or the batch layout."""
     digest = hashlib.blake2b(f"{seed}:{index}:{visit}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
-
-
-class MsnCollator:
-    """Pads a list of tokenized examples and applies MSN noise to the inputs.
-
-    Each feature is a dict with ``input_ids``, ``labels`` (-100 outside responses),
-    ``noise_mask`` (1 where noise may go) and ``index`` (the sample's position in the
-    data set, which seeds its noise). Returns ``input_ids`` (noisy), ``labels``
-    (clean, -100 on prompt and padding) and ``attention_mask``; usable as the
-    ``data_collator`` of transformers' Trainer or TRL's SFTTrainer.
-    """
-
-    def __init__(self, cfg: NoiseConfig, pad_token_id: int, vocab_size: int, seed: int = 0):
-        self.cfg = cfg
-        self.pad_token_id = pad_token_id
-        self.vocab_size = vocab_size
-        self.seed = seed
-        self.visits: dict[int, int] = {}
-        self.samples = 0
-        self.too_short = 0
-        self.noised_positions = 0
-        self.tokens = 0
-        self.response_tokens = 0
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        length = max(len(f["input_ids"]) for f in features)
-        batch = len(features)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((batch, length), IGNORE_INDEX, dtype=torch.long)
-        attention = torch.zeros((batch, length), dtype=torch.long)
-        for row, f in enumerate(features):
-            ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
-            n = ids.numel()
-            eligible = torch.as_tensor(f["noise_mask"], dtype=torch.bool)
-            index = int(f.get("index", row))
-            visit = self.visits.get(index, 0)
-            self.visits[index] = visit + 1
-            gen = torch.Generator().manual_seed(sample_seed(self.seed, index, visit))
-            noisy, noised = noise_sequence(ids, eligible, self.cfg, gen, self.vocab_size)
-            input_ids[row, :n] = noisy
-            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
-            attention[row, :n] = 1
-            self.samples += 1
-            self.tokens += n
-            self.response_tokens += int((labels[row, :n] != IGNORE_INDEX).sum())
-            spans = int(noised.sum()) // self.cfg.span_len
-            self.noised_positions += int(noised.sum())
-            if self.cfg.enabled and spans == 0:
-                self.too_short += 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
-
-    def stats(self) -> dict:
-        return {"samples": self.samples, "too_short_for_a_span": self.too_short,
-                "noised_positions": self.noised_positions, "tokens": self.tokens,
-                "response_tokens": self.response_tokens}

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from msn.errors import MsnError
+from msn.errors import MsnError, MsnInterrupted
 from msn.loading import load_model, load_tokenizer
-from msn.noise import MsnCollator, NoiseConfig
+from msn.noise import NoiseConfig
 
 log = logging.getLogger("msn.train")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -87,6 +88,21 @@ class TrainConfig:
             raise MsnError("give a positive number of epochs or max_steps")
         if self.lora_r < 0:
             raise MsnError(f"lora_r must be >= 0, got {self.lora_r}")
+        if self.warmup < 0:
+            raise MsnError(f"warmup must be >= 0 (a fraction of the steps if < 1, else steps), got {self.warmup}")
+        from transformers import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.scheduler not in schedulers:
+            raise MsnError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(schedulers)}")
+        if self.eval_steps is not None and not self.eval_data:
+            raise MsnError("--eval-steps needs --eval-data (held-out records to evaluate on)")
+        if self.eval_steps is not None and self.eval_steps <= 0:
+            raise MsnError(f"eval_steps must be positive, got {self.eval_steps}")
+        if self.merge_lora and self.lora_r == 0:
+            raise MsnError("--merge-lora needs --lora-r (there is no LoRA adapter to merge in full fine-tuning)")
+        if self.save_total_limit is not None and self.save_total_limit < 0:
+            raise MsnError(f"save_total_limit must be >= 0 (0 keeps every checkpoint), got {self.save_total_limit}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -95,7 +111,12 @@ class TrainConfig:
 def _dataset(tokenizer, path: str, max_length: int, what: str):
     from msn.data.records import build_examples, load_conversations
 
-    examples, dropped = build_examples(tokenizer, load_conversations(path), max_length)
+    conversations = load_conversations(path)
+    empty = sum(any(m["role"] == "assistant" and not m["content"].strip() for m in c) for c in conversations)
+    if empty:
+        log.warning("%s: %d record(s) have an empty assistant response; they train on the end-of-turn "
+                    "tokens only and receive no noise", path, empty)
+    examples, dropped = build_examples(tokenizer, conversations, max_length)
     if not examples:
         raise MsnError(f"{path}: no {what} example keeps a response token within max_length={max_length}")
     if dropped:
@@ -110,6 +131,14 @@ def _latest_checkpoint(output_dir: str) -> str | None:
     done = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()
             and (p / "trainer_state.json").exists()] if root.is_dir() else []
     return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
+
+
+def _finished(cfg: TrainConfig, checkpoint: str) -> bool:
+    """True when ``checkpoint`` already reached the length this config asks for."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    target = cfg.max_steps if cfg.max_steps > 0 else (
+        state.get("max_steps") if state.get("num_train_epochs") == math.ceil(cfg.epochs) else None)
+    return target is not None and state.get("global_step", 0) >= target
 
 
 def _checkpointing_kwarg(enabled: bool) -> dict:
@@ -132,7 +161,9 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     import torch
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
+    from msn.data.collate import MsnCollator, epoch_callback
     from msn.data.records import ensure_chat_template
+    from msn.paths import ensure_output_dir
 
     if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
         raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
@@ -140,8 +171,17 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         raise MsnError(f"data file {cfg.data} does not exist")
     if cfg.eval_data and not os.path.exists(cfg.eval_data):
         raise MsnError(f"eval data file {cfg.eval_data} does not exist")
-    if cfg.resume and _latest_checkpoint(cfg.output_dir) is None:
+    ensure_output_dir(cfg.output_dir, "--output-dir")
+    latest = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
+    if cfg.resume and latest is None:
         raise MsnError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
+    if latest is not None and _finished(cfg, latest):
+        final = Path(cfg.output_dir) / "msn_config.json"
+        if not final.exists():
+            raise MsnError(f"{latest} already reached the requested steps but the final model was not saved; "
+                           f"load {latest} directly, or raise --max-steps to train on")
+        log.warning("the run in %s is finished (%s); nothing to do", cfg.output_dir, Path(latest).name)
+        return {**json.loads(final.read_text())["summary"], "nothing_to_do": True}
     model = load_model(cfg.model, dtype=torch.float32)
     tokenizer = load_tokenizer(cfg.model)
     if ensure_chat_template(tokenizer):
@@ -153,8 +193,12 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                                 target_modules=targets, task_type="CAUSAL_LM"))
+        try:
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                                     lora_dropout=cfg.lora_dropout, target_modules=targets,
+                                                     task_type="CAUSAL_LM"))
+        except ValueError as e:
+            raise MsnError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
     collator = MsnCollator(cfg.noise, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), seed=cfg.seed)
     eval_collator = MsnCollator(NoiseConfig(enabled=False), tokenizer.pad_token_id, len(tokenizer))
     is_cpu = not torch.cuda.is_available()
@@ -198,16 +242,16 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
                 logs["noise_too_short"] = collator.too_short
 
     trainer = EvalWithCleanInputs(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  data_collator=collator, processing_class=tokenizer, callbacks=[NoiseStats(), *(callbacks or [])])
-    resume_from = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
+                                  data_collator=collator, processing_class=tokenizer, callbacks=[epoch_callback(collator), NoiseStats(), *(callbacks or [])])
+    resume_from = latest
     if resume_from:
         log.warning("resuming from %s", resume_from)
     try:
         result = trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         last = _latest_checkpoint(cfg.output_dir)
-        raise MsnError("interrupted; " + (f"continue with --resume (from {last})" if last else
-                                          "no checkpoint was saved yet (lower --save-steps)")) from None
+        raise MsnInterrupted(f"continue with --resume (from {last})" if last else
+                             "no checkpoint was saved yet (lower --save-steps)") from None
 
     summary = {
         "train_loss": result.training_loss,

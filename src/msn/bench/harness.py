@@ -16,12 +16,14 @@ from tqdm import tqdm
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
-from msn.decoding.config import METHODS
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, DecodeConfig
 from msn.decoding.engine import generate, resolve_eos, sync_device
 from msn.errors import MsnError
+from msn.paths import ensure_output_dir
 
 BENCH_METHODS = (*METHODS, "hf-pld")
 DEFAULT_METHODS = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
+PLD = DecodeConfig(method="pld")  # prompt-lookup settings shared by pld and hf-pld
 
 
 @dataclass
@@ -39,8 +41,8 @@ class BenchConfig:
         categories: keep only these categories.
         repeats: timed runs per prompt and method; the median wall time is used.
         warmup: untimed generations of every method before timing starts.
-        tree: TR-Jacobi tree preset.
-        pld_tokens / pld_ngram: prompt-lookup settings, shared by ``pld`` and ``hf-pld``.
+        tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
+            settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
         device / dtype: where and how the model runs.
     """
 
@@ -48,15 +50,13 @@ class BenchConfig:
     out: str
     bench: str = "spec-bench"
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
-    max_new_tokens: int = 128
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     questions: str | None = None
     limit: int | None = None
     categories: list[str] | None = None
     repeats: int = 1
     warmup: int = 2
-    tree: str = "auto"
-    pld_tokens: int = 10
-    pld_ngram: int = 2
+    tree: str | None = None
     device: str = "auto"
     dtype: str = "auto"
 
@@ -94,15 +94,13 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     before = counter.calls
     if method == "hf-pld":
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=cfg.max_new_tokens, prompt_lookup_num_tokens=cfg.pld_tokens,
-                             max_matching_ngram_size=cfg.pld_ngram,
+                             max_new_tokens=cfg.max_new_tokens, prompt_lookup_num_tokens=PLD.pld_tokens,
+                             max_matching_ngram_size=PLD.pld_ngram,
                              eos_token_id=sorted(resolve_eos(model, None)) or None,
                              pad_token_id=model.generation_config.pad_token_id)
         forwards = counter.calls - before
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
-    options = {"tree": cfg.tree} if method == "tr-jacobi" else {}
-    if method == "pld":
-        options = {"pld_tokens": cfg.pld_tokens, "pld_ngram": cfg.pld_ngram}
+    options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, **options)
     return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before)
 
@@ -113,13 +111,12 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     prints the table and, as the last stdout line, the summary as one JSON document."""
     from msn.loading import load_for_inference
 
+    out = ensure_output_dir(cfg.out, "--out")
     questions = load_questions(cfg.bench, cfg.questions, cfg.limit, cfg.categories)
     if model is None:
         model, tokenizer = load_for_inference(cfg.model, cfg.device, cfg.dtype)
     ensure_chat_template(tokenizer)
     device = next(model.parameters()).device
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     counter = ForwardCounter(model)
     try:
         records = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)

@@ -16,7 +16,7 @@ import torch
 
 from msn.data.records import encode_prompt
 from msn.decoding import cache as kv
-from msn.decoding.config import DecodeConfig
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import generate, make_proposer, sync_device
 from msn.decoding.tree import compile_tree
 
@@ -83,9 +83,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True)
     p.add_argument("--prompt", default="Write a Python function that merges two sorted lists, with tests.")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS)
     p.add_argument("--methods", default="ar,jacobi,tr-jacobi")
-    p.add_argument("--tree", default="auto")
+    p.add_argument("--tree", default=DecodeConfig.tree)
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model)
     ids = encode_prompt(tok, [{"role": "user", "content": a.prompt}], model.device)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msn.errors import MsnError
-from msn.noise import IGNORE_INDEX
+
+IGNORE_INDEX = -100  # label of positions that carry no loss (prompt, template, padding)
 
 # Used only when a tokenizer has no chat template of its own.
 FALLBACK_CHAT_TEMPLATE = (
@@ -40,7 +41,10 @@ def _check_record(rec, where: str) -> list[dict]:
         if not any(m["role"] == "assistant" for m in msgs):
             raise MsnError(f"{where}: no assistant message to learn from")
         return [{"role": m["role"], "content": m["content"]} for m in msgs]
-    if isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+    if "prompt" in rec and "response" in rec:
+        for key in ("prompt", "response"):
+            if not isinstance(rec[key], str):
+                raise MsnError(f"{where}: {key!r} must be a string, got {type(rec[key]).__name__}")
         return [{"role": "user", "content": rec["prompt"]}, {"role": "assistant", "content": rec["response"]}]
     raise MsnError(f"{where}: expected {{\"prompt\", \"response\"}} strings or {{\"messages\": [...]}}, "
                    f"got keys {sorted(rec)}")
@@ -54,8 +58,13 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
         raise MsnError(f"data file {p} does not exist")
     out = []
     if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
-        with open(p, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise MsnError(f"{p}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); "
+                                   "save the file as UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -76,6 +85,8 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
                 ds = datasets.load_dataset(kind, data_files=str(p), split="train")
         except MsnError:
             raise
+        except UnicodeDecodeError:
+            raise MsnError(f"{p}: not UTF-8 text; save the file as UTF-8") from None
         except Exception as e:  # datasets raises many types for unreadable files
             raise MsnError(f"{p}: cannot read data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         for i, rec in enumerate(ds):

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from msn.errors import MsnError
+from msn.paths import ensure_output_dir
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
 PROMPT = "Write the Python function `{name}{signature}` for the module `{module}`.\n\nDocstring:\n{doc}"
@@ -72,6 +73,7 @@ def build(out_dir: str | Path, held_out_percent: int = 10, max_lines: int = 40,
         raise MsnError(f"standard library folder {root} not found")
     if not 0 < held_out_percent < 100:
         raise MsnError(f"held-out percent must be between 1 and 99, got {held_out_percent}")
+    ensure_output_dir(out_dir, "--out")
     files = sorted(p for p in root.rglob("*.py") if not (SKIP_DIRS & set(p.relative_to(root).parts)))
     train, heldout = [], []
     for path in tqdm(files, desc="stdlib modules", disable=not progress):
@@ -82,8 +84,7 @@ def build(out_dir: str | Path, held_out_percent: int = 10, max_lines: int = 40,
             continue
         examples = _examples_from_source(source, module, max_lines)
         (heldout if held_out(module, held_out_percent) else train).extend(examples)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_output_dir(out_dir, "--out")
     for name, rows in (("train.jsonl", train), ("heldout.jsonl", heldout)):
         with open(out / name, "w", encoding="utf-8") as f:
             for r in rows:

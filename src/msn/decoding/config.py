@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 from msn.errors import MsnError
 
+DEFAULT_MAX_NEW_TOKENS = 128  # msn.generate, msn generate and msn bench
 METHODS = ("ar", "jacobi", "tr-jacobi", "pld", "lookahead")
 # Names of tree.TREE_PRESETS (kept here so the CLI parser needs no torch import).
 TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
@@ -47,6 +48,11 @@ class DecodeConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise MsnError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("window", "retrieve_len", "retrieve_ngram", "pld_tokens", "pld_ngram",
+                     "lookahead_window", "lookahead_ngram", "lookahead_guesses", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MsnError(f"{name} must be an integer, got {value!r}")
         for name in ("window", "retrieve_len", "retrieve_ngram", "pld_tokens", "pld_ngram",
                      "lookahead_window", "lookahead_guesses"):
             if getattr(self, name) <= 0:

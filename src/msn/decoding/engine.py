@@ -8,6 +8,7 @@ the proposer. ``ar`` is a separate, plain loop: the oracle the others are tested
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -15,7 +16,7 @@ from typing import Callable
 import torch
 
 from msn.decoding import cache as kv
-from msn.decoding.config import DecodeConfig
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback, TreeJacobi
 from msn.decoding.tree import attention_bias, compiled_on
@@ -64,7 +65,13 @@ def model_device(model) -> torch.device:
 
 
 def check_model(model) -> None:
-    """Refuses models whose attention ignores a custom 4D mask."""
+    """Refuses what is not a loaded causal LM, and models whose attention ignores a custom 4D mask."""
+    if isinstance(model, (str, os.PathLike)):
+        raise MsnError(f"model must be a loaded model, not the path {str(model)!r}; load it first, e.g. with "
+                       "msn.loading.load_for_inference(path)")
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise MsnError(f"model must be a Hugging Face causal LM (a torch.nn.Module with a config), "
+                       f"got {type(model).__name__}")
     impl = getattr(model.config, "_attn_implementation", None) or "eager"
     if impl not in SUPPORTED_ATTENTION:
         raise MsnError(
@@ -81,6 +88,10 @@ def context_limit(model) -> int | None:
     return None
 
 
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def resolve_eos(model, eos_token_id) -> set[int]:
     """EOS ids as ``model.generate()`` would use them when none are given."""
     if eos_token_id is None:
@@ -88,9 +99,14 @@ def resolve_eos(model, eos_token_id) -> set[int]:
         eos_token_id = getattr(gen, "eos_token_id", None) if gen is not None else None
     if eos_token_id is None:
         return set()
-    if isinstance(eos_token_id, int):
+    if isinstance(eos_token_id, torch.Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    if _is_int(eos_token_id):
         return {eos_token_id}
-    return {int(e) for e in eos_token_id}
+    if isinstance(eos_token_id, (list, tuple, set)) and all(_is_int(e) for e in eos_token_id):
+        return set(eos_token_id)
+    raise MsnError(f"eos_token_id must be a token id or a list of token ids, got {eos_token_id!r}; "
+                   "convert a token string with tokenizer.convert_tokens_to_ids")
 
 
 def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer | None:
@@ -98,7 +114,7 @@ def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer | None:
     if cfg.method == "ar":
         return None
     if cfg.method == "jacobi":
-        return JacobiWindow(device, cfg.window)
+        return JacobiWindow(device, window=cfg.window)
     if cfg.method == "tr-jacobi":
         if not isinstance(cfg.tree, str):
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
@@ -183,28 +199,53 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host)
 
 
-def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int) -> None:
+def vocab_size(model) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    size = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+    return int(size) if size else None
+
+
+def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_context: bool = False) -> int:
+    """Checks one request; returns the ``max_new_tokens`` to use (cut to the context with
+    ``fit_context``)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise MsnError("input_ids must be a tensor of shape (1, T)")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise MsnError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).replace('torch.', '')}")
     if input_ids.shape[0] != 1:
         raise MsnError(f"batch size {input_ids.shape[0]} is not supported yet; decode one prompt at a time (batch size 1)")
     if input_ids.shape[1] == 0:
         raise MsnError("empty prompt: give at least one token")
-    if not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
+    vocab = vocab_size(model)
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or (vocab is not None and high >= vocab):
+        bad = low if low < 0 else high
+        raise MsnError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {vocab}); "
+                       "was the prompt encoded with this model's tokenizer?")
+    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
         raise MsnError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    prompt = input_ids.shape[1]
     limit = context_limit(model)
-    if limit is not None and input_ids.shape[1] >= limit:
-        raise MsnError(f"prompt of {input_ids.shape[1]} tokens does not fit the model's context of {limit} tokens; shorten it")
+    if limit is not None and prompt >= limit:
+        raise MsnError(f"prompt of {prompt} tokens does not fit the model's context of {limit} tokens; shorten it")
+    if limit is not None and prompt + max_new_tokens > limit:
+        if not fit_context:
+            raise MsnError(f"prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
+                           f"context of {limit} positions; lower max_new_tokens to {limit - prompt} or allow the cut "
+                           "(fit_context=True, --fit-context)")
+        max_new_tokens = limit - prompt
     window = getattr(model.config, "sliding_window", None)
-    if window and getattr(model.config, "use_sliding_window", True) and input_ids.shape[1] + max_new_tokens > window:
+    if window and getattr(model.config, "use_sliding_window", True) and prompt + max_new_tokens > window:
         # The tree mask gives full attention; past the window the model would attend differently.
-        raise MsnError(f"prompt plus max_new_tokens ({input_ids.shape[1] + max_new_tokens}) exceeds the model's "
+        raise MsnError(f"prompt plus max_new_tokens ({prompt + max_new_tokens}) exceeds the model's "
                        f"sliding attention window ({window}); lower max_new_tokens or shorten the prompt")
+    return max_new_tokens
 
 
-def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_new_tokens: int = 128,
-             eos_token_id: int | list[int] | None = None,
-             on_tokens: Callable[[list[int]], None] | None = None, **options) -> DecodeResult:
+def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id: int | list[int] | None = None,
+             on_tokens: Callable[[list[int]], None] | None = None, fit_context: bool = False,
+             **options) -> DecodeResult:
     """Greedy decoding of one prompt, several tokens per step where the method allows.
 
     Every method returns exactly the tokens of greedy autoregressive decoding.
@@ -216,11 +257,13 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_n
         max_new_tokens: at most this many new tokens.
         eos_token_id: one id or several; None takes the model's generation config.
         on_tokens: called with each step's newly accepted tokens (for streaming).
+        fit_context: when prompt + ``max_new_tokens`` exceeds the model's positions, cut
+            ``max_new_tokens`` to fit instead of raising ``MsnError``.
         **options: fields of ``DecodeConfig`` (window, tree, retrieve_len, ...).
     """
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
-    validate_request(model, input_ids, max_new_tokens)
+    max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
     device = model_device(model)
     input_ids = input_ids.to(device)
     prompt = input_ids[0].tolist()
@@ -243,7 +286,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi", max_n
             result.accept_lengths.append(len(out.add([root])))
     else:
         proposer = make_proposer(cfg, device)
-        history = TokenHistory(prompt + [first], len(prompt) + max_new_tokens + 64, seed=cfg.seed)
+        history = TokenHistory(prompt + [first], seed=cfg.seed)
         context_len = len(prompt)
         while not out.done:
             paths, cand = proposer.propose(history)

@@ -11,10 +11,10 @@ import torch
 
 
 class TokenHistory:
-    """Prompt plus every accepted token, in a preallocated host buffer."""
+    """Prompt plus every accepted token, in a host buffer that doubles when full."""
 
-    def __init__(self, prompt: list[int], capacity: int, seed: int = 0):
-        self.buf = torch.zeros(max(capacity, len(prompt)) + 64, dtype=torch.long)
+    def __init__(self, prompt: list[int], seed: int = 0, capacity: int = 256):
+        self.buf = torch.zeros(len(prompt) + capacity, dtype=torch.long)
         self.buf[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         self.length = len(prompt)
         self.rng = random.Random(seed)

@@ -76,7 +76,7 @@ def _jacobi_next(step: StepFeedback, history: TokenHistory, width: int, device) 
 class JacobiWindow(Proposer):
     """Jacobi decoding: one chain of ``window`` drafts, refined by each step's outputs."""
 
-    def __init__(self, device, window: int):
+    def __init__(self, device, *, window: int):
         super().__init__(device)
         self.window = window
         self.paths = tuple(chain(window))
@@ -99,10 +99,11 @@ class TreeJacobi(Proposer):
     from the sequence, the distribution MSN training uses.
     """
 
-    def __init__(self, device, tree: str = "small", retrieve_len: int = 5,
-                 retrieve_ngram: int = 3, retrieve_min_ngram: int = 1,
-                 topk_paths: list[Path] | None = None, topk: int | None = None):
+    def __init__(self, device, *, retrieve_len: int, retrieve_ngram: int, tree: str | None = None,
+                 topk_paths: list[Path] | None = None, topk: int | None = None, retrieve_min_ngram: int = 1):
         super().__init__(device)
+        if (tree is None) == (topk_paths is None):
+            raise ValueError("give a tree preset name or topk_paths, not both")
         if topk_paths is None:
             topk_paths, topk = preset_paths(tree)
         self.k = topk if topk is not None else max(p[-1] for p in topk_paths) + 1
@@ -145,7 +146,7 @@ class PromptLookup(Proposer):
     of the last n-gram (n from ``max_ngram`` down to 1), as transformers'
     ``prompt_lookup_num_tokens`` does. No match: a plain one-token step."""
 
-    def __init__(self, device, num_tokens: int = 10, max_ngram: int = 2):
+    def __init__(self, device, *, num_tokens: int, max_ngram: int):
         super().__init__(device)
         self.num_tokens = num_tokens
         self.max_ngram = max_ngram
@@ -164,7 +165,7 @@ class Lookahead(Proposer):
     parallel chains.
     """
 
-    def __init__(self, device, window: int = 5, ngram: int = 3, guesses: int = 5):
+    def __init__(self, device, *, window: int, ngram: int, guesses: int):
         super().__init__(device)
         self.window, self.ngram, self.guesses = window, ngram, guesses
         self.pool: dict[int, OrderedDict] = {}

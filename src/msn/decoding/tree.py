@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import heapq
 import math
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -81,8 +82,18 @@ def validate_paths(paths: Sequence[Sequence[int]]) -> tuple[Path, ...]:
     tree is not prefix-closed (a node whose parent is missing).
     """
     out = []
+    if isinstance(paths, (str, bytes)):
+        raise MsnError(f"malformed tree: expected a list of paths such as [(0,), (1,), (0, 0)], got {paths!r}")
     for p in paths:
-        t = tuple(int(c) for c in p)
+        if isinstance(p, (str, bytes)) or not hasattr(p, "__iter__"):
+            raise MsnError(f"malformed tree: each path is a sequence of column indices, got {p!r}")
+        try:
+            if any(isinstance(c, bool) for c in p):
+                raise TypeError
+            t = tuple(operator.index(c) for c in p)
+        except TypeError:
+            raise MsnError(f"malformed tree: path {tuple(p)!r} holds a non-integer entry; "
+                           "columns are integers") from None
         if not t:
             raise MsnError("malformed tree: empty path; every path names at least one column, e.g. (0,)")
         if any(c < 0 for c in t):

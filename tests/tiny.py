@@ -1,12 +1,12 @@
-"""Tiny random models and a tiny tokenizer, built from configs in code (no downloads).
-
-Used by the test suite and handy for users' own tests of the decoding contract.
-"""
+"""Test fixtures: tiny random models and a tiny tokenizer, built from configs in code
+(no downloads)."""
 
 from __future__ import annotations
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
+from msn.data.records import FALLBACK_CHAT_TEMPLATE
 
 # Each entry: model_type and the config fields that make it tiny.
 TINY_FAMILIES: dict[str, dict] = {
@@ -20,18 +20,20 @@ TINY_FAMILIES: dict[str, dict] = {
 
 
 def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, dtype=torch.float32,
-               attn_implementation: str = "sdpa"):
-    """A 2-layer random causal LM of ``family`` with hidden size 32, in eval mode.
+               attn_implementation: str = "sdpa", context: int = 2048):
+    """A 2-layer random causal LM of ``family`` with hidden size 32 and ``context``
+    positions, in eval mode.
 
     Weights use a wide initializer so greedy choices are far from ties.
     """
     spec = dict(TINY_FAMILIES[family])
     model_type = spec.pop("model_type")
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=2048, initializer_range=0.4,
+                  num_attention_heads=4, max_position_embeddings=context, initializer_range=0.4,
                   bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     if model_type == "gpt2":
         common = dict(vocab_size=vocab_size, initializer_range=0.4, bos_token_id=1, eos_token_id=2)
+        spec["n_positions"] = context
     config = AutoConfig.for_model(model_type, **{**common, **spec})
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, dtype=dtype)
@@ -39,10 +41,6 @@ def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, dtype
 
 
 SPECIALS = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>"]
-CHATML = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
-    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 _CORPUS = (
     "def add(a, b):\n    return a + b\n\nThe quick brown fox jumps over the lazy dog. "
     "Write a function that sorts a list. for i in range(10): print(i)\n"
@@ -64,7 +62,7 @@ def tiny_tokenizer(vocab_size: int = 300):
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<|im_start|>",
                                    eos_token="<|im_end|>", pad_token="<pad>")
-    fast.chat_template = CHATML
+    fast.chat_template = FALLBACK_CHAT_TEMPLATE  # ChatML
     return fast
 
 

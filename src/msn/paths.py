@@ -1,0 +1,29 @@
+"""Output folders: created up front, with one clear error when that cannot be done."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from msn.errors import MsnError
+
+
+def ensure_output_dir(path: str | os.PathLike, flag: str) -> Path:
+    """Creates ``path`` (and its parents) and checks that files can be written in it.
+
+    ``flag`` names the option in the error (e.g. ``--output-dir``).
+    """
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        raise MsnError(f"{flag} {p} is a file, not a folder; give a folder path")
+    for parent in p.parents:
+        if parent.exists() and not parent.is_dir():
+            raise MsnError(f"{flag} {p} lies under {parent}, which is a file; give a folder path")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        raise MsnError(f"{flag} {p} cannot be created or written to ({e.strerror or e}); choose another folder") from None
+    return p

@@ -1,0 +1,156 @@
+"""Every mistake a user can make ends in one clear line and a non-zero exit, never a
+traceback: the CLI (one ``msn: error:`` line, exit 2) and the Python API (``MsnError``)."""
+
+import json
+
+import pytest
+import torch
+
+import msn
+from msn.cli import EXIT_INTERRUPTED, EXIT_USAGE, main
+from msn.errors import MsnError, MsnInterrupted
+from tiny import tiny_checkpoint
+
+# (arguments, a fragment of the message). Placeholders in braces are files made per test.
+CLI_CASES = [
+    (["generate", "--model", "/no/such/model", "--prompt", "hi"], "does not exist"),
+    (["generate", "--model", "{ckpt}", "--prompt", ""], "empty prompt"),
+    (["generate", "--model", "{ckpt}", "--prompt", "  \n"], "empty prompt"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "0"], "max_new_tokens"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "100000"], "exceeds the model's context"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--max-new-tokens", "10000000000"], "exceeds the model's context"),
+    (["generate", "--model", "{ckpt}", "--prompt-file", "/no/prompt.txt"], "--prompt-file /no/prompt.txt does not exist"),
+    (["generate", "--model", "{ckpt}", "--prompt-file", "{latin1}"], "not UTF-8"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--warmup", "-1"], "--warmup"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--device", "nonsense"], "unknown device"),
+    (["train", "--model", "/no/such/model", "--data", "d.jsonl", "--output-dir", "o"], "does not exist"),
+    (["train", "--model", "{ckpt}", "--data", "/no/data.jsonl", "--output-dir", "o"], "data file"),
+    (["train", "--model", "{ckpt}", "--data", "{empty}", "--output-dir", "o"], "empty"),
+    (["train", "--model", "{ckpt}", "--data", "{badschema}", "--output-dir", "o"], ":1: expected"),
+    (["train", "--model", "{ckpt}", "--data", "{badtype}", "--output-dir", "o"], ":1: 'response' must be a string, got int"),
+    (["train", "--model", "{ckpt}", "--data", "{latin1}", "--output-dir", "o"], "latin1.jsonl:2: not UTF-8"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--noise-len", "0"], "span length"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--noise-len", "-3"], "span length"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "{good}"], "is a file, not a folder"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "{good}/sub"], "which is a file"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "/proc/msn-out"], "cannot be created or written"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--scheduler", "banana"], "unknown scheduler 'banana'"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--warmup", "-1"], "warmup must be >= 0"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--lora-r", "4",
+      "--lora-targets", "nosuchmod", "--max-steps", "1"], "--lora-targets nosuchmod"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--eval-steps", "5"], "--eval-steps needs --eval-data"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--merge-lora"], "--merge-lora needs --lora-r"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--resume"], "no checkpoint"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "/no/q.jsonl"], "does not exist"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,medusa"], "unknown method"),
+    (["bench", "--model", "/no/such/model", "--out", "o", "--bench", "{good}"], "does not exist"),
+    (["bench", "--model", "{ckpt}", "--out", "{good}", "--bench", "{good}"], "is a file, not a folder"),
+    (["data", "stdlib-code", "--out", "{good}/x"], "which is a file"),
+    (["fetch", "no-such-model"], "unknown model"),
+]
+if not torch.cuda.is_available():
+    CLI_CASES.append((["generate", "--model", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "no CUDA device"))
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("bad") / "model")
+
+
+@pytest.fixture
+def files(tmp_path, ckpt):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"question": "x"}) + "\n")
+    (tmp_path / "badtype.jsonl").write_text(json.dumps({"prompt": "a", "response": 3}) + "\n")
+    (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "a", "response": "b"}).encode() + b"\n"
+                                            + '{"prompt": "caf\xe9", "response": "b"}\n'.encode("latin-1"))
+    return {"{ckpt}": str(ckpt), "{empty}": str(tmp_path / "empty.jsonl"), "{badschema}": str(tmp_path / "bad.jsonl"),
+            "{badtype}": str(tmp_path / "badtype.jsonl"), "{good}": str(tmp_path / "good.jsonl"),
+            "{latin1}": str(tmp_path / "latin1.jsonl")}
+
+
+def _fill(arg: str, files: dict) -> str:
+    for key, value in files.items():
+        arg = arg.replace(key, value)
+    return arg
+
+
+@pytest.mark.parametrize("args, message", CLI_CASES, ids=[" ".join(a[:1] + a[-2:]) for a, _ in CLI_CASES])
+def test_cli_mistakes_are_one_line(args, message, files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code = main([_fill(a, files) for a in args])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert "Traceback" not in err
+    lines = [l for l in err.strip().splitlines() if l.startswith("msn: error")]
+    assert len(lines) == 1 and message in lines[0], err[-1500:]
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models("llama")
+
+
+API_CASES = [
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
+    (dict(input_ids=torch.ones(2, 4, dtype=torch.long)), "batch size 2"),
+    (dict(input_ids=[[1, 2, 3]]), "must be a tensor"),
+    (dict(input_ids=torch.ones(1, 4)), "integer token ids, got dtype float32"),
+    (dict(input_ids=torch.ones(1, 4, dtype=torch.bool)), "integer token ids"),
+    (dict(input_ids=torch.tensor([[3, 4, 96]])), "token id 96, outside the model's vocabulary"),
+    (dict(input_ids=torch.tensor([[3, -1, 5]])), "token id -1, outside"),
+    (dict(input_ids=torch.ones(1, 2100, dtype=torch.long)), "does not fit the model's context"),
+    (dict(max_new_tokens=0), "max_new_tokens must be a positive"),
+    (dict(max_new_tokens=True), "max_new_tokens must be a positive integer, got True"),
+    (dict(max_new_tokens=2.5), "max_new_tokens must be a positive integer"),
+    (dict(max_new_tokens=10**10), "exceeds the model's context"),
+    (dict(method="beam"), "unknown method"),
+    (dict(tree="huge"), "unknown tree preset"),
+    (dict(window=0), "window must be positive"),
+    (dict(window="5"), "window must be an integer"),
+    (dict(colour="red"), "unknown decoding option"),
+    (dict(tree=[]), "malformed tree: it has no node"),
+    (dict(tree=[(0,), (1, 0)]), "malformed tree: .* prefix-closed"),
+    (dict(tree=[(0,), ()]), "malformed tree: empty path"),
+    (dict(tree=[(0,), ("a",)]), "malformed tree: path .* non-integer entry"),
+    (dict(tree=[(0,), (0.5,)]), "malformed tree: path .* non-integer entry"),
+    (dict(tree=[(0,), 1]), "malformed tree: each path is a sequence"),
+    (dict(eos_token_id="</s>"), "eos_token_id must be a token id or a list of token ids"),
+    (dict(eos_token_id=[2, "x"]), "eos_token_id must be"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", API_CASES, ids=[str(k)[:40] for k, _ in API_CASES])
+def test_api_mistakes_raise_one_clear_error(model, kwargs, match):
+    args = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=5, method="tr-jacobi")
+    args.update(kwargs)
+    with pytest.raises(MsnError, match=match) as info:
+        msn.generate(model, args.pop("input_ids"), **args)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("bad, match", [("/some/checkpoint", "not the path '/some/checkpoint'"),
+                                        (object(), "Hugging Face causal LM")])
+def test_api_model_that_is_not_a_model(bad, match):
+    with pytest.raises(MsnError, match=match):
+        msn.generate(bad, torch.ones(1, 4, dtype=torch.long), max_new_tokens=3)
+
+
+def test_interrupt_exits_130_with_the_way_to_continue(monkeypatch, capsys, tmp_path):
+    import msn.train
+
+    def interrupted(cfg, callbacks=None):
+        raise MsnInterrupted("continue with --resume (from o/checkpoint-10)")
+
+    monkeypatch.setattr(msn.train, "run", interrupted)
+    code = main(["train", "--model", str(tmp_path), "--data", "d.jsonl", "--output-dir", "o"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == EXIT_INTERRUPTED == 130
+    assert err == ["msn: interrupted; continue with --resume (from o/checkpoint-10)"]
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"msn {msn.__version__}"
