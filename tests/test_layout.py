@@ -39,3 +39,13 @@ def test_noise_holds_only_the_corruption():
 def test_no_test_fixtures_ship_in_the_package():
     assert not (PACKAGE / "testing.py").exists()
     assert not any("tiny_model" in p.read_text() for p in PACKAGE.rglob("*.py"))
+
+
+def test_committed_results_carry_no_machine_paths():
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    machine = re.compile(r"(?<![\w.~])/(root|home|work|tmp|Users)/")
+    hits = [str(p.relative_to(docs)) for p in docs.rglob("*") if p.suffix in (".json", ".jsonl", ".md")
+            and machine.search(p.read_text(encoding="utf-8"))]
+    assert hits == []

@@ -4,9 +4,14 @@
 of a cached model) start without loading torch.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from msn.errors import MsnError
 
-__version__ = "0.1.0"
+try:
+    __version__ = version("msn-llm")   # pyproject.toml is the one place that sets it
+except PackageNotFoundError:  # a source tree on sys.path without an installed distribution
+    __version__ = "0+unknown"
 __all__ = ["METHODS", "DecodeConfig", "DecodeResult", "MsnError", "generate", "__version__"]
 
 

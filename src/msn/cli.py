@@ -13,6 +13,14 @@ EXIT_USAGE = 2        # a mistake the user can fix: one "msn: error:" line
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
 
 
+def _refuse_unused(a, reason: str, applies: bool, **flags) -> None:
+    """Refuses flags that ``reason`` makes meaningless, rather than ignoring them silently."""
+    given = [flag for name, flag in flags.items() if getattr(a, name) not in (None, False)]
+    if applies and given:
+        hint = f"they have no effect with {reason}" if reason.startswith("--no") else f"they need {reason}"
+        raise MsnError(f"{', '.join(given)}: {hint}")
+
+
 def _set(d: dict, **kwargs) -> dict:
     """Copies the flags the user gave (not None) so dataclass defaults stay the only defaults."""
     d.update({k: v for k, v in kwargs.items() if v is not None})
@@ -45,6 +53,11 @@ def cmd_train(a) -> int:
     from msn.noise import NoiseConfig
     from msn.train import TrainConfig, run
 
+    _refuse_unused(a, "--no-noise", a.no_noise, noise_len="--noise-len", noise_spans="--noise-spans",
+                   noise_source="--noise-source")
+    _refuse_unused(a, "--lora-r", not a.lora_r, lora_alpha="--lora-alpha", lora_dropout="--lora-dropout",
+                   lora_targets="--lora-targets")
+
     noise = NoiseConfig(**_set({}, span_len=a.noise_len, num_spans=a.noise_spans, source=a.noise_source,
                                enabled=False if a.no_noise else None))
     cfg = TrainConfig(**_set(
@@ -69,6 +82,9 @@ def cmd_generate(a) -> int:
 
     if a.warmup < 0:
         raise MsnError(f"--warmup must be >= 0, got {a.warmup}")
+    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
+    _refuse_unused(a, "--method jacobi", a.method != "jacobi", window="--window")
+    _refuse_unused(a, "a drafting method", a.method == "ar", seed="--seed")
     prompt = _read_prompt(a)
     model, tok = load_for_inference(a.model, a.device, a.dtype)
     if a.chat:
@@ -132,8 +148,11 @@ def _read_prompt(a) -> str:
 def cmd_bench(a) -> int:
     from msn.bench.harness import BenchConfig, run_bench
 
+    methods = a.methods.split(",") if a.methods else None
+    _refuse_unused(a, "tr-jacobi in --methods", methods is not None and "tr-jacobi" not in methods, tree="--tree")
+
     cfg = BenchConfig(**_set(dict(model=a.model, bench=a.bench, out=a.out),
-                             methods=a.methods.split(",") if a.methods else None,
+                             methods=methods,
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
@@ -151,9 +170,14 @@ def cmd_reproduce(a) -> int:
     from msn.experiments.reproduce import run
 
     if a.preset == "ablation":
+        _refuse_unused(a, "a preset other than ablation", True, noise_spans="--noise-spans", models="--models")
         ablation(Path(a.out), base_model=a.base_model)
     else:
-        run(a.preset, Path(a.out), tuple(a.models.split(",")), a.noise_spans, a.base_model)
+        models = tuple(a.models.split(",")) if a.models else ("base", "sft", "msn")
+        unknown = sorted(set(models) - {"base", "sft", "msn"})
+        if unknown:
+            raise MsnError(f"--models: unknown model(s) {', '.join(unknown)}; choose from base, sft, msn")
+        run(a.preset, Path(a.out), models, a.noise_spans, a.base_model)
     return 0
 
 
@@ -267,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and the TR-Jacobi trees timed (~2 h on 2 cores)")
     r.add_argument("--base-model", help="checkpoint to start from instead of the fetched SmolLM2-135M-Instruct")
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
-    r.add_argument("--models", default="base,sft,msn", help="which of base,sft,msn to train/evaluate")
+    r.add_argument("--models", help="which of base,sft,msn to train/evaluate (default all three)")
     r.add_argument("--noise-spans", type=int, help="override the preset's noise spans per sample")
     r.set_defaults(func=cmd_reproduce)
     return p
