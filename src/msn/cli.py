@@ -84,7 +84,7 @@ def cmd_generate(a) -> int:
         raise MsnError(f"--warmup must be >= 0, got {a.warmup}")
     _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
     _refuse_unused(a, "--method jacobi", a.method != "jacobi", window="--window")
-    _refuse_unused(a, "a drafting method", a.method == "ar", seed="--seed")
+    _refuse_unused(a, "a drafting method or sampling", a.method == "ar" and not _sampling(a), seed="--seed")
     prompt = _read_prompt(a)
     model, tok = load_for_inference(a.model, a.device, a.dtype)
     if a.chat:
@@ -94,7 +94,7 @@ def cmd_generate(a) -> int:
         ids = encode_prompt(tok, [{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    options = _set({}, tree=a.tree, window=a.window, seed=a.seed)
+    options = _set({}, tree=a.tree, window=a.window, seed=a.seed, **_sampling(a))
     request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
     for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
         msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
@@ -120,6 +120,27 @@ def cmd_generate(a) -> int:
         print(f"\n[{a.method}: {len(result.tokens)} tokens, {result.steps} steps, "
               f"{result.mean_accepted_tokens:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0
+
+
+def _sampling(a) -> dict:
+    """Sampling options: --temperature, --top-k or --top-p turn sampling on (--do-sample
+    alone samples at temperature 1)."""
+    given = _set({}, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p)
+    if not (a.do_sample or given):
+        if a.sample_drafts:
+            raise MsnError("--sample-drafts needs sampling (--do-sample, --temperature, --top-k or --top-p)")
+        return {}
+    return {"do_sample": True, **given, **({"sample_drafts": True} if a.sample_drafts else {})}
+
+
+def _sampling_flags(parser) -> None:
+    g = parser.add_argument_group("sampling (exact: distributed as one-token sampling)")
+    g.add_argument("--do-sample", action="store_true", help="sample (at temperature 1 unless given)")
+    g.add_argument("--temperature", type=float, help="> 0 samples, 0 is greedy; turns sampling on")
+    g.add_argument("--top-k", type=int, help="keep the k most likely tokens; turns sampling on (no default filter)")
+    g.add_argument("--top-p", type=float, help="nucleus in (0, 1]; turns sampling on")
+    g.add_argument("--sample-drafts", action="store_true",
+                   help="draft from the processed distribution instead of the raw argmax/top-K")
 
 
 def _read_prompt(a) -> str:
@@ -156,7 +177,8 @@ def cmd_bench(a) -> int:
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
-                             warmup=a.warmup))
+                             warmup=a.warmup, seed=a.seed,
+                             **_sampling(a)))
     run_bench(cfg)
     return 0
 
@@ -258,10 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "(the first forwards of a process are slow)")
     gen.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset (default auto)")
     gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
-    gen.add_argument("--seed", type=int, help="noise seed for empty draft slots")
+    gen.add_argument("--seed", type=int, help="seed of the noise in empty draft slots and of sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
     gen.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    _sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="speedup and mean accepted tokens per category, all methods in one run")
@@ -277,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="timed repeats per prompt and method; medians reported (default 1)")
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
     b.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset")
+    b.add_argument("--seed", type=int, help="seed of every generation's sampling stream (default 0)")
+    _sampling_flags(b)
     b.add_argument("--device", help="auto, cpu, cuda")
     b.add_argument("--dtype", help="auto, float32, bfloat16")
     b.set_defaults(func=cmd_bench)

@@ -43,6 +43,10 @@ class BenchConfig:
         warmup: untimed generations of every method before timing starts.
         tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
             settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
+        do_sample / temperature / top_k / top_p / sample_drafts / seed: sampling (``DecodeConfig``'s
+            meaning). Every generation starts its own stream seeded with ``seed``; outputs
+            then differ between methods, so there is no match rate, and speedup is the
+            ratio of tokens/s.
         device / dtype: where and how the model runs.
     """
 
@@ -57,6 +61,12 @@ class BenchConfig:
     repeats: int = 1
     warmup: int = 2
     tree: str | None = None
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    sample_drafts: bool = False
+    seed: int = 0
     device: str = "auto"
     dtype: str = "auto"
 
@@ -69,6 +79,20 @@ class BenchConfig:
             raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.repeats <= 0 or self.warmup < 0:
             raise MsnError("--repeats must be positive and --warmup non-negative")
+        DecodeConfig(**self.sampling_options())          # validates the sampling options
+        if self.do_sample and "hf-pld" in self.methods:
+            raise MsnError("hf-pld runs greedy only here; drop it from --methods when sampling")
+
+    def sampling_options(self) -> dict:
+        if not self.do_sample:
+            return {}
+        return {k: v for k, v in dict(do_sample=True, temperature=self.temperature, top_k=self.top_k,
+                                      top_p=self.top_p, seed=self.seed,
+                                      sample_drafts=self.sample_drafts or None).items() if v is not None}
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.do_sample) and self.temperature != 0
 
 
 class ForwardCounter:
@@ -101,6 +125,7 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
         forwards = counter.calls - before
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
     options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
+    options.update(cfg.sampling_options())
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, **options)
     return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before)
 
@@ -127,7 +152,10 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
             f.write(json.dumps(r) + "\n")
     summary = {"methods": summarize(records, cfg.methods),
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
-                          "torch": torch.__version__, "questions_run": len(questions)}}
+                          "torch": torch.__version__, "questions_run": len(questions),
+                          "exactness": ("in distribution: every method samples as ar does (tests/test_sampling.py, "
+                                        "chi-square against the exact joint); outputs differ run to run"
+                                        if cfg.sampling else "token for token: match_rate against ar")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots(summary["methods"], out)
     print(table(summary["methods"]))
@@ -170,7 +198,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                     "question_id": q.qid, "category": q.category, "method": m,
                     "choices": [{"index": 0, "turns": [], "new_tokens": [], "wall_time": [], "accept_lengths": [],
                                  "steps": []}],
-                    "match": True})
+                    "match": None if cfg.sampling else True})
                 choice = rec["choices"][0]
                 choice["turns"].append(tokenizer.decode(run.tokens, skip_special_tokens=True))
                 choice["new_tokens"].append(len(run.tokens))
@@ -178,7 +206,8 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                 choice["accept_lengths"].append(run.accept_lengths)
                 choice["steps"].append(run.steps)
                 rec.setdefault("forwards", []).append(run.forwards)
-                rec["match"] = rec["match"] and run.tokens == reference
+                if not cfg.sampling:
+                    rec["match"] = rec["match"] and run.tokens == reference
                 bar.update(1)
             # The next turn follows the model's own answer, as Spec-Bench does.
             conversation.append({"role": "assistant", "content": tokenizer.decode(reference, skip_special_tokens=True)})

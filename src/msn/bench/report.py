@@ -10,22 +10,28 @@ from collections import Counter
 from pathlib import Path
 
 
-def _stats(recs: list[dict], ar_wall: float) -> dict:
+def _stats(recs: list[dict], ar_recs: list[dict]) -> dict:
     wall = sum(r["wall_time"] for r in recs)
     tokens = sum(r["new_tokens"] for r in recs)
+    ar_wall = sum(r["wall_time"] for r in ar_recs)
+    ar_rate = sum(r["new_tokens"] for r in ar_recs) / ar_wall if ar_wall > 0 else 0.0
     steps = sum(r["steps"] for r in recs)
     accepted = sum(sum(r["accept_lengths"]) for r in recs if r["accept_lengths"] is not None)
     histogram = Counter(a for r in recs if r["accept_lengths"] is not None for a in r["accept_lengths"])
     has_lengths = all(r["accept_lengths"] is not None for r in recs)
     forwards = sum(r["forwards"] for r in recs)
     return {
-        "speedup": ar_wall / wall if wall > 0 else 0.0,
+        # Throughput over ar's on the same prompts: the ratio of wall times when the tokens
+        # are the same (greedy); also right when sampled outputs differ in length.
+        "speedup": tokens / wall / ar_rate if wall > 0 and ar_rate > 0 else 0.0,
         # Tokens per decoding step after prefill (Spec-Bench's "mean accepted tokens").
         "mean_accepted_tokens": accepted / steps if has_lengths and steps else None,
         # Tokens per forward pass, prefill included: comparable with transformers' generate().
         "tokens_per_forward": tokens / forwards if forwards else 0.0,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        "match_rate": sum(r["match"] for r in recs) / len(recs),
+        # Share of generations identical to ar's; None when sampling (exactness is then in
+        # distribution, shown by tests/test_sampling.py).
+        "match_rate": None if any(r["match"] is None for r in recs) else sum(r["match"] for r in recs) / len(recs),
         "histogram": {str(k): histogram[k] for k in sorted(histogram)} if has_lengths else None,
         "steps": steps,
         "new_tokens": tokens,
@@ -35,9 +41,9 @@ def _stats(recs: list[dict], ar_wall: float) -> dict:
 
 
 def summarize(records: list[dict], methods: list[str]) -> dict:
-    """Per method: overall and per-category speedup over ``ar`` (ratio of total wall
-    times on the same prompts), mean accepted tokens, tokens/s, match rate with ``ar``
-    and the acceptance-length histogram."""
+    """Per method: overall and per-category speedup over ``ar`` (tokens/s over ``ar``'s on
+    the same prompts: the ratio of total wall times when outputs are equal), mean
+    accepted tokens, tokens/s, match rate with ``ar`` and the acceptance-length histogram."""
     out = {}
     categories = list(dict.fromkeys(r["category"] for r in records))
     ar = [r for r in records if r["method"] == "ar"]
@@ -45,11 +51,11 @@ def summarize(records: list[dict], methods: list[str]) -> dict:
         recs = [r for r in records if r["method"] == m]
         if not recs:
             continue
-        entry = {"overall": _stats(recs, sum(r["wall_time"] for r in ar)), "categories": {}}
+        entry = {"overall": _stats(recs, ar), "categories": {}}
         for c in categories:
             rc = [r for r in recs if r["category"] == c]
             if rc:
-                entry["categories"][c] = _stats(rc, sum(r["wall_time"] for r in ar if r["category"] == c))
+                entry["categories"][c] = _stats(rc, [r for r in ar if r["category"] == c])
         out[m] = entry
     return out
 
@@ -65,8 +71,9 @@ def table(methods_summary: dict) -> str:
         o = methods_summary[m]["overall"]
         acc = f"{o['mean_accepted_tokens']:.2f}" if o["mean_accepted_tokens"] is not None else "-"
         cells = "  ".join(f"{methods_summary[m]['categories'].get(c, {}).get('speedup', 0):>11.2f}x" for c in cats)
+        match = f"{o['match_rate']:.2f}" if o["match_rate"] is not None else "-"
         lines.append(f"{m:<11}{o['speedup']:>7.2f}x{acc:>9}{o['tokens_per_forward']:>8.2f}{o['tokens_per_s']:>8.1f}"
-                     f"{o['match_rate']:>7.2f}  {cells}")
+                     f"{match:>7}  {cells}")
     lines.append("(speedup over ar per category on the right; accepted = mean accepted tokens per step)")
     return "\n".join(lines)
 

@@ -30,7 +30,16 @@ class DecodeConfig:
         pld_tokens: tokens proposed by prompt lookup (``prompt_lookup_num_tokens``).
         pld_ngram: largest n-gram matched by prompt lookup (``max_matching_ngram_size``).
         lookahead_window / lookahead_ngram / lookahead_guesses: Lookahead's W, N, G.
-        seed: seed of the noise drawn for empty draft slots (outputs never depend on it).
+        seed: seed of the noise drawn for empty draft slots (greedy outputs never depend
+            on it) and, when sampling without an explicit generator, of the sampling draws.
+        do_sample: sample instead of decoding greedily. Every method then returns tokens
+            distributed exactly as one-token sampling with the same processing.
+        temperature / top_k / top_p: transformers' logits processing, in transformers'
+            order (temperature, top-k, top-p); only with ``do_sample``. Temperature 0 is
+            greedy. No top-k filter unless given (transformers' ``generate`` uses 50).
+        sample_drafts: with ``do_sample``, build drafts from the processed distribution
+            (Jacobi drafts are the step's draws, top-K rows are drawn without replacement)
+            instead of the raw logits' argmax and top-K. Outputs are exact either way.
     """
 
     method: str = "tr-jacobi"
@@ -44,6 +53,11 @@ class DecodeConfig:
     lookahead_ngram: int = 3
     lookahead_guesses: int = 5
     seed: int = 0
+    do_sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    sample_drafts: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -68,6 +82,27 @@ class DecodeConfig:
             self.tree = [tuple(p) for p in validate_paths(self.tree)]
         if self.lookahead_ngram < 2:
             raise MsnError(f"lookahead_ngram must be at least 2, got {self.lookahead_ngram}")
+        if not isinstance(self.do_sample, bool):
+            raise MsnError(f"do_sample must be True or False, got {self.do_sample!r}")
+        given = [n for n in ("temperature", "top_k", "top_p") if getattr(self, n) is not None]
+        if self.sample_drafts:
+            given.append("sample_drafts")
+        if given and not self.do_sample:
+            raise MsnError(f"{', '.join(given)} need do_sample=True (--temperature/--top-k/--top-p turn it on "
+                           "in the CLI)")
+        if self.do_sample:
+            self.sampling_params()
+
+    def sampling_params(self):
+        """The validated ``SamplingParams``, or None when decoding is greedy (no sampling,
+        or temperature 0)."""
+        from msn.decoding.sampling import SamplingParams
+
+        if not self.do_sample:
+            return None
+        params = SamplingParams(temperature=1.0 if self.temperature is None else self.temperature,
+                                top_k=self.top_k, top_p=self.top_p).validate()
+        return None if params.greedy else params
 
     @classmethod
     def from_options(cls, method: str, options: dict) -> "DecodeConfig":

@@ -18,6 +18,7 @@ import torch
 from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.history import TokenHistory
+from msn.decoding.sampling import Sampler, check_generator, first_siblings
 from msn.decoding.proposers import JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback, TreeJacobi
 from msn.decoding.tree import attention_bias, compiled_on
 from msn.decoding.verify import greedy_verify
@@ -160,17 +161,26 @@ def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     return out.logits[0, -1]
 
 
+def choose(logits: torch.Tensor, sampler: Sampler | None) -> int:
+    """The next token from (V,) logits: the argmax, or one draw when sampling."""
+    return int(logits.argmax() if sampler is None else sampler.draw(logits[None])[0])
+
+
 @torch.inference_mode()
-def decode_one_token(model, token: int, cache, device) -> int:
-    """One plain greedy step (the oracle's rung)."""
+def decode_one_token(model, token: int, cache, device, sampler: Sampler | None = None) -> int:
+    """One plain step (the oracle's rung): greedy, or one draw when sampling."""
     out = model(input_ids=torch.tensor([[token]], device=device), **kv.cache_kwargs(model, cache))
-    return int(out.logits[0, -1].argmax())
+    return choose(out.logits[0, -1], sampler)
 
 
 @torch.inference_mode()
 def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor,
-              max_position: int | None):
-    """One forward of the root plus a draft tree, greedy verification, cache compaction.
+              max_position: int | None, sampler: Sampler | None = None, sample_drafts: bool = False):
+    """One forward of the root plus a draft tree, verification, cache compaction.
+
+    Greedy verification accepts drafts equal to the argmax at their parent; with a
+    ``sampler`` it follows one draw per input (see ``sampling``), which keeps the output
+    distributed exactly as one-token sampling.
 
     Returns (new tokens, StepFeedback). ``new`` is the accepted drafts plus the bonus token.
     """
@@ -186,7 +196,13 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                    **kv.cache_kwargs(model, cache)).logits[0]
     pred = logits.argmax(dim=-1)
-    verdict = greedy_verify(tree, ids, pred)
+    if sampler is None:
+        verdict = greedy_verify(tree, ids, pred)
+    else:
+        drawn = sampler.draw(logits)
+        verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
+        if sample_drafts:
+            pred = drawn
     host = torch.cat([verdict.pack(), pred]).tolist()        # the step's one sync
     depth = tree.leaf_paths.shape[1]
     accepted, best, bonus = host[0], host[1], host[2]
@@ -196,13 +212,28 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
     kv.keep_path(cache, [0] + path[:accepted], tree.num_inputs)
     new = path_tokens[:accepted] + [bonus]
-    return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host)
+    return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host,
+                             draft_sampler=sampler if sample_drafts else None)
 
 
 def vocab_size(model) -> int | None:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     size = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
     return int(size) if size else None
+
+
+def _sampler(cfg: DecodeConfig, generator, device: torch.device) -> Sampler | None:
+    """The sampler of a request, or None when it decodes greedily."""
+    if generator is not None:
+        if not cfg.do_sample:
+            raise MsnError("a generator needs do_sample=True (greedy decoding draws nothing)")
+        check_generator(generator, device)
+    params = cfg.sampling_params()
+    if params is None:
+        return None
+    if generator is None:
+        generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    return Sampler(params, generator)
 
 
 def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_context: bool = False) -> int:
@@ -245,10 +276,12 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
 def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id: int | list[int] | None = None,
              on_tokens: Callable[[list[int]], None] | None = None, fit_context: bool = False,
-             **options) -> DecodeResult:
-    """Greedy decoding of one prompt, several tokens per step where the method allows.
+             generator: torch.Generator | None = None, **options) -> DecodeResult:
+    """Decodes one prompt, several tokens per step where the method allows.
 
-    Every method returns exactly the tokens of greedy autoregressive decoding.
+    Greedy (the default): every method returns exactly the tokens of greedy
+    autoregressive decoding. Sampling (``do_sample=True``): every method returns tokens
+    distributed exactly as one-token sampling with the same logits processing.
 
     Args:
         model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
@@ -259,12 +292,16 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         on_tokens: called with each step's newly accepted tokens (for streaming).
         fit_context: when prompt + ``max_new_tokens`` exceeds the model's positions, cut
             ``max_new_tokens`` to fit instead of raising ``MsnError``.
-        **options: fields of ``DecodeConfig`` (window, tree, retrieve_len, ...).
+        generator: the random stream of sampling (on the model's device); default: one
+            seeded with ``seed``.
+        **options: fields of ``DecodeConfig`` (window, tree, do_sample, temperature,
+            top_k, top_p, seed, ...).
     """
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
     device = model_device(model)
+    sampler = _sampler(cfg, generator, device)
     input_ids = input_ids.to(device)
     prompt = input_ids[0].tolist()
     out = _Output(max_new_tokens, resolve_eos(model, eos_token_id), on_tokens)
@@ -273,7 +310,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
 
     sync_device(device)
     t0 = time.perf_counter()
-    first = int(prefill(model, input_ids, cache).argmax())
+    first = choose(prefill(model, input_ids, cache), sampler)
     sync_device(device)
     t1 = time.perf_counter()
     out.add([first])
@@ -281,7 +318,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     root = first
     if cfg.method == "ar":
         while not out.done:
-            root = decode_one_token(model, root, cache, device)
+            root = decode_one_token(model, root, cache, device, sampler)
             result.steps += 1
             result.accept_lengths.append(len(out.add([root])))
     else:
@@ -290,7 +327,8 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         context_len = len(prompt)
         while not out.done:
             paths, cand = proposer.propose(history)
-            new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit)
+            new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit, sampler,
+                                      cfg.sample_drafts)
             context_len += 1 + feedback.accepted
             kept = out.add(new)
             result.steps += 1

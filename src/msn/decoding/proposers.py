@@ -28,10 +28,13 @@ class StepFeedback:
 
     Attributes:
         logits: (n + 1, V) logits of the step's inputs, on device.
-        pred: (n + 1,) greedy predictions, on device.
+        pred: (n + 1,) the token drafts are built from at each input, on device: the
+            argmax of the raw logits, or (``sample_drafts``) the step's draw.
         path: input indices of the chosen root-to-leaf path (host list, accepted part first).
         accepted: how many nodes of ``path`` were accepted.
         pred_host: ``pred`` as a host list (read in the step's single sync).
+        draft_sampler: with ``sample_drafts``, the sampler whose processed distribution
+            top-K rows are drawn from (without replacement); None drafts from raw logits.
     """
 
     logits: torch.Tensor
@@ -39,6 +42,7 @@ class StepFeedback:
     path: list[int]
     accepted: int
     pred_host: list[int]
+    draft_sampler: object | None = None
 
     def future_nodes(self) -> list[int]:
         """Inputs on the chosen path after the accepted ones: their predictions are the
@@ -135,7 +139,10 @@ class TreeJacobi(Proposer):
         rows = []
         if future:
             idx = torch.tensor(future, dtype=torch.long, device=self.device)
-            rows.append(torch.topk(step.logits[idx], self.k, dim=-1).indices)
+            if step.draft_sampler is not None:
+                rows.append(step.draft_sampler.draw_distinct(step.logits[idx], self.k))
+            else:
+                rows.append(torch.topk(step.logits[idx], self.k, dim=-1).indices)
         if len(future) < self.positions:
             rows.append(self._noise_rows(history, self.positions - len(future)))
         self.table = torch.cat(rows)

@@ -30,19 +30,25 @@ class Verdict:
         return torch.cat([self.accepted.view(1), self.best.view(1), self.bonus.view(1), self.path_tokens])
 
 
-def greedy_verify(tree: CompiledTree, input_ids: torch.Tensor, pred: torch.Tensor) -> Verdict:
-    """Longest path whose every token equals the greedy prediction at its parent.
+def greedy_verify(tree: CompiledTree, input_ids: torch.Tensor, pred: torch.Tensor,
+                  usable: torch.Tensor | None = None) -> Verdict:
+    """Longest path whose every token equals the model's token at its parent.
 
     Args:
         tree: the compiled tree, on the same device as the inputs.
         input_ids: (n + 1,) long, root then draft nodes.
-        pred: (n + 1,) long, argmax of the model's logits at each input.
+        pred: (n + 1,) long, the model's token at each input: the argmax of its logits
+            (greedy), or one draw from its processed distribution (sampling).
+        usable: optional (n + 1,) bool; nodes marked False are never accepted (sampling
+            uses it to let only the first of several same-token siblings count).
 
     Among paths accepting equally many nodes the longer path wins (its unaccepted
     nodes give more future predictions), then the earlier one in the spec.
     """
     nodes = tree.leaf_paths                                   # (L, D)
     match = (input_ids[nodes] == pred[tree.parents[nodes].clamp_min(0)]) & tree.leaf_valid
+    if usable is not None:
+        match &= usable[nodes]
     accepted_per_path = match.long().cumprod(dim=-1).sum(dim=-1)          # (L,)
     depth = nodes.shape[1]
     best = torch.argmax(accepted_per_path * (depth + 1) + tree.leaf_len)
