@@ -52,6 +52,12 @@ CLI_CASES = [
     (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,pld", "--tree", "small"], "--tree: they need tr-jacobi"),
     (["reproduce", "--preset", "ablation", "--noise-spans", "4", "--out", "o"], "--noise-spans: they need a preset other"),
     (["reproduce", "--preset", "smoke", "--models", "base,gpt4", "--out", "o"], "unknown model(s) gpt4"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--top-p", "2"], "top_p must be in (0, 1]"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--sample-drafts"], "--sample-drafts needs sampling"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--temperature", "0.7", "--methods", "ar,hf-pld"],
+     "hf-pld runs greedy only"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "/no/q.jsonl"], "does not exist"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,medusa"], "unknown method"),
     (["bench", "--model", "/no/such/model", "--out", "o", "--bench", "{good}"], "does not exist"),
@@ -165,3 +171,32 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == f"msn {msn.__version__}"
+
+
+SAMPLING_CASES = [
+    (dict(do_sample=True, temperature=-0.5), "temperature must be a number >= 0"),
+    (dict(do_sample=True, top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(do_sample=True, top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(do_sample=True, top_k=0), "top_k must be an integer >= 1"),
+    (dict(do_sample=True, top_k=2.5), "top_k must be an integer >= 1"),
+    (dict(temperature=0.7), "temperature need do_sample=True"),
+    (dict(top_k=5, top_p=0.9), "top_k, top_p need do_sample=True"),
+    (dict(sample_drafts=True), "sample_drafts need do_sample=True"),
+    (dict(do_sample="yes"), "do_sample must be True or False"),
+    (dict(generator=torch.Generator()), "a generator needs do_sample=True"),
+    (dict(do_sample=True, generator=42), "generator must be a torch.Generator"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", SAMPLING_CASES, ids=[str(k)[:40] for k, _ in SAMPLING_CASES])
+def test_sampling_mistakes_raise_one_clear_error(model, kwargs, match):
+    with pytest.raises(MsnError, match=match):
+        msn.generate(model, torch.ones(1, 4, dtype=torch.long), max_new_tokens=3, **kwargs)
+
+
+def test_a_generator_on_another_device_is_refused():
+    from msn.decoding.sampling import check_generator
+
+    check_generator(torch.Generator(), torch.device("cpu"))
+    with pytest.raises(MsnError, match=r"generator is on cpu but the model is on meta; create it with"):
+        check_generator(torch.Generator(), torch.device("meta"))

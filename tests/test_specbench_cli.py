@@ -69,3 +69,12 @@ def test_prompt_from_a_file_or_stdin_equals_the_flag(ckpt, tmp_path):
     assert tokens("--prompt-file", str(tmp_path / "p.txt")) == want
     assert tokens("--prompt", "-", stdin=text) == want
     assert tokens("--prompt", text, "--warmup", "1") == want
+
+
+def test_specbench_forward_samples_with_the_same_stream_as_generate():
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    inputs = tok(["def add(a, b): return a + b"], return_tensors="pt")
+    out, new_token, _, _ = forward(inputs, model, tok, max_new_tokens=20, do_sample=True, temperature=0.8, seed=5)
+    want = msn.generate(model, inputs["input_ids"], max_new_tokens=20, do_sample=True, temperature=0.8, seed=5)
+    assert out[0, inputs["input_ids"].shape[1]:].tolist() == want.tokens and new_token == len(want.tokens)

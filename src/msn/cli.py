@@ -113,6 +113,11 @@ def cmd_generate(a) -> int:
         print(json.dumps({
             "method": a.method, "tokens": result.tokens,
             "text": tok.decode(result.tokens, skip_special_tokens=True),
+            "sampling": {k: v for k, v in request.items() if k in ("do_sample", "temperature", "top_k", "top_p",
+                                                                    "seed", "sample_drafts")} or None,
+            "contract": ("distributed exactly as one-token sampling (tokens differ from run to run unless seeded)"
+                         if request.get("do_sample") and request.get("temperature") != 0
+                         else "identical to greedy autoregressive decoding (float32)"),
             "steps": result.steps, "mean_accepted_tokens": round(result.mean_accepted_tokens, 4),
             "tokens_per_s": round(result.tokens_per_s, 2), "prefill_s": round(result.prefill_s, 4),
             "decode_s": round(result.decode_s, 4)}))
