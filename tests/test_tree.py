@@ -59,6 +59,22 @@ def test_reference_preset_has_the_papers_shape():
     compile_tree(tuple(paths))  # prefix-closed
 
 
+def test_reference_preset_is_the_documented_node_list_in_its_order():
+    """The 63 nodes exactly as the authors' code (and Medusa's mc_sim_7b_63) lists them,
+    read from the project's background document where it is beside the repository."""
+    import re
+    from pathlib import Path
+
+    doc = Path(__file__).resolve().parents[2] / "shared" / "docs" / "background.md"
+    if not doc.exists():
+        pytest.skip("../shared/docs/background.md is not beside this checkout")
+    text = doc.read_text()
+    listing = text[text.index("(0) (0,0) (1)"): text.index("2. *Retrieval branch.*")]
+    documented = [tuple(int(x) for x in m.split(",")) for m in re.findall(r"\(([\d,]+)\)", listing)]
+    paths, _ = preset_paths("reference")
+    assert len(documented) == 63 and paths == documented
+
+
 def test_topk_tree_prefers_low_ranks():
     paths = topk_tree((3, 2), 3)
     assert paths == [(0,), (1,), (2,), (0, 0), (0, 1)]

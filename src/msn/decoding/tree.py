@@ -193,22 +193,35 @@ def topk_tree(nodes_per_depth: Sequence[int], k: int) -> list[Path]:
     return out
 
 
-# The reference TR-Jacobi tree of the MSN paper: 63 top-10 nodes (10, 28, 23, 2 per
-# depth). The retrieval chain is added by the proposer (see proposers.TreeJacobi).
-TREE_PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
-    # name: (nodes per depth, k)
-    "reference": ((10, 28, 23, 2), 10),
+# The reference TR-Jacobi tree: the 63 top-10 nodes of the MSN authors' TR-Jacobi code
+# (10, 28, 23 and 2 per depth), the same node list as Medusa's ``mc_sim_7b_63``, kept
+# literally and in its order. The retrieval chain is added by the proposer.
+REFERENCE_TREE: tuple[Path, ...] = (
+    (0,), (0, 0), (1,), (0, 1), (2,), (0, 0, 0), (1, 0), (0, 2), (3,), (0, 3), (4,), (0, 4), (2, 0), (0, 5),
+    (0, 0, 1), (5,), (0, 6), (6,), (0, 7), (0, 1, 0), (1, 1), (7,), (0, 8), (0, 0, 2), (3, 0), (0, 9), (8,),
+    (9,), (1, 0, 0), (0, 2, 0), (1, 2), (0, 0, 3), (4, 0), (2, 1), (0, 0, 4), (0, 0, 5), (0, 0, 0, 0),
+    (0, 1, 1), (0, 0, 6), (0, 3, 0), (5, 0), (1, 3), (0, 0, 7), (0, 0, 8), (0, 0, 9), (6, 0), (0, 4, 0),
+    (1, 4), (7, 0), (0, 1, 2), (2, 0, 0), (3, 1), (2, 2), (8, 0), (0, 5, 0), (1, 5), (1, 0, 1), (0, 2, 1),
+    (9, 0), (0, 6, 0), (0, 0, 0, 1), (1, 6), (0, 7, 0),
+)
+
+# Smaller trees for hardware where a step's cost grows with its inputs, picked by
+# ``topk_tree``: name -> (nodes per depth, k).
+TOPK_PRESETS: dict[str, tuple[tuple[int, ...], int]] = {
     "medium": ((4, 6, 5, 3, 2), 4),
     "small": ((2, 2, 1, 1, 1), 2),
     "chain": ((1, 1, 1, 1, 1), 1),
 }
+TREE_PRESETS = ("reference", *TOPK_PRESETS)
 
 
 def preset_paths(name: str) -> tuple[list[Path], int]:
     """Returns (top-k paths, k) of a named preset."""
-    if name not in TREE_PRESETS:
+    if name == "reference":
+        return list(REFERENCE_TREE), 10
+    if name not in TOPK_PRESETS:
         raise MsnError(f"unknown tree preset {name!r}; choose one of {', '.join(TREE_PRESETS)}")
-    counts, k = TREE_PRESETS[name]
+    counts, k = TOPK_PRESETS[name]
     return topk_tree(counts, k), k
 
 
