@@ -1,4 +1,7 @@
+import os
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -6,6 +9,18 @@ import torch
 from tiny import TINY_FAMILIES, tiny_model
 
 FAMILIES = list(TINY_FAMILIES)
+
+
+def pytest_configure(config):
+    """Latency and acceptance records of tiny test models go to a throw-away cache; the
+    fetched models stay where they are (linked), so slow tests do not download again."""
+    from msn.paths import cache_root
+
+    models = cache_root() / "models"
+    tmp = Path(tempfile.mkdtemp(prefix="msn-test-cache-"))
+    models.mkdir(parents=True, exist_ok=True)
+    (tmp / "models").symlink_to(models, target_is_directory=True)
+    os.environ["MSN_CACHE_DIR"] = str(tmp)
 
 
 @pytest.fixture(scope="session")

@@ -66,7 +66,8 @@ def test_eos_given_as_several_ids_and_from_generation_config(family, models):
     assert msn.generate(model, x, method="tr-jacobi", max_new_tokens=30).tokens == default
 
 
-@pytest.mark.parametrize("tree", ["reference", "medium", "small", "chain", [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]])
+@pytest.mark.parametrize("tree", ["auto", "reference", "medium", "small", "chain",
+                                  [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]])
 def test_every_tree_preset_is_lossless(tree, models):
     model = models("qwen2")
     for ids in prompts(7)[:12]:

@@ -120,7 +120,7 @@ def cmd_generate(a) -> int:
                          else "identical to greedy autoregressive decoding (float32)"),
             "steps": result.steps, "mean_accepted_tokens": round(result.mean_accepted_tokens, 4),
             "tokens_per_s": round(result.tokens_per_s, 2), "prefill_s": round(result.prefill_s, 4),
-            "decode_s": round(result.decode_s, 4)}))
+            "decode_s": round(result.decode_s, 4), "decoder": result.info}))
     else:
         print(f"\n[{a.method}: {len(result.tokens)} tokens, {result.steps} steps, "
               f"{result.mean_accepted_tokens:.2f} tokens/step, {result.tokens_per_s:.1f} tokens/s]", file=sys.stderr)

@@ -47,8 +47,9 @@ DONE_MARKER = ".msn-fetch-complete"
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("MSN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "msn")
-    return Path(root) / "models"
+    from msn.paths import cache_root
+
+    return cache_root() / "models"
 
 
 def _sha256(path: Path) -> str:

@@ -27,3 +27,9 @@ def ensure_output_dir(path: str | os.PathLike, flag: str) -> Path:
     except OSError as e:
         raise MsnError(f"{flag} {p} cannot be created or written to ({e.strerror or e}); choose another folder") from None
     return p
+
+
+def cache_root() -> Path:
+    """msn's cache folder: $MSN_CACHE_DIR, else $XDG_CACHE_HOME/msn, else ~/.cache/msn."""
+    root = os.environ.get("MSN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "msn")
+    return Path(root)

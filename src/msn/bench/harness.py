@@ -112,6 +112,7 @@ class Run:
     steps: int
     accept_lengths: list[int] | None
     forwards: int
+    info: dict = field(default_factory=dict)
 
 
 def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter: ForwardCounter) -> Run:
@@ -127,7 +128,7 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
     options.update(cfg.sampling_options())
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, **options)
-    return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before)
+    return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before, r.info)
 
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
@@ -144,13 +145,13 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
     try:
-        records = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
+        records, latency = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
     finally:
         counter.handle.remove()
     with open(out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
-    summary = {"methods": summarize(records, cfg.methods),
+    summary = {"methods": summarize(records, cfg.methods), "auto_tree": auto_tree_report(records, latency),
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
                           "exactness": ("in distribution: every method samples as ar does (tests/test_sampling.py, "
@@ -159,9 +160,23 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots(summary["methods"], out)
     print(table(summary["methods"]))
+    for m, rep in summary["auto_tree"].items():
+        print(f"{m} --tree auto: inputs chosen {rep['chosen_inputs']}; step latency t(n) ms {rep['latency']['ms']}")
     print(json.dumps(summary))
     sys.stdout.flush()
     return summary
+
+
+def auto_tree_report(records: list[dict], latency: dict) -> dict:
+    """For methods whose tree was chosen by measurement: the measured step latency t(n)
+    and how often each tree size (inputs per step) was chosen, over all choices made."""
+    from collections import Counter
+
+    out = {}
+    for m, lat in latency.items():
+        counts = Counter(n for r in records if r["method"] == m for gen in r.get("trees", []) for n in gen)
+        out[m] = {"latency": lat, "chosen_inputs": {str(k): counts[k] for k in sorted(counts)}}
+    return out
 
 
 def _timed(fn, device, clock) -> tuple[object, float]:
@@ -181,6 +196,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
     turns = sum(len(q.turns) for q in questions)
     bar = tqdm(total=turns * len(cfg.methods), desc="bench", unit="gen", disable=not progress, file=sys.stderr)
     per_method: dict[tuple[str, str], dict] = {}
+    latency: dict[str, dict] = {}
     for q in questions:
         conversation: list[dict] = []
         for turn in q.turns:
@@ -206,6 +222,9 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                 choice["accept_lengths"].append(run.accept_lengths)
                 choice["steps"].append(run.steps)
                 rec.setdefault("forwards", []).append(run.forwards)
+                if run.info.get("choices"):
+                    rec.setdefault("trees", []).append([c["inputs"] for c in run.info["choices"]])
+                    latency[m] = run.info["latency"]
                 if not cfg.sampling:
                     rec["match"] = rec["match"] and run.tokens == reference
                 bar.update(1)
@@ -218,4 +237,4 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
         lengths = None if any(a is None for a in c["accept_lengths"]) else [x for a in c["accept_lengths"] for x in a]
         records.append({**rec, "new_tokens": sum(c["new_tokens"]), "wall_time": sum(c["wall_time"]),
                         "steps": sum(c["steps"]), "accept_lengths": lengths, "forwards": sum(rec["forwards"])})
-    return records
+    return records, latency

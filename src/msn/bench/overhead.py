@@ -94,7 +94,7 @@ def main(argv=None):
         row = measure(model, ids, m, a.max_new_tokens, **options)
         if m in FIXED_SHAPE:
             # Methods with a fixed tree: compare with a bare forward of as many tokens.
-            proposer = make_proposer(DecodeConfig(method=m, **options), model.device)
+            proposer = make_proposer(DecodeConfig(method=m, **options), model)
             n = compile_tree(proposer.paths).num_inputs if proposer else 1
             row["inputs_per_step"] = n
             row["bare_forward_ms"] = bare_forward_ms(model, ids.shape[1] + a.max_new_tokens // 2, n)

@@ -20,11 +20,15 @@ class DecodeConfig:
         method: ``ar`` (greedy, one token per step: the oracle), ``jacobi``,
             ``tr-jacobi``, ``pld`` (prompt lookup) or ``lookahead``.
         window: Jacobi window (drafts per step) for ``jacobi``.
-        tree: TR-Jacobi top-K tree preset: ``reference`` (the paper's 63 top-10 nodes,
-            69 inputs per step with the retrieval chain; for GPUs), ``medium``,
-            ``small`` or ``chain``; ``auto`` picks ``reference`` on CUDA and ``small``
-            elsewhere, because a tree step's cost grows with its size on a CPU. A list
-            of paths over top-K ranks (e.g. ``[(0,), (1,), (0, 0)]``) gives a custom tree.
+        tree: TR-Jacobi tree. ``auto`` (default) chooses by measurement: the step latency
+            t(n) measured once per model, device and dtype (cached on disk), and how often
+            each node of the reference tree would have been accepted, scored against the
+            output as it is produced; it re-chooses every 16 steps, from the root alone (a
+            plain one-token step) up to the whole reference tree plus the retrieval chain.
+            ``reference`` is the paper's tree (the 63 top-10 nodes of the authors' code plus
+            the retrieval chain, 69 inputs); ``medium``, ``small`` and ``chain`` are fixed
+            smaller trees. A list of paths over top-K ranks (e.g. ``[(0,), (1,), (0, 0)]``)
+            gives a custom tree.
         retrieve_len: length of TR-Jacobi's retrieval chain.
         retrieve_ngram: n-gram size matched for retrieval (falls back to shorter ones).
         pld_tokens: tokens proposed by prompt lookup (``prompt_lookup_num_tokens``).

@@ -19,8 +19,10 @@ from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.history import TokenHistory
 from msn.decoding.sampling import Sampler, check_generator, first_siblings
-from msn.decoding.proposers import JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback, TreeJacobi
-from msn.decoding.tree import attention_bias, compiled_on
+from msn.decoding.autotree import LADDER, Latency, acceptance_key, latency_key, load_latency, save_latency
+from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback,
+                                    TreeJacobi)
+from msn.decoding.tree import attention_bias, chain, compiled_on
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
 
@@ -36,6 +38,8 @@ class DecodeResult:
         steps: forward passes after prefill.
         accept_lengths: tokens kept from each step (sum + 1 prefill token == len(tokens)).
         prefill_s / decode_s: wall seconds, device synchronized.
+        info: what the decoder chose (``tree="auto"``: each tree chosen and the measured
+            step latency t(n)).
     """
 
     tokens: list[int]
@@ -43,6 +47,7 @@ class DecodeResult:
     accept_lengths: list[int] = field(default_factory=list)
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    info: dict = field(default_factory=dict)
 
     @property
     def mean_accepted_tokens(self) -> float:
@@ -110,8 +115,9 @@ def resolve_eos(model, eos_token_id) -> set[int]:
                    "convert a token string with tokenizer.convert_tokens_to_ids")
 
 
-def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer | None:
+def make_proposer(cfg: DecodeConfig, model) -> Proposer | None:
     """The drafting strategy of ``cfg.method``; None for ``ar``, which drafts nothing."""
+    device = model_device(model)
     if cfg.method == "ar":
         return None
     if cfg.method == "jacobi":
@@ -120,14 +126,73 @@ def make_proposer(cfg: DecodeConfig, device: torch.device) -> Proposer | None:
         if not isinstance(cfg.tree, str):
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
                               retrieve_ngram=cfg.retrieve_ngram)
-        tree = cfg.tree if cfg.tree != "auto" else ("reference" if device.type == "cuda" else "small")
-        return TreeJacobi(device, tree=tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram)
+        if cfg.tree == "auto":
+            return AutoTreeJacobi(device, latency=step_latency(model), retrieve_len=cfg.retrieve_len,
+                                  retrieve_ngram=cfg.retrieve_ngram,
+                                  store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram))
+        return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram)
     if cfg.method == "pld":
         return PromptLookup(device, num_tokens=cfg.pld_tokens, max_ngram=cfg.pld_ngram)
     if cfg.method == "lookahead":
         return Lookahead(device, window=cfg.lookahead_window, ngram=cfg.lookahead_ngram,
                          guesses=cfg.lookahead_guesses)
     raise MsnError(f"method {cfg.method!r} has no proposer")
+
+
+_LATENCY: dict[str, Latency] = {}
+
+
+def step_latency(model, *, refresh: bool = False) -> Latency:
+    """t(n) of one tree step on this model, device and dtype: from memory, from the disk
+    cache, or measured (a few seconds) and cached."""
+    import json
+
+    device = model_device(model)
+    key = latency_key(model, device, model.dtype)
+    name = json.dumps(key, sort_keys=True)
+    if not refresh:
+        if name in _LATENCY:
+            return _LATENCY[name]
+        cached = load_latency(key)
+        if cached is not None:
+            _LATENCY[name] = cached
+            return cached
+    lat = Latency(measure_step_latency(model), key)
+    save_latency(lat)
+    _LATENCY[name] = lat
+    return lat
+
+
+@torch.inference_mode()
+def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 128,
+                         repeats: int = 3) -> dict[int, float]:
+    """Median wall seconds of one tree step (forward, verification, cache work) with n
+    inputs after a ``context``-token prompt, for each n of ``ladder`` that fits."""
+    import statistics
+
+    device = model_device(model)
+    limit = context_limit(model) or 1 << 30
+    context = max(1, min(context, limit // 4))
+    ladder = [n for n in ladder if context + (repeats + 1) * n < limit] or [1]
+    vocab = vocab_size(model) or 2
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(vocab, (1, context), generator=g).to(device)
+    seconds = {}
+    for n in ladder:
+        cache = kv.new_cache(model)
+        prefill(model, ids, cache)
+        paths = tuple(chain(n - 1))
+        cand = torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device)
+        length, times = context, []
+        for _ in range(repeats + 1):
+            sync_device(device)
+            t0 = time.perf_counter()
+            new, feedback = tree_step(model, cache, length, 0, paths, cand, limit)
+            sync_device(device)
+            times.append(time.perf_counter() - t0)
+            length += 1 + feedback.accepted
+        seconds[n] = statistics.median(times[1:])
+    return seconds
 
 
 class _Output:
@@ -183,8 +248,15 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     distributed exactly as one-token sampling.
 
     Returns (new tokens, StepFeedback). ``new`` is the accepted drafts plus the bonus token.
+    An empty tree is a plain one-token step, as cheap as ``ar``'s.
     """
     device = cand.device
+    if not paths:
+        logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
+        token = choose(logits[-1], sampler)
+        pred = torch.tensor([token], device=device) if sample_drafts else logits.argmax(dim=-1)
+        return [token], StepFeedback(logits=logits, pred=pred, path=[], accepted=0, pred_host=pred.tolist(),
+                                     draft_sampler=sampler if sample_drafts else None)
     tree = compiled_on(paths, str(device))
     drafts = cand[tree.node_pos, tree.node_col]
     ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
@@ -322,7 +394,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
             result.steps += 1
             result.accept_lengths.append(len(out.add([root])))
     else:
-        proposer = make_proposer(cfg, device)
+        proposer = make_proposer(cfg, model)
         history = TokenHistory(prompt + [first], seed=cfg.seed)
         context_len = len(prompt)
         while not out.done:
@@ -338,6 +410,8 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
             history.extend(new)
             root = new[-1]
             proposer.update(feedback, history)
+        proposer.close()
+        result.info = proposer.describe()
     sync_device(device)
     result.decode_s = time.perf_counter() - t1
     return result

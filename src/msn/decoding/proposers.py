@@ -62,6 +62,13 @@ class Proposer:
     def update(self, step: StepFeedback, history: TokenHistory) -> None:
         pass
 
+    def describe(self) -> dict:
+        """What the proposer chose, for reports (``DecodeResult.info``)."""
+        return {}
+
+    def close(self) -> None:
+        """Called once when the generation ends."""
+
     def _column(self, tokens: list[int]) -> torch.Tensor:
         return torch.tensor(tokens, dtype=torch.long).view(-1, 1).to(self.device, non_blocking=True)
 
@@ -117,10 +124,15 @@ class TreeJacobi(Proposer):
         self.paths = tuple(topk_paths) + tuple(chain(retrieve_len, column=self.k))
         self.positions = max(max((len(p) for p in topk_paths), default=0), retrieve_len)
         self.table: torch.Tensor | None = None     # (positions, k) top-K guesses
+        self.real_rows = 0                          # leading rows of the table that are guesses, not noise
+        self.retrieved: list[int] = []              # the retrieval chain of the last proposal
 
     def _noise_rows(self, history, rows: int) -> torch.Tensor:
         return torch.tensor(history.noise(rows * self.k), dtype=torch.long,
                             device=self.device).view(rows, self.k)
+
+    def describe(self) -> dict:
+        return {"tree_inputs": len(self.paths) + 1}
 
     def propose(self, history):
         if self.table is None:
@@ -129,6 +141,7 @@ class TreeJacobi(Proposer):
                                   min_ngram=self.min_ngram, latest=True)
         if len(found) < self.retrieve_len:
             found = found + history.noise(self.retrieve_len - len(found))
+        self.retrieved = found
         retrieved = self._column(found)
         if self.positions > self.retrieve_len:
             retrieved = torch.cat([retrieved, self._column(history.noise(self.positions - self.retrieve_len))])
@@ -146,6 +159,117 @@ class TreeJacobi(Proposer):
         if len(future) < self.positions:
             rows.append(self._noise_rows(history, self.positions - len(future)))
         self.table = torch.cat(rows)
+        self.real_rows = len(future)
+
+
+class AutoTreeJacobi(TreeJacobi):
+    """TR-Jacobi with the tree chosen by measurement (``autotree``).
+
+    Every step is scored afterwards against the truth for every node of the reference
+    tree and for the retrieval chain. Every ``reselect_every`` steps the candidate with
+    the most expected tokens per second under the measured step latency takes over, from
+    the root alone (a plain one-token step) up to the whole reference tree plus the
+    retrieval chain. The latest scored steps are kept on disk per model, so a new run
+    starts from what earlier runs saw. A tree without top-K nodes produces no top-K
+    guesses; while a top-K tree is within reach of the current choice, one step in
+    ``explore_every`` runs it, so the choice can come back.
+    """
+
+    START = 4            # top-K nodes of the tree used before anything is known
+    WINDOW = 96          # scored steps of each kind the choice is based on (the most recent)
+
+    def __init__(self, device, *, latency, retrieve_len: int, retrieve_ngram: int, store_key: dict | None = None,
+                 reselect_every: int = 16, explore_every: int = 32):
+        from msn.decoding.autotree import load_outcomes
+        from msn.decoding.tree import REFERENCE_TREE
+
+        super().__init__(device, topk_paths=list(REFERENCE_TREE), topk=10, retrieve_len=retrieve_len,
+                         retrieve_ngram=retrieve_ngram)
+        self.latency = latency
+        self.reselect_every = reselect_every
+        self.explore_every = explore_every
+        self.store_key = store_key
+        self.pending: list = []       # autotree.StepRecord awaiting their truth
+        self.outcomes = load_outcomes(store_key) if store_key is not None else []
+        self.steps = 0
+        self.choice = None
+        self.explore = False
+        self.exploring = False
+        self.choices: list[dict] = []
+        if self.outcomes:
+            self._reselect(None)
+        else:
+            self._use(REFERENCE_TREE[: self.START], True)
+
+    def _use(self, nodes, retrieval: bool) -> None:
+        self.active = tuple(nodes) + (tuple(chain(self.retrieve_len, column=self.k)) if retrieval else ())
+        self.topk_active = bool(nodes)
+
+    def propose(self, history):
+        from msn.decoding.autotree import StepRecord
+
+        _, cand = super().propose(history)
+        self._resolve(history)
+        self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved)))
+        self._pending_table = (self.table, self.real_rows)
+        self.exploring = self.explore and self.steps % self.explore_every == self.explore_every // 2
+        if self.exploring:
+            return self.explore_paths, cand
+        return self.active, cand
+
+    def update(self, step, history):
+        table, real = self._pending_table
+        # The table's host copy is read after the step's one sync, not before the forward.
+        rows = table[:real].tolist() if real else []
+        self.pending[-1].table = rows + [[] for _ in range(self.positions - real)]
+        if self.topk_active or self.exploring or self.real_rows:
+            super().update(step, history)     # top-K rows from this step's logits
+        self.steps += 1
+        if self.steps % self.reselect_every == 0 or (self.choice is None and self.steps == 4):
+            self._reselect(history)
+
+    def _resolve(self, history) -> None:
+        from msn.decoding.autotree import score
+
+        still = []
+        for rec in self.pending:
+            if history is not None and rec.table is not None and history.length >= rec.start + self.positions:
+                truth = history.tokens()[rec.start : rec.start + self.positions].tolist()
+                self.outcomes.append(score(rec, truth))
+            else:
+                still.append(rec)
+        self.pending = still
+        guessed = [o for o in self.outcomes if o.guessed][-self.WINDOW:]
+        plain = [o for o in self.outcomes if not o.guessed][-self.WINDOW:]
+        keep = set(map(id, guessed + plain))
+        self.outcomes = [o for o in self.outcomes if id(o) in keep]
+
+    def _reselect(self, history) -> None:
+        from msn.decoding.autotree import candidates, choose
+
+        self._resolve(history)
+        self.choice = choose(self.outcomes, self.latency, self.retrieve_len)
+        self._use(self.choice.nodes, self.choice.retrieval)
+        with_topk = [c for c in candidates(self.outcomes, self.latency, self.retrieve_len) if c.nodes]
+        best_topk = max(with_topk, key=lambda c: c.tokens_per_s, default=None)
+        # Explore only while a top-K tree could win: its estimate is near the choice's.
+        self.explore = not self.choice.nodes and (
+            best_topk is None or best_topk.tokens_per_s >= 0.9 * self.choice.tokens_per_s)
+        if self.explore:
+            from msn.decoding.tree import REFERENCE_TREE
+
+            nodes = best_topk.nodes if best_topk is not None else REFERENCE_TREE[: self.START]
+            self.explore_paths = tuple(nodes) + tuple(chain(self.retrieve_len, column=self.k))
+        self.choices.append({"step": self.steps, **self.choice.describe()})
+
+    def close(self) -> None:
+        from msn.decoding.autotree import save_outcomes
+
+        if self.store_key is not None:
+            save_outcomes(self.store_key, self.outcomes)
+
+    def describe(self) -> dict:
+        return {"tree": "auto", "choices": self.choices, "latency": self.latency.to_dict()}
 
 
 class PromptLookup(Proposer):

@@ -1,0 +1,252 @@
+"""``--tree auto``: the TR-Jacobi tree that maximises accepted tokens per second, chosen
+by measurement on the model, device and dtype at hand.
+
+Two measurements meet here:
+
+* ``Latency``: the wall time t(n) of one decoding step with n inputs, measured once per
+  model, device and dtype on a ladder of input counts and kept on disk.
+* ``AcceptanceLog``: for every step, the rank of the true token in each row of the
+  step's top-K table, and how many retrieved tokens were right. Because the truth is
+  read from the output afterwards, this is observed for every node of the reference
+  tree whatever tree actually ran, so the acceptance of any candidate tree is counted,
+  not guessed.
+
+The candidates form a nested family: the reference tree's nodes ordered by observed
+acceptance (parents first), cut at several sizes, each with and without the retrieval
+chain, plus the root alone (a plain one-token step). The choice maximises
+(1 + expected accepted drafts) / t(inputs). Pure host code: nothing here calls a model.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from msn.decoding.tree import REFERENCE_TREE, Path
+
+LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 69)
+SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 63)
+
+
+@dataclass
+class Latency:
+    """Measured step latency t(n) in seconds for a ladder of input counts; linear in between.
+
+    Attributes:
+        seconds: {inputs: median seconds of one step}.
+        key: what was measured (model, device, dtype, versions), for the cache and reports.
+    """
+
+    seconds: dict[int, float]
+    key: dict = field(default_factory=dict)
+
+    def __call__(self, n: int) -> float:
+        xs = sorted(self.seconds)
+        if n <= xs[0]:
+            return self.seconds[xs[0]]
+        if n >= xs[-1]:
+            # Past the ladder: extend the last segment's slope.
+            a, b = xs[-2], xs[-1]
+            return self.seconds[b] + (n - b) * (self.seconds[b] - self.seconds[a]) / (b - a)
+        i = bisect.bisect_left(xs, n)
+        a, b = xs[i - 1], xs[i]
+        w = (n - a) / (b - a)
+        return self.seconds[a] * (1 - w) + self.seconds[b] * w
+
+    def to_dict(self) -> dict:
+        return {"ms": {str(n): round(s * 1000, 3) for n, s in sorted(self.seconds.items())}, **self.key}
+
+
+def latency_key(model, device, dtype) -> dict:
+    """What a latency measurement depends on: the model's architecture and size, the device,
+    the dtype and the library versions."""
+    import torch
+    import transformers
+
+    cfg = model.config.to_json_string(use_diff=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"model": hashlib.sha1(cfg.encode()).hexdigest()[:16], "model_type": model.config.model_type,
+            "device": name, "dtype": str(dtype).replace("torch.", ""),
+            "attention": getattr(model.config, "_attn_implementation", None) or "eager",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "threads": torch.get_num_threads()}
+
+
+def load_latency(key: dict) -> Latency | None:
+    path = _latency_path(key)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return Latency({int(n): float(s) for n, s in data["seconds"].items()}, key)
+
+
+def save_latency(lat: Latency) -> None:
+    path = _latency_path(lat.key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"seconds": lat.seconds, "key": lat.key}) + "\n")
+    except OSError:
+        pass  # a read-only cache only costs a re-measurement next time
+
+
+def _latency_path(key: dict):
+    return _store_path("latency", key)
+
+
+def _store_path(kind: str, key: dict):
+    from msn.paths import cache_root
+
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return cache_root() / kind / f"{digest}.json"
+
+
+@dataclass
+class StepRecord:
+    """What one step proposed, waiting for the truth.
+
+    Attributes:
+        start: history index of the token the step's first position drafts.
+        table: (P, K) host list of lists, the top-K candidates per future position.
+        retrieved: the retrieval chain's tokens (noise-padded as proposed).
+    """
+
+    start: int
+    table: list[list[int]]
+    retrieved: list[int]
+
+
+@dataclass
+class Outcome:
+    """One step scored against the truth: ``ranks[d]`` is the rank of the true token in
+    row d of the table (None when it is not there); ``retrieved`` counts right retrieved
+    tokens from the start of the chain; ``guessed`` says whether the table held guesses."""
+
+    ranks: tuple[int | None, ...]
+    retrieved: int
+    guessed: bool = False     # the step had top-K guesses (a table of noise tells nothing)
+
+
+def score(record: StepRecord, truth: list[int]) -> Outcome:
+    """Scores a step once the ``truth`` (the tokens at positions start, start + 1, ...) is known.
+    Rows without guesses (empty lists) give None."""
+    ranks = []
+    for row, tok in zip(record.table, truth):
+        ranks.append(row.index(tok) if tok in row else None)
+    right = 0
+    for drafted, tok in zip(record.retrieved, truth):
+        if drafted != tok:
+            break
+        right += 1
+    return Outcome(tuple(ranks), right, guessed=bool(record.table and record.table[0]))
+
+
+def accepted(outcome: Outcome, nodes: frozenset[Path], retrieval: bool) -> int:
+    """Drafts a tree made of ``nodes`` (top-K paths) and, with ``retrieval``, the chain,
+    would have accepted in the scored step."""
+    depth = 0
+    path: tuple[int, ...] = ()
+    for r in outcome.ranks:
+        if r is None:
+            break
+        path = path + (r,)
+        if path not in nodes:
+            break
+        depth += 1
+    return max(depth, outcome.retrieved if retrieval else 0)
+
+
+def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_TREE) -> list[Path]:
+    """The reference nodes ordered by how often they would have been accepted (most first;
+    ties keep the reference order). Every prefix of the result is prefix-closed, because a
+    node is never accepted more often than its parent and the reference lists parents first."""
+    counts = {p: 0 for p in reference}
+    for o in outcomes:
+        path: tuple[int, ...] = ()
+        for r in o.ranks:
+            if r is None:
+                break
+            path = path + (r,)
+            if path not in counts:
+                break
+            counts[path] += 1
+    index = {p: i for i, p in enumerate(reference)}
+    return sorted(reference, key=lambda p: (-counts[p], index[p]))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A candidate tree: the first ``size`` nodes of the order, with or without the chain."""
+
+    nodes: tuple[Path, ...]
+    retrieval: bool
+    inputs: int
+    expected_tokens: float
+    tokens_per_s: float
+
+    def describe(self) -> dict:
+        return {"topk_nodes": len(self.nodes), "retrieval": self.retrieval, "inputs": self.inputs,
+                "expected_tokens_per_step": round(self.expected_tokens, 3),
+                "expected_tokens_per_s": round(self.tokens_per_s, 2)}
+
+
+def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
+               sizes: tuple[int, ...] = SIZES) -> list[Choice]:
+    """Every candidate with its expected tokens per step and per second.
+
+    Trees with top-K nodes are scored on the steps that had top-K guesses; the root alone
+    and the retrieval chain alone on every step (retrieval is proposed at every step).
+    """
+    guessed = [o for o in outcomes if o.guessed]
+    order = node_order(guessed)
+    out = []
+    for size in sizes:
+        nodes = tuple(order[:size])
+        members = frozenset(nodes)
+        basis = guessed if nodes else outcomes
+        if not basis:
+            continue
+        for retrieval in (False, True):
+            inputs = 1 + len(nodes) + (retrieve_len if retrieval else 0)
+            expected = 1 + sum(accepted(o, members, retrieval) for o in basis) / len(basis)
+            out.append(Choice(nodes, retrieval, inputs, expected, expected / latency(inputs)))
+    return out
+
+
+def choose(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
+           sizes: tuple[int, ...] = SIZES) -> Choice:
+    """The candidate with the most expected tokens per second (ties: the smaller tree);
+    the root alone when nothing is known."""
+    best = Choice((), False, 1, 1.0, 1.0 / latency(1))
+    for c in candidates(outcomes, latency, retrieve_len, sizes):
+        if c.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+            best = c
+    return best
+
+
+def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
+    """Keeps the latest scored steps of a model on disk, so the next run starts from them."""
+    path = _store_path("acceptance", key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([[list(o.ranks), o.retrieved, o.guessed] for o in outcomes]) + "\n")
+    except OSError:
+        pass
+
+
+def load_outcomes(key: dict) -> list[Outcome]:
+    try:
+        rows = json.loads(_store_path("acceptance", key).read_text())
+        return [Outcome(tuple(r), int(m), bool(g)) for r, m, g in rows]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def acceptance_key(model, retrieve_len: int, retrieve_ngram: int) -> dict:
+    """Acceptance depends on the weights (named by the checkpoint path) and the drafting."""
+    cfg = model.config.to_json_string(use_diff=False)
+    return {"model": getattr(model.config, "_name_or_path", "") or "",
+            "config": hashlib.sha1(cfg.encode()).hexdigest()[:16],
+            "retrieve_len": retrieve_len, "retrieve_ngram": retrieve_ngram}

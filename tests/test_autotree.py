@@ -1,0 +1,73 @@
+"""--tree auto: scoring steps against the truth, the nested family, and the choice."""
+
+import pytest
+import torch
+
+import msn
+from msn.decoding.autotree import (Latency, Outcome, StepRecord, accepted, candidates, choose, node_order,
+                                   score)
+from msn.decoding.tree import REFERENCE_TREE, validate_paths
+
+
+def test_score_reads_ranks_and_retrieval_against_the_truth():
+    rec = StepRecord(start=10, table=[[5, 6, 7], [8, 9, 1], [], []], retrieved=[6, 1, 4, 4])
+    o = score(rec, [6, 1, 3, 2])
+    assert o.ranks == (1, 2, None, None) and o.retrieved == 2 and o.guessed
+    unguessed = score(StepRecord(start=0, table=[[], [], [], []], retrieved=[9, 9, 9, 9]), [1, 2, 3, 4])
+    assert unguessed.ranks == (None,) * 4 and unguessed.retrieved == 0 and not unguessed.guessed
+
+
+def test_accepted_counts_the_longest_path_in_the_tree_or_the_chain():
+    o = Outcome(ranks=(0, 1, 0, None), retrieved=2, guessed=True)
+    assert accepted(o, frozenset({(0,), (0, 1), (0, 1, 0)}), False) == 3
+    assert accepted(o, frozenset({(0,), (0, 0)}), False) == 1
+    assert accepted(o, frozenset({(0,), (0, 0)}), True) == 2
+    assert accepted(o, frozenset(), False) == 0
+
+
+def test_every_prefix_of_the_order_is_a_tree():
+    outcomes = [Outcome((1, 0, 2, 0), 0, True), Outcome((0, 3, None, None), 0, True),
+                Outcome((1, 0, 0, 0), 0, True)] * 3
+    order = node_order(outcomes)
+    assert sorted(order) == sorted(REFERENCE_TREE)
+    assert order[:2] == [(1,), (1, 0)]
+    for k in range(1, len(order) + 1):
+        validate_paths(order[:k])            # raises when a prefix is not prefix-closed
+
+
+def test_steep_latency_and_little_acceptance_choose_the_root_alone():
+    cpu = Latency({1: 0.10, 2: 0.20, 8: 0.24, 16: 0.35, 69: 0.64})
+    few = [Outcome((0, None, None, None), 0, True)] * 2 + [Outcome((None,) * 4, 0, True)] * 8
+    c = choose(few, cpu, retrieve_len=5)
+    assert c.inputs == 1 and not c.nodes and not c.retrieval
+
+
+def test_flat_latency_and_high_acceptance_choose_a_big_tree():
+    gpu = Latency({1: 0.030, 69: 0.031})
+    good = [Outcome((0, 0, 1, 0), 0, True), Outcome((0, 1, 0, None), 0, True), Outcome((1, 0, 0, 0), 0, True)] * 5
+    c = choose(good, gpu, retrieve_len=5)
+    assert len(c.nodes) >= 8 and c.expected_tokens > 3.5
+
+
+def test_good_retrieval_alone_chooses_the_chain():
+    cpu = Latency({1: 0.10, 6: 0.22, 69: 0.64})
+    copying = [Outcome((None,) * 4, 5, False)] * 10
+    c = choose(copying, cpu, retrieve_len=5)
+    assert c.retrieval and not c.nodes and c.inputs == 6
+    assert {(len(x.nodes) > 0) for x in candidates(copying, cpu, 5)} == {False}   # no top-K evidence, no top-K tree
+
+
+def test_latency_interpolates_and_extends():
+    lat = Latency({1: 1.0, 3: 2.0, 5: 4.0})
+    assert lat(2) == pytest.approx(1.5) and lat(4) == pytest.approx(3.0) and lat(7) == pytest.approx(6.0)
+    assert lat(0) == 1.0
+
+
+def test_auto_tree_is_lossless_and_reports_its_choice(models):
+    model = models("mistral")
+    x = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6, 7]])
+    want = msn.generate(model, x, method="ar", max_new_tokens=70, eos_token_id=[]).tokens
+    r = msn.generate(model, x, method="tr-jacobi", tree="auto", max_new_tokens=70, eos_token_id=[])
+    assert r.tokens == want
+    assert r.info["tree"] == "auto" and r.info["choices"] and "1" in r.info["latency"]["ms"]
+    assert all(1 <= c["inputs"] <= 69 for c in r.info["choices"])
