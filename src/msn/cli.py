@@ -87,6 +87,11 @@ def cmd_generate(a) -> int:
     _refuse_unused(a, "a drafting method or sampling", a.method == "ar" and not _sampling(a), seed="--seed")
     prompt = _read_prompt(a)
     model, tok = load_for_inference(a.model, a.device, a.dtype)
+    from msn.decoding.config import exactness_contract
+
+    dtype = str(model.dtype).replace("torch.", "")
+    if dtype != "float32" and a.method != "ar":
+        print(f"msn: note: {a.method} in {dtype}: {exactness_contract(dtype, False)}", file=sys.stderr)
     if a.chat:
         from msn.data.records import encode_prompt, ensure_chat_template
 
@@ -115,9 +120,8 @@ def cmd_generate(a) -> int:
             "text": tok.decode(result.tokens, skip_special_tokens=True),
             "sampling": {k: v for k, v in request.items() if k in ("do_sample", "temperature", "top_k", "top_p",
                                                                     "seed", "sample_drafts")} or None,
-            "contract": ("distributed exactly as one-token sampling (tokens differ from run to run unless seeded)"
-                         if request.get("do_sample") and request.get("temperature") != 0
-                         else "identical to greedy autoregressive decoding (float32)"),
+            "dtype": dtype,
+            "contract": exactness_contract(dtype, bool(request.get("do_sample")) and request.get("temperature") != 0),
             "steps": result.steps, "mean_accepted_tokens": round(result.mean_accepted_tokens, 4),
             "tokens_per_s": round(result.tokens_per_s, 2), "prefill_s": round(result.prefill_s, 4),
             "decode_s": round(result.decode_s, 4), "decoder": result.info}))
@@ -287,7 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
     gen.add_argument("--seed", type=int, help="seed of the noise in empty draft slots and of sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    gen.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16, float16")
+    gen.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
+                     "float16. Greedy outputs equal ar's token for token in float32; in bfloat16/float16 they may "
+                     "differ at floating-point near-ties (a note says so)")
     gen.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
     _sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
@@ -295,8 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speedup and mean accepted tokens per category, all methods in one run")
     b.add_argument("--model", required=True)
     b.add_argument("--bench", default="spec-bench", help="spec-bench, mt-bench, humaneval or a JSONL file")
-    b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); add hf-pld "
-                   "for transformers' own prompt lookup")
+    b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); baselines: "
+                   "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup)")
     b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument("--questions", help="question file (default ../shared/data/spec_bench/question.jsonl)")
@@ -308,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, help="seed of every generation's sampling stream (default 0)")
     _sampling_flags(b)
     b.add_argument("--device", help="auto, cpu, cuda")
-    b.add_argument("--dtype", help="auto, float32, bfloat16")
+    b.add_argument("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16; "
+                   "match_rate reports agreement with ar in that dtype")
     b.set_defaults(func=cmd_bench)
 
     r = sub.add_parser("reproduce", help="MSN vs plain SFT on SmolLM2-135M with the stdlib code set, end to end",

@@ -16,12 +16,15 @@ from tqdm import tqdm
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, DecodeConfig
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, DecodeConfig, exactness_contract
 from msn.decoding.engine import generate, resolve_eos, sync_device
 from msn.errors import MsnError
 from msn.paths import ensure_output_dir
 
-BENCH_METHODS = (*METHODS, "hf-pld")
+# Baselines run by transformers' own generate(): plain greedy (what users run today), with a
+# static cache (compiled where transformers does so), and its prompt lookup.
+HF_METHODS = ("hf-generate", "hf-static", "hf-pld")
+BENCH_METHODS = (*METHODS, *HF_METHODS)
 DEFAULT_METHODS = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
 PLD = DecodeConfig(method="pld")  # prompt-lookup settings shared by pld and hf-pld
 
@@ -80,8 +83,9 @@ class BenchConfig:
         if self.repeats <= 0 or self.warmup < 0:
             raise MsnError("--repeats must be positive and --warmup non-negative")
         DecodeConfig(**self.sampling_options())          # validates the sampling options
-        if self.do_sample and "hf-pld" in self.methods:
-            raise MsnError("hf-pld runs greedy only here; drop it from --methods when sampling")
+        hf = [m for m in self.methods if m in HF_METHODS]
+        if self.do_sample and hf:
+            raise MsnError(f"{', '.join(hf)} run greedy only here; drop them from --methods when sampling")
 
     def sampling_options(self) -> dict:
         if not self.do_sample:
@@ -117,12 +121,13 @@ class Run:
 
 def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter: ForwardCounter) -> Run:
     before = counter.calls
-    if method == "hf-pld":
+    if method in HF_METHODS:
+        extra = {"hf-generate": {}, "hf-static": {"cache_implementation": "static"},
+                 "hf-pld": {"prompt_lookup_num_tokens": PLD.pld_tokens,
+                            "max_matching_ngram_size": PLD.pld_ngram}}[method]
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             max_new_tokens=cfg.max_new_tokens, prompt_lookup_num_tokens=PLD.pld_tokens,
-                             max_matching_ngram_size=PLD.pld_ngram,
-                             eos_token_id=sorted(resolve_eos(model, None)) or None,
-                             pad_token_id=model.generation_config.pad_token_id)
+                             max_new_tokens=cfg.max_new_tokens, eos_token_id=sorted(resolve_eos(model, None)) or None,
+                             pad_token_id=model.generation_config.pad_token_id, **extra)
         forwards = counter.calls - before
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
     options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
@@ -154,9 +159,9 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     summary = {"methods": summarize(records, cfg.methods), "auto_tree": auto_tree_report(records, latency),
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
-                          "exactness": ("in distribution: every method samples as ar does (tests/test_sampling.py, "
-                                        "chi-square against the exact joint); outputs differ run to run"
-                                        if cfg.sampling else "token for token: match_rate against ar")}}
+                          "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
+                          ("; shown by tests/test_sampling.py (chi-square against the exact joint), so there is "
+                           "no match rate" if cfg.sampling else "; match_rate is measured against ar")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots(summary["methods"], out)
     print(table(summary["methods"]))
