@@ -57,7 +57,7 @@ CLI_CASES = [
     (["generate", "--model", "{ckpt}", "--prompt", "hi", "--top-k", "0"], "top_k must be an integer >= 1"),
     (["generate", "--model", "{ckpt}", "--prompt", "hi", "--sample-drafts"], "--sample-drafts needs sampling"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--temperature", "0.7", "--methods", "ar,hf-pld"],
-     "hf-pld runs greedy only"),
+     "hf-pld run greedy only"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "/no/q.jsonl"], "does not exist"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,medusa"], "unknown method"),
     (["bench", "--model", "/no/such/model", "--out", "o", "--bench", "{good}"], "does not exist"),

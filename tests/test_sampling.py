@@ -161,6 +161,21 @@ def test_the_test_accepts_plain_sampling_from_transformers():
     assert chi_square_p(counts, exact_joint(model, setting), n) > ALPHA
 
 
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_a_seed_gives_ar_sampled_tokens_with_every_method_and_tree(family):
+    """One uniform per output position: drafts and trees do not move the draws."""
+    model = model_for(family)
+    for seed in range(5):
+        setting = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=seed)
+        want = msn.generate(model, PROMPT, method="ar", max_new_tokens=30, eos_token_id=[], **setting).tokens
+        for m in METHODS[1:]:
+            assert msn.generate(model, PROMPT, method=m, max_new_tokens=30, eos_token_id=[], **setting).tokens == want
+        for tree in ("auto", "reference", "chain"):
+            got = msn.generate(model, PROMPT, method="tr-jacobi", tree=tree, max_new_tokens=30, eos_token_id=[],
+                               sample_drafts=True, **setting).tokens
+            assert got == want
+
+
 def test_seed_reproduces_and_greedy_is_the_zero_temperature_case():
     model = model_for("qwen2")
     runs = [msn.generate(model, PROMPT, method="tr-jacobi", max_new_tokens=20, eos_token_id=[], do_sample=True,

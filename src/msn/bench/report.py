@@ -29,8 +29,7 @@ def _stats(recs: list[dict], ar_recs: list[dict]) -> dict:
         # Tokens per forward pass, prefill included: comparable with transformers' generate().
         "tokens_per_forward": tokens / forwards if forwards else 0.0,
         "tokens_per_s": tokens / wall if wall > 0 else 0.0,
-        # Share of generations identical to ar's; None when sampling (exactness is then in
-        # distribution, shown by tests/test_sampling.py).
+        # Share of generations identical to ar's (greedy; or sampling with the same seed).
         "match_rate": None if any(r["match"] is None for r in recs) else sum(r["match"] for r in recs) / len(recs),
         "histogram": {str(k): histogram[k] for k in sorted(histogram)} if has_lengths else None,
         "steps": steps,

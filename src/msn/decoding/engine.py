@@ -226,26 +226,30 @@ def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     return out.logits[0, -1]
 
 
-def choose(logits: torch.Tensor, sampler: Sampler | None) -> int:
-    """The next token from (V,) logits: the argmax, or one draw when sampling."""
-    return int(logits.argmax() if sampler is None else sampler.draw(logits[None])[0])
+def choose(logits: torch.Tensor, sampler: Sampler | None, position: int) -> int:
+    """The token at output ``position`` from (V,) logits: the argmax, or its draw when sampling."""
+    if sampler is None:
+        return int(logits.argmax())
+    return int(sampler.draw(logits[None], torch.tensor([position]), upto=position + 1)[0])
 
 
 @torch.inference_mode()
-def decode_one_token(model, token: int, cache, device, sampler: Sampler | None = None) -> int:
-    """One plain step (the oracle's rung): greedy, or one draw when sampling."""
+def decode_one_token(model, token: int, cache, device, sampler: Sampler | None = None, position: int = 0) -> int:
+    """One plain step (the oracle's rung): greedy, or the draw of output ``position`` when sampling."""
     out = model(input_ids=torch.tensor([[token]], device=device), **kv.cache_kwargs(model, cache))
-    return choose(out.logits[0, -1], sampler)
+    return choose(out.logits[0, -1], sampler, position)
 
 
 @torch.inference_mode()
 def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor,
-              max_position: int | None, sampler: Sampler | None = None, sample_drafts: bool = False):
+              max_position: int | None, sampler: Sampler | None = None, sample_drafts: bool = False,
+              out_position: int = 0):
     """One forward of the root plus a draft tree, verification, cache compaction.
 
     Greedy verification accepts drafts equal to the argmax at their parent; with a
     ``sampler`` it follows one draw per input (see ``sampling``), which keeps the output
-    distributed exactly as one-token sampling.
+    distributed exactly as one-token sampling. ``out_position`` is the output position of
+    the token drawn at the root (the uniform it uses).
 
     Returns (new tokens, StepFeedback). ``new`` is the accepted drafts plus the bonus token.
     An empty tree is a plain one-token step, as cheap as ``ar``'s.
@@ -253,7 +257,7 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     device = cand.device
     if not paths:
         logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
-        token = choose(logits[-1], sampler)
+        token = choose(logits[-1], sampler, out_position)
         pred = torch.tensor([token], device=device) if sample_drafts else logits.argmax(dim=-1)
         return [token], StepFeedback(logits=logits, pred=pred, path=[], accepted=0, pred_host=pred.tolist(),
                                      draft_sampler=sampler if sample_drafts else None)
@@ -271,7 +275,7 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     if sampler is None:
         verdict = greedy_verify(tree, ids, pred)
     else:
-        drawn = sampler.draw(logits)
+        drawn = sampler.draw(logits, out_position + tree.depths, upto=out_position + tree.num_positions + 1)
         verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
         if sample_drafts:
             pred = drawn
@@ -382,7 +386,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
 
     sync_device(device)
     t0 = time.perf_counter()
-    first = choose(prefill(model, input_ids, cache), sampler)
+    first = choose(prefill(model, input_ids, cache), sampler, 0)
     sync_device(device)
     t1 = time.perf_counter()
     out.add([first])
@@ -390,7 +394,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     root = first
     if cfg.method == "ar":
         while not out.done:
-            root = decode_one_token(model, root, cache, device, sampler)
+            root = decode_one_token(model, root, cache, device, sampler, len(out.tokens))
             result.steps += 1
             result.accept_lengths.append(len(out.add([root])))
     else:
@@ -400,7 +404,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         while not out.done:
             paths, cand = proposer.propose(history)
             new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit, sampler,
-                                      cfg.sample_drafts)
+                                      cfg.sample_drafts, len(out.tokens))
             context_len += 1 + feedback.accepted
             kept = out.add(new)
             result.steps += 1

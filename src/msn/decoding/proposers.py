@@ -152,10 +152,15 @@ class TreeJacobi(Proposer):
         rows = []
         if future:
             idx = torch.tensor(future, dtype=torch.long, device=self.device)
+            k = min(self.k, step.logits.shape[-1])     # a vocabulary smaller than K: pad with noise
             if step.draft_sampler is not None:
-                rows.append(step.draft_sampler.draw_distinct(step.logits[idx], self.k))
+                top = step.draft_sampler.draw_distinct(step.logits[idx], k)
             else:
-                rows.append(torch.topk(step.logits[idx], self.k, dim=-1).indices)
+                top = torch.topk(step.logits[idx], k, dim=-1).indices
+            if k < self.k:
+                pad = torch.tensor(history.noise(len(future) * (self.k - k)), dtype=torch.long, device=self.device)
+                top = torch.cat([top, pad.view(len(future), self.k - k)], dim=1)
+            rows.append(top)
         if len(future) < self.positions:
             rows.append(self._noise_rows(history, self.positions - len(future)))
         self.table = torch.cat(rows)

@@ -3,16 +3,22 @@
 Processing is transformers' own warpers in transformers' order: temperature, then top-k,
 then top-p (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``).
 
-Exactness. At every input of a step, one token is drawn from that input's processed
-distribution with one random stream. Verification then follows the draws: from the root,
-descend into the child whose token equals the parent's draw; the draw at the last node
-reached is the step's bonus token. Each emitted token is therefore a draw from the
-model's processed distribution given the tokens before it, whatever the drafts were,
-so the output is distributed exactly as one-token sampling. It is the per-node
-accept/reject rule "accept child c with probability p'(c), else zero it, renormalise and
-try the next child" in the form of its equivalent: draw y ~ p and follow the child equal
-to y. Siblings holding the same token are one candidate: only the first counts, otherwise
-choosing among them by their subtrees would bias the draw.
+Exactness. The token at output position j is drawn by inverse CDF with a uniform u_j,
+one per position, taken in order from one seeded stream. In a tree step every input
+draws its token for the position it predicts, with that position's u_j; verification
+then follows the draws: from the root, descend into the child whose token equals the
+parent's draw, and the draw at the last node reached is the step's bonus token. The token
+emitted at position j is therefore F^-1(p(true prefix), u_j), where the true prefix
+depends only on u_1..u_{j-1}: the output is distributed exactly as one-token sampling,
+whatever the drafts. It is the per-node rule "accept child c with probability p'(c),
+else zero it, renormalise and try the next child" in the form of its equivalent: draw y ~ p
+and follow the child equal to y. Siblings holding the same token are one candidate: only
+the first counts.
+
+Because u_j belongs to the position, not to a node or a step, a seed gives the same
+tokens for every method and every tree: a drafting method returns ``ar``'s sampled
+tokens, except where floating-point differences between a tree step's logits and a
+one-token step's move a CDF boundary across u_j (as rare as a near-tie in greedy).
 """
 
 from __future__ import annotations
@@ -56,13 +62,19 @@ class SamplingParams:
 
 
 class Sampler:
-    """Processes logits and draws one token per row from one random stream."""
+    """Processes logits and draws tokens with one uniform per output position."""
+
+    BLOCK = 256
 
     def __init__(self, params: SamplingParams, generator: torch.Generator):
         from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
         self.params = params
         self.generator = generator
+        self.uniforms = torch.empty(0, dtype=torch.float64, device=generator.device)
+        # Draft randomness (sample_drafts) has its own stream, so drafts never shift the draws.
+        self.draft_generator = torch.Generator(device=generator.device).manual_seed(
+            int(torch.randint(1 << 62, (1,), generator=generator, device=generator.device)))
         self.warpers = []
         if params.temperature != 1.0:
             self.warpers.append(TemperatureLogitsWarper(float(params.temperature)))
@@ -78,15 +90,29 @@ class Sampler:
             scores = warp(None, scores)
         return torch.softmax(scores, dim=-1)
 
-    def draw(self, logits: torch.Tensor) -> torch.Tensor:
-        """(N, V) logits -> (N,) long, one independent draw per row."""
-        return torch.multinomial(self.probs(logits), 1, generator=self.generator).view(-1)
+    def _uniforms(self, upto: int) -> torch.Tensor:
+        """u_0 .. u_{upto - 1}, drawn from the stream in order, block by block."""
+        while self.uniforms.numel() < upto:
+            block = torch.rand(self.BLOCK, dtype=torch.float64, generator=self.generator,
+                               device=self.generator.device)
+            self.uniforms = torch.cat([self.uniforms, block])
+        return self.uniforms
+
+    def draw(self, logits: torch.Tensor, positions: torch.Tensor, upto: int | None = None) -> torch.Tensor:
+        """(N, V) logits and (N,) output positions -> (N,) long: row i's token by inverse CDF
+        with the uniform of output position ``positions[i]``. ``upto`` (> every position)
+        spares a device sync when the caller knows it."""
+        upto = int(positions.max()) + 1 if upto is None else upto
+        u = self._uniforms(upto)[positions.to(self.uniforms.device)].to(logits.device)
+        cdf = self.probs(logits).double().cumsum(dim=-1)
+        target = (u * cdf[:, -1]).unsqueeze(-1)
+        return torch.searchsorted(cdf, target, right=True).view(-1).clamp_max(logits.shape[-1] - 1)
 
     def draw_distinct(self, logits: torch.Tensor, k: int) -> torch.Tensor:
         """(N, V) logits -> (N, k) long: k distinct tokens per row drawn without replacement
         (Gumbel top-k over the processed distribution), for drafting."""
         p = self.probs(logits)
-        u = torch.rand(p.shape, generator=self.generator, device=p.device).clamp_min(1e-20)
+        u = torch.rand(p.shape, generator=self.draft_generator, device=p.device).clamp_min(1e-20)
         keys = torch.log(p) - torch.log(-torch.log(u))
         return torch.topk(keys, k, dim=-1).indices
 
