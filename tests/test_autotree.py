@@ -71,3 +71,20 @@ def test_auto_tree_is_lossless_and_reports_its_choice(models):
     assert r.tokens == want
     assert r.info["tree"] == "auto" and r.info["choices"] and "1" in r.info["latency"]["ms"]
     assert all(1 <= c["inputs"] <= 69 for c in r.info["choices"])
+
+
+def test_profile_accounts_for_every_step_of_every_method(models):
+    from msn.decoding.profile import PARTS, StepProfile
+
+    model = models("llama")
+    x = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8]])
+    for method, used in (("ar", {"forward"}),
+                         ("tr-jacobi", {"forward", "inputs", "verification", "host_sync", "cache", "proposer"})):
+        prof = StepProfile()
+        r = msn.generate(model, x, method=method, tree="small", max_new_tokens=30, eos_token_id=[], profile=prof) \
+            if method == "tr-jacobi" else msn.generate(model, x, method=method, max_new_tokens=30, eos_token_id=[],
+                                                       profile=prof)
+        rep = prof.report()
+        assert rep["steps"] == r.steps > 0
+        assert {p for p in PARTS if prof.seconds[p] > 0} == used
+        assert sum(prof.seconds.values()) <= r.decode_s

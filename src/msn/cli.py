@@ -186,7 +186,7 @@ def cmd_bench(a) -> int:
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
-                             warmup=a.warmup, seed=a.seed,
+                             warmup=a.warmup, seed=a.seed, profile=a.profile or None,
                              **_sampling(a)))
     run_bench(cfg)
     return 0
@@ -312,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
     b.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset")
     b.add_argument("--seed", type=int, help="seed of every generation's sampling stream (default 0)")
+    b.add_argument("--profile", action="store_true", help="split each step's time into forward, inputs, "
+                   "verification, host sync, cache and proposer (adds device syncs)")
     _sampling_flags(b)
     b.add_argument("--device", help="auto, cpu, cuda")
     b.add_argument("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16; "

@@ -18,6 +18,7 @@ from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, DecodeConfig, exactness_contract
 from msn.decoding.engine import generate, resolve_eos, sync_device
+from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
 from msn.paths import ensure_output_dir
 
@@ -49,6 +50,8 @@ class BenchConfig:
         do_sample / temperature / top_k / top_p / sample_drafts / seed: sampling (``DecodeConfig``'s
             meaning). Every generation starts its own stream seeded with ``seed``, so every
             method draws ``ar``'s tokens and match_rate is that agreement.
+        profile: split each msn method's step time into forward, inputs, verification,
+            host sync, cache and proposer (adds device syncs; time it apart from speedups).
         device / dtype: where and how the model runs.
     """
 
@@ -69,6 +72,7 @@ class BenchConfig:
     top_p: float | None = None
     sample_drafts: bool = False
     seed: int = 0
+    profile: bool = False
     device: str = "auto"
     dtype: str = "auto"
 
@@ -118,7 +122,8 @@ class Run:
     info: dict = field(default_factory=dict)
 
 
-def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter: ForwardCounter) -> Run:
+def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter: ForwardCounter,
+               profile=None) -> Run:
     before = counter.calls
     if method in HF_METHODS:
         extra = {"hf-generate": {}, "hf-static": {"cache_implementation": "static"},
@@ -131,7 +136,7 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
     options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
     options.update(cfg.sampling_options())
-    r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, **options)
+    r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, **options)
     return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before, r.info)
 
 
@@ -149,13 +154,14 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
     try:
-        records, latency = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
+        records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
     finally:
         counter.handle.remove()
     with open(out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
     summary = {"methods": summarize(records, cfg.methods), "auto_tree": auto_tree_report(records, latency),
+               "profile": profiles,
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
@@ -165,6 +171,10 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots(summary["methods"], out)
     print(table(summary["methods"]))
+    for m, rep in profiles.items():
+        parts = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in rep.items() if k.endswith("_ms") and k != "step_ms")
+        print(f"profile {m}: {rep['step_ms']:.1f} ms/step ({parts}); outside the forward "
+              f"{100 * rep['outside_forward']:.1f} %")
     for m, rep in summary["auto_tree"].items():
         print(f"{m} --tree auto: inputs chosen {rep['chosen_inputs']}; step latency t(n) ms {rep['latency']['ms']}")
     print(json.dumps(summary))
@@ -202,6 +212,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
     bar = tqdm(total=turns * len(cfg.methods), desc="bench", unit="gen", disable=not progress, file=sys.stderr)
     per_method: dict[tuple[str, str], dict] = {}
     latency: dict[str, dict] = {}
+    profiles: dict[str, StepProfile] = {}
     for q in questions:
         conversation: list[dict] = []
         for turn in q.turns:
@@ -211,7 +222,8 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
             for m in cfg.methods:                      # ar first: the baseline, interleaved per prompt
                 walls = []
                 for _ in range(cfg.repeats):
-                    run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter), device, clock)
+                    prof = profiles.setdefault(m, StepProfile(device)) if cfg.profile and m not in HF_METHODS else None
+                    run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter, prof), device, clock)
                     walls.append(wall)
                 if m == "ar":
                     reference = run.tokens
@@ -241,4 +253,4 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
         lengths = None if any(a is None for a in c["accept_lengths"]) else [x for a in c["accept_lengths"] for x in a]
         records.append({**rec, "new_tokens": sum(c["new_tokens"]), "wall_time": sum(c["wall_time"]),
                         "steps": sum(c["steps"]), "accept_lengths": lengths, "forwards": sum(rec["forwards"])})
-    return records, latency
+    return records, latency, {m: p.report() for m, p in profiles.items()}

@@ -18,6 +18,7 @@ import torch
 from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.history import TokenHistory
+from msn.decoding.profile import StepProfile, section
 from msn.decoding.sampling import Sampler, check_generator, first_siblings
 from msn.decoding.autotree import LADDER, Latency, acceptance_key, latency_key, load_latency, save_latency
 from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback,
@@ -243,7 +244,7 @@ def decode_one_token(model, token: int, cache, device, sampler: Sampler | None =
 @torch.inference_mode()
 def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor,
               max_position: int | None, sampler: Sampler | None = None, sample_drafts: bool = False,
-              out_position: int = 0):
+              out_position: int = 0, profile: StepProfile | None = None):
     """One forward of the root plus a draft tree, verification, cache compaction.
 
     Greedy verification accepts drafts equal to the argmax at their parent; with a
@@ -256,37 +257,46 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     """
     device = cand.device
     if not paths:
-        logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
-        token = choose(logits[-1], sampler, out_position)
-        pred = torch.tensor([token], device=device) if sample_drafts else logits.argmax(dim=-1)
-        return [token], StepFeedback(logits=logits, pred=pred, path=[], accepted=0, pred_host=pred.tolist(),
+        with section(profile, "forward"):
+            logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
+        with section(profile, "host_sync"):
+            token = choose(logits[-1], sampler, out_position)
+            pred = torch.tensor([token], device=device) if sample_drafts else logits.argmax(dim=-1)
+            pred_host = pred.tolist()
+        return [token], StepFeedback(logits=logits, pred=pred, path=[], accepted=0, pred_host=pred_host,
                                      draft_sampler=sampler if sample_drafts else None)
-    tree = compiled_on(paths, str(device))
-    drafts = cand[tree.node_pos, tree.node_col]
-    ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
-    positions = context_len + tree.depths
-    if max_position is not None:
-        # Nodes past the model's last position can only be accepted beyond max_new_tokens.
-        positions = positions.clamp_max(max_position - 1)
-    mask = attention_bias(tree, context_len, model.dtype, device)
-    logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
-                   **kv.cache_kwargs(model, cache)).logits[0]
-    pred = logits.argmax(dim=-1)
-    if sampler is None:
-        verdict = greedy_verify(tree, ids, pred)
-    else:
-        drawn = sampler.draw(logits, out_position + tree.depths, upto=out_position + tree.num_positions + 1)
-        verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
-        if sample_drafts:
-            pred = drawn
-    host = torch.cat([verdict.pack(), pred]).tolist()        # the step's one sync
+    with section(profile, "inputs"):
+        tree = compiled_on(paths, str(device))
+        drafts = cand[tree.node_pos, tree.node_col]
+        ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
+        positions = context_len + tree.depths
+        if max_position is not None:
+            # Nodes past the model's last position can only be accepted beyond max_new_tokens.
+            positions = positions.clamp_max(max_position - 1)
+        mask = attention_bias(tree, context_len, model.dtype, device)
+    with section(profile, "forward"):
+        logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
+                       **kv.cache_kwargs(model, cache)).logits[0]
+    with section(profile, "verification"):
+        pred = logits.argmax(dim=-1)
+        if sampler is None:
+            verdict = greedy_verify(tree, ids, pred)
+        else:
+            drawn = sampler.draw(logits, out_position + tree.depths, upto=out_position + tree.num_positions + 1)
+            verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
+            if sample_drafts:
+                pred = drawn
+        packed = torch.cat([verdict.pack(), pred])
+    with section(profile, "host_sync"):
+        host = packed.tolist()        # the step's one sync
     depth = tree.leaf_paths.shape[1]
     accepted, best, bonus = host[0], host[1], host[2]
     path_tokens = host[3 : 3 + depth]
     pred_host = host[3 + depth :]
-    host_tree = compiled_on(paths, "cpu")
-    path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
-    kv.keep_path(cache, [0] + path[:accepted], tree.num_inputs)
+    with section(profile, "cache"):
+        host_tree = compiled_on(paths, "cpu")
+        path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
+        kv.keep_path(cache, [0] + path[:accepted], tree.num_inputs)
     new = path_tokens[:accepted] + [bonus]
     return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host,
                              draft_sampler=sampler if sample_drafts else None)
@@ -352,7 +362,8 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
 def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id: int | list[int] | None = None,
              on_tokens: Callable[[list[int]], None] | None = None, fit_context: bool = False,
-             generator: torch.Generator | None = None, **options) -> DecodeResult:
+             generator: torch.Generator | None = None, profile: StepProfile | None = None,
+             **options) -> DecodeResult:
     """Decodes one prompt, several tokens per step where the method allows.
 
     Greedy (the default): every method returns exactly the tokens of greedy
@@ -370,6 +381,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
             ``max_new_tokens`` to fit instead of raising ``MsnError``.
         generator: the random stream of sampling (on the model's device); default: one
             seeded with ``seed``.
+        profile: a ``StepProfile`` that accumulates where each decoding step's time goes.
         **options: fields of ``DecodeConfig`` (window, tree, do_sample, temperature,
             top_k, top_p, seed, ...).
     """
@@ -394,7 +406,8 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     root = first
     if cfg.method == "ar":
         while not out.done:
-            root = decode_one_token(model, root, cache, device, sampler, len(out.tokens))
+            with section(profile, "forward"):
+                root = decode_one_token(model, root, cache, device, sampler, len(out.tokens))
             result.steps += 1
             result.accept_lengths.append(len(out.add([root])))
     else:
@@ -402,20 +415,24 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         history = TokenHistory(prompt + [first], seed=cfg.seed)
         context_len = len(prompt)
         while not out.done:
-            paths, cand = proposer.propose(history)
+            with section(profile, "proposer"):
+                paths, cand = proposer.propose(history)
             new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit, sampler,
-                                      cfg.sample_drafts, len(out.tokens))
+                                      cfg.sample_drafts, len(out.tokens), profile)
             context_len += 1 + feedback.accepted
             kept = out.add(new)
             result.steps += 1
             result.accept_lengths.append(len(kept))
             if out.done:
                 break
-            history.extend(new)
             root = new[-1]
-            proposer.update(feedback, history)
+            with section(profile, "proposer"):
+                history.extend(new)
+                proposer.update(feedback, history)
         proposer.close()
         result.info = proposer.describe()
     sync_device(device)
     result.decode_s = time.perf_counter() - t1
+    if profile is not None:
+        profile.steps += result.steps
     return result
