@@ -102,6 +102,7 @@ def check(family, method, setting_name, n):
     joint = exact_joint(model, setting)
     assert math.isclose(sum(joint.values()), 1.0, rel_tol=1e-5)
     p = chi_square_p(samples(model, method, setting, n), joint, n)
+    print(f"chi-square {family} {method} {setting_name} n={n}: p={p:.4f}")
     assert p > ALPHA, (family, method, setting_name, p)
 
 
