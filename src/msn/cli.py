@@ -181,7 +181,7 @@ def cmd_bench(a) -> int:
     methods = a.methods.split(",") if a.methods else None
     _refuse_unused(a, "tr-jacobi in --methods", methods is not None and "tr-jacobi" not in methods, tree="--tree")
 
-    cfg = BenchConfig(**_set(dict(model=a.model, bench=a.bench, out=a.out),
+    cfg = BenchConfig(**_set(dict(model=a.model, out=a.out), bench=a.bench,
                              methods=methods,
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
@@ -214,7 +214,7 @@ def cmd_reproduce(a) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     import msn
-    from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES
+    from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig
 
     p = argparse.ArgumentParser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
                                 "decoding (several tokens per step, output identical to greedy decoding).",
@@ -280,15 +280,17 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt", help="the prompt text; - reads it from standard input")
     src.add_argument("--prompt-file", help="read the prompt from this UTF-8 file")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    gen.add_argument("--method", default="tr-jacobi", choices=METHODS)
+    gen.add_argument("--method", default=DecodeConfig.method, choices=METHODS,
+                     help=f"decoder (default {DecodeConfig.method}); ar is plain greedy/sampled decoding")
     gen.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                      help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     gen.add_argument("--fit-context", action="store_true",
                      help="cut --max-new-tokens to the model's context instead of refusing a request that overflows it")
     gen.add_argument("--warmup", type=int, default=0, help="untimed short generations before the timed one "
                      "(the first forwards of a process are slow)")
-    gen.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset (default auto)")
-    gen.add_argument("--window", type=int, help="Jacobi window (default 5)")
+    gen.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree}: sized by "
+                     "the measured step latency and acceptance; or a fixed preset, reference = the paper's)")
+    gen.add_argument("--window", type=int, help=f"Jacobi window (default {DecodeConfig.window})")
     gen.add_argument("--seed", type=int, help="seed of the noise in empty draft slots and of sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     gen.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, "
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speedup and mean accepted tokens per category, all methods in one run")
     b.add_argument("--model", required=True)
-    b.add_argument("--bench", default="spec-bench", help="spec-bench, mt-bench, humaneval or a JSONL file")
+    b.add_argument("--bench", help="spec-bench (default), mt-bench, humaneval or a JSONL file")
     b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); baselines: "
                    "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup)")
     b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
@@ -310,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--categories", help="comma-separated categories to keep")
     b.add_argument("--repeats", type=int, help="timed repeats per prompt and method; medians reported (default 1)")
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
-    b.add_argument("--tree", choices=TREE_CHOICES, help="TR-Jacobi tree preset")
+    b.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
     b.add_argument("--seed", type=int, help="seed of every generation's sampling stream (default 0)")
     b.add_argument("--profile", action="store_true", help="split each step's time into forward, inputs, "
                    "verification, host sync, cache and proposer (adds device syncs)")
