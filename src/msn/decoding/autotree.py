@@ -143,19 +143,22 @@ def score(record: StepRecord, truth: list[int]) -> Outcome:
     return Outcome(tuple(ranks), right, guessed=bool(record.table and record.table[0]))
 
 
+def _accepted_path(ranks: tuple[int | None, ...], nodes) -> list[Path]:
+    """The nodes a tree made of ``nodes`` would have accepted, root side first: the
+    prefixes of the true ranks while each is a node."""
+    out, path = [], ()
+    for r in ranks:
+        if r is None or path + (r,) not in nodes:
+            break
+        path = path + (r,)
+        out.append(path)
+    return out
+
+
 def accepted(outcome: Outcome, nodes: frozenset[Path], retrieval: bool) -> int:
     """Drafts a tree made of ``nodes`` (top-K paths) and, with ``retrieval``, the chain,
     would have accepted in the scored step."""
-    depth = 0
-    path: tuple[int, ...] = ()
-    for r in outcome.ranks:
-        if r is None:
-            break
-        path = path + (r,)
-        if path not in nodes:
-            break
-        depth += 1
-    return max(depth, outcome.retrieved if retrieval else 0)
+    return max(len(_accepted_path(outcome.ranks, nodes)), outcome.retrieved if retrieval else 0)
 
 
 def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_TREE) -> list[Path]:
@@ -164,13 +167,7 @@ def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_
     node is never accepted more often than its parent and the reference lists parents first."""
     counts = {p: 0 for p in reference}
     for o in outcomes:
-        path: tuple[int, ...] = ()
-        for r in o.ranks:
-            if r is None:
-                break
-            path = path + (r,)
-            if path not in counts:
-                break
+        for path in _accepted_path(o.ranks, counts):
             counts[path] += 1
     index = {p: i for i, p in enumerate(reference)}
     return sorted(reference, key=lambda p: (-counts[p], index[p]))
