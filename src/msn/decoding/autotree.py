@@ -213,12 +213,14 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
 
 
 def choose(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
-           sizes: tuple[int, ...] = SIZES) -> Choice:
-    """The candidate with the most expected tokens per second (ties: the smaller tree);
-    the root alone when nothing is known."""
-    best = Choice((), False, 1, 1.0, 1.0 / latency(1))
+           sizes: tuple[int, ...] = SIZES, margin: float = 0.1) -> Choice:
+    """The candidate with the most expected tokens per second (ties: the smaller tree).
+    A tree replaces the root alone only when it is expected to be ``margin`` faster: the
+    estimate of the winner among many candidates is optimistic, the root's is exact."""
+    root = Choice((), False, 1, 1.0, 1.0 / latency(1))
+    best = root
     for c in candidates(outcomes, latency, retrieve_len, sizes):
-        if c.tokens_per_s > best.tokens_per_s * (1 + 1e-9):
+        if c.tokens_per_s > best.tokens_per_s * (1 + 1e-9) and c.tokens_per_s > root.tokens_per_s * (1 + margin):
             best = c
     return best
 

@@ -182,6 +182,7 @@ class AutoTreeJacobi(TreeJacobi):
 
     START = 4            # top-K nodes of the tree used before anything is known
     WINDOW = 96          # scored steps of each kind the choice is based on (the most recent)
+    OWN = 12             # scored steps of this generation that outweigh earlier runs'
 
     def __init__(self, device, *, latency, retrieve_len: int, retrieve_ngram: int, store_key: dict | None = None,
                  reselect_every: int = 16, explore_every: int = 32):
@@ -195,13 +196,14 @@ class AutoTreeJacobi(TreeJacobi):
         self.explore_every = explore_every
         self.store_key = store_key
         self.pending: list = []       # autotree.StepRecord awaiting their truth
-        self.outcomes = load_outcomes(store_key) if store_key is not None else []
+        self.prior = load_outcomes(store_key) if store_key is not None else []   # earlier generations
+        self.outcomes: list = []                                                # this generation
         self.steps = 0
         self.choice = None
         self.explore = False
         self.exploring = False
         self.choices: list[dict] = []
-        if self.outcomes:
+        if self.prior:
             self._reselect(None)
         else:
             self._use(REFERENCE_TREE[: self.START], True)
@@ -244,18 +246,30 @@ class AutoTreeJacobi(TreeJacobi):
             else:
                 still.append(rec)
         self.pending = still
-        guessed = [o for o in self.outcomes if o.guessed][-self.WINDOW:]
-        plain = [o for o in self.outcomes if not o.guessed][-self.WINDOW:]
+        self.outcomes = self._window(self.outcomes)
+
+    def _window(self, outcomes: list) -> list:
+        guessed = [o for o in outcomes if o.guessed][-self.WINDOW:]
+        plain = [o for o in outcomes if not o.guessed][-self.WINDOW:]
         keep = set(map(id, guessed + plain))
-        self.outcomes = [o for o in self.outcomes if id(o) in keep]
+        return [o for o in outcomes if id(o) in keep]
+
+    def _basis(self) -> list:
+        """This generation's scored steps once there are enough of a kind; earlier runs' before."""
+        basis = []
+        for kind in (True, False):
+            own = [o for o in self.outcomes if o.guessed == kind]
+            basis += own if len(own) >= self.OWN else [o for o in self.prior if o.guessed == kind] + own
+        return basis
 
     def _reselect(self, history) -> None:
         from msn.decoding.autotree import candidates, choose
 
         self._resolve(history)
-        self.choice = choose(self.outcomes, self.latency, self.retrieve_len)
+        basis = self._basis()
+        self.choice = choose(basis, self.latency, self.retrieve_len)
         self._use(self.choice.nodes, self.choice.retrieval)
-        with_topk = [c for c in candidates(self.outcomes, self.latency, self.retrieve_len) if c.nodes]
+        with_topk = [c for c in candidates(basis, self.latency, self.retrieve_len) if c.nodes]
         best_topk = max(with_topk, key=lambda c: c.tokens_per_s, default=None)
         # Explore only while a top-K tree could win: its estimate is near the choice's.
         self.explore = not self.choice.nodes and (
@@ -271,7 +285,7 @@ class AutoTreeJacobi(TreeJacobi):
         from msn.decoding.autotree import save_outcomes
 
         if self.store_key is not None:
-            save_outcomes(self.store_key, self.outcomes)
+            save_outcomes(self.store_key, self._window(self.prior + self.outcomes))
 
     def describe(self) -> dict:
         return {"tree": "auto", "choices": self.choices, "latency": self.latency.to_dict()}
