@@ -48,8 +48,8 @@ class BenchConfig:
         tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
             settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
         do_sample / temperature / top_k / top_p / sample_drafts / seed: sampling (``DecodeConfig``'s
-            meaning). Every generation starts its own stream seeded with ``seed``, so every
-            method draws ``ar``'s tokens and match_rate is that agreement.
+            meaning). Every generation starts its own stream seeded with ``seed``, so drafting
+            methods usually draw ``ar``'s tokens; match_rate is that agreement.
         profile: split each msn method's step time into forward, inputs, verification,
             host sync, cache and proposer (adds device syncs; time it apart from speedups).
         device / dtype: where and how the model runs.
@@ -166,7 +166,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                           "torch": torch.__version__, "questions_run": len(questions),
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
                           ("; shown by tests/test_sampling.py (chi-square against the exact joint). With one "
-                           "seed every method draws ar's tokens: match_rate is that agreement" if cfg.sampling
+                           "seed drafting methods usually draw ar's tokens: match_rate is that agreement" if cfg.sampling
                            else "; match_rate is measured against ar")}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     plots(summary["methods"], out)

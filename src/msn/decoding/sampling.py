@@ -15,10 +15,12 @@ else zero it, renormalise and try the next child" in the form of its equivalent:
 and follow the child equal to y. Siblings holding the same token are one candidate: only
 the first counts.
 
-Because u_j belongs to the position, not to a node or a step, a seed gives the same
-tokens for every method and every tree: a drafting method returns ``ar``'s sampled
-tokens, except where floating-point differences between a tree step's logits and a
-one-token step's move a CDF boundary across u_j (as rare as a near-tie in greedy).
+Because u_j belongs to the position, not to a node or a step, a seed usually gives the
+same tokens for every method and every tree. Not always: floating-point differences
+between a tree step's logits and a one-token step's shift the CDF slightly, and where u_j
+falls among many tokens of tiny probability that moves the draw (on a 49k vocabulary at
+temperature 1, about one output in three of 128 tokens differed somewhere). A Gumbel-max
+draw with a per-position noise vector would make such flips as rare as greedy near-ties.
 """
 
 from __future__ import annotations
