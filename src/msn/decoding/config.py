@@ -9,6 +9,16 @@ from msn.errors import MsnError
 DEFAULT_MAX_NEW_TOKENS = 128  # msn.generate, msn generate and msn bench
 
 
+def is_int(x) -> bool:
+    """An integer that is not a bool (``True`` must not pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x) -> bool:
+    """An int or float that is not a bool."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
 def exactness_contract(dtype: str, sampling: bool) -> str:
     """What a user may rely on, in one line, for a dtype ("float32", "bfloat16", ...)."""
     if sampling:
@@ -80,7 +90,7 @@ class DecodeConfig:
         for name in ("window", "retrieve_len", "retrieve_ngram", "pld_tokens", "pld_ngram",
                      "lookahead_window", "lookahead_ngram", "lookahead_guesses", "seed"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
+            if not is_int(value):
                 raise MsnError(f"{name} must be an integer, got {value!r}")
         for name in ("window", "retrieve_len", "retrieve_ngram", "pld_tokens", "pld_ngram",
                      "lookahead_window", "lookahead_guesses"):

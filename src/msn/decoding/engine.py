@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from msn.decoding import cache as kv
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, is_int
 from msn.decoding.history import TokenHistory
 from msn.decoding.profile import StepProfile, section
 from msn.decoding.sampling import Sampler, check_generator, first_siblings
@@ -95,10 +95,6 @@ def context_limit(model) -> int | None:
     return None
 
 
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 def resolve_eos(model, eos_token_id) -> set[int]:
     """EOS ids as ``model.generate()`` would use them when none are given."""
     if eos_token_id is None:
@@ -108,9 +104,9 @@ def resolve_eos(model, eos_token_id) -> set[int]:
         return set()
     if isinstance(eos_token_id, torch.Tensor):
         eos_token_id = eos_token_id.flatten().tolist()
-    if _is_int(eos_token_id):
+    if is_int(eos_token_id):
         return {eos_token_id}
-    if isinstance(eos_token_id, (list, tuple, set)) and all(_is_int(e) for e in eos_token_id):
+    if isinstance(eos_token_id, (list, tuple, set)) and all(is_int(e) for e in eos_token_id):
         return set(eos_token_id)
     raise MsnError(f"eos_token_id must be a token id or a list of token ids, got {eos_token_id!r}; "
                    "convert a token string with tokenizer.convert_tokens_to_ids")
@@ -339,7 +335,7 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
         bad = low if low < 0 else high
         raise MsnError(f"input_ids hold token id {bad}, outside the model's vocabulary [0, {vocab}); "
                        "was the prompt encoded with this model's tokenizer?")
-    if not _is_int(max_new_tokens) or max_new_tokens <= 0:
+    if not is_int(max_new_tokens) or max_new_tokens <= 0:
         raise MsnError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     prompt = input_ids.shape[1]
     limit = context_limit(model)

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from msn.decoding.config import is_int, is_number
 from msn.errors import MsnError
 
 
@@ -52,13 +53,11 @@ class SamplingParams:
         return self.temperature == 0
 
     def validate(self) -> "SamplingParams":
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not is_number(self.temperature) or self.temperature < 0:
             raise MsnError(f"temperature must be a number >= 0 (0 decodes greedily), got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
-                                       or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise MsnError(f"top_k must be an integer >= 1, got {self.top_k!r}")
-        if self.top_p is not None and (isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float))
-                                       or not 0 < self.top_p <= 1):
+        if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             raise MsnError(f"top_p must be in (0, 1], got {self.top_p!r}")
         return self
 
