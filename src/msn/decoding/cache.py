@@ -50,6 +50,70 @@ def keep_path(cache, keep: list[int], appended: int) -> None:
         cache.crop(-drop)
 
 
+# Batches. Rows of a batch share one cache; row r's entries are positions [0, lengths[r])
+# (left-aligned, each row prefilled alone), entries beyond a row's length are stale and
+# hidden by the step's mask.
+
+
+def _layer_tensors(cache):
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            yield layer, name, getattr(layer, name)
+
+
+def crop_to(cache, length: int) -> None:
+    """Drops every entry at or after ``length`` (all rows)."""
+    extra = cache_length(cache) - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def join_row(batch, row):
+    """Appends the one-row cache ``row`` to ``batch`` as its last row (None: ``row`` starts
+    the batch); the shorter side is padded with stale entries. Returns the batch cache."""
+    if batch is None:
+        return row
+    length = max(cache_length(batch), cache_length(row))
+    for (layer, name, a), (_, _, b) in zip(_layer_tensors(batch), _layer_tensors(row)):
+        a = torch.nn.functional.pad(a, (0, 0, 0, length - a.shape[-2]))
+        b = torch.nn.functional.pad(b, (0, 0, 0, length - b.shape[-2]))
+        setattr(layer, name, torch.cat([a, b.to(a.device)], dim=0))
+    return batch
+
+
+def select_rows(cache, rows: list[int], length: int) -> None:
+    """Keeps only batch rows ``rows`` (in that order) and entries before ``length``."""
+    cache.batch_select_indices(torch.tensor(rows, device=next(_layer_tensors(cache))[2].device))
+    crop_to(cache, length)
+
+
+def keep_paths(cache, lengths: list[int], keeps: list[list[int]], appended: int) -> None:
+    """After a batched step that appended ``appended`` entries to every row, row r keeps
+    its appended entries ``keeps[r]`` (relative to the first appended entry), written at
+    positions ``lengths[r]`` onwards; the cache is then cut to the longest row.
+
+    One gather and one scatter per key/value tensor, whatever the batch size.
+    """
+    total = cache_length(cache)
+    base = total - appended
+    width = max(len(k) for k in keeps)
+    src = torch.full((len(keeps), width), total - 1, dtype=torch.long)
+    dst = src.clone()       # padding copies the last entry onto itself: no row keeps it unless it needs no padding
+    for r, (start, keep) in enumerate(zip(lengths, keeps)):
+        src[r, : len(keep)] = base + torch.tensor(keep, dtype=torch.long)
+        dst[r, : len(keep)] = start + torch.arange(len(keep))
+    moved = {}
+    for layer, name, t in _layer_tensors(cache):
+        key = t.device
+        if key not in moved:
+            moved[key] = (src.to(t.device), dst.to(t.device))
+        s, d = moved[key]
+        shape = (t.shape[0], t.shape[1], width, t.shape[3])
+        vals = t.gather(2, s[:, None, :, None].expand(shape))
+        t.scatter_(2, d[:, None, :, None].expand(shape), vals)
+    crop_to(cache, max(start + len(keep) for start, keep in zip(lengths, keeps)))
+
+
 @functools.lru_cache(maxsize=64)
 def _cache_arg(model_cls: type) -> str:
     params = inspect.signature(model_cls.forward).parameters

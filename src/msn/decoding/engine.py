@@ -274,28 +274,41 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
         logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                        **kv.cache_kwargs(model, cache)).logits[0]
     with section(profile, "verification"):
-        pred = logits.argmax(dim=-1)
-        if sampler is None:
-            verdict = greedy_verify(tree, ids, pred)
-        else:
-            drawn = sampler.draw(logits, out_position + tree.depths, upto=out_position + tree.num_positions + 1)
-            verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
-            if sample_drafts:
-                pred = drawn
-        packed = torch.cat([verdict.pack(), pred])
+        packed, pred = verify(tree, ids, logits, sampler, sample_drafts, out_position)
     with section(profile, "host_sync"):
         host = packed.tolist()        # the step's one sync
-    depth = tree.leaf_paths.shape[1]
+    with section(profile, "cache"):
+        new, feedback = read_verdict(host, paths, logits, pred, sampler if sample_drafts else None)
+        kv.keep_path(cache, [0] + feedback.path[: feedback.accepted], tree.num_inputs)
+    return new, feedback
+
+
+def verify(tree, ids: torch.Tensor, logits: torch.Tensor, sampler: Sampler | None, sample_drafts: bool,
+           out_position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Verification of one tree on the device: returns (the verdict and the draft tokens
+    packed in one 1-D tensor for the host, the draft tokens ``pred``)."""
+    pred = logits.argmax(dim=-1)
+    if sampler is None:
+        verdict = greedy_verify(tree, ids, pred)
+    else:
+        drawn = sampler.draw(logits, out_position + tree.depths, upto=out_position + tree.num_positions + 1)
+        verdict = greedy_verify(tree, ids, drawn, usable=first_siblings(tree.parents, ids))
+        if sample_drafts:
+            pred = drawn
+    return torch.cat([verdict.pack(), pred]), pred
+
+
+def read_verdict(host: list[int], paths, logits: torch.Tensor, pred: torch.Tensor,
+                 draft_sampler: Sampler | None) -> tuple[list[int], StepFeedback]:
+    """The new tokens and the proposer's feedback from ``verify``'s packed tensor read on the host."""
+    host_tree = compiled_on(paths, "cpu")
+    depth = host_tree.leaf_paths.shape[1]
     accepted, best, bonus = host[0], host[1], host[2]
     path_tokens = host[3 : 3 + depth]
-    pred_host = host[3 + depth :]
-    with section(profile, "cache"):
-        host_tree = compiled_on(paths, "cpu")
-        path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
-        kv.keep_path(cache, [0] + path[:accepted], tree.num_inputs)
+    path = host_tree.leaf_paths[best, : int(host_tree.leaf_len[best])].tolist() if paths else []
     new = path_tokens[:accepted] + [bonus]
-    return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=pred_host,
-                             draft_sampler=sampler if sample_drafts else None)
+    return new, StepFeedback(logits=logits, pred=pred, path=path, accepted=accepted, pred_host=host[3 + depth :],
+                             draft_sampler=draft_sampler)
 
 
 def vocab_size(model) -> int | None:
@@ -326,7 +339,7 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise MsnError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).replace('torch.', '')}")
     if input_ids.shape[0] != 1:
-        raise MsnError(f"batch size {input_ids.shape[0]} is not supported yet; decode one prompt at a time (batch size 1)")
+        raise MsnError(f"input_ids of one prompt must have shape (1, T), got {tuple(input_ids.shape)}")
     if input_ids.shape[1] == 0:
         raise MsnError("empty prompt: give at least one token")
     vocab = vocab_size(model)
@@ -355,12 +368,38 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
     return max_new_tokens
 
 
+def is_batch(input_ids, attention_mask=None) -> list | None:
+    """The prompts of a batch request, or None for one (1, T) prompt without a mask."""
+    if isinstance(input_ids, (list, tuple)):
+        if not input_ids:
+            raise MsnError("empty batch: give at least one prompt")
+        if all(is_int(t) for t in input_ids):
+            raise MsnError("a list of ids is one prompt: pass torch.tensor([ids]), or a list of prompts for a batch")
+        if attention_mask is not None:
+            raise MsnError("attention_mask applies to a (B, T) tensor, not to a list of prompts")
+        return [p if isinstance(p, torch.Tensor) else torch.tensor([list(p)], dtype=torch.long)
+                if isinstance(p, (list, tuple)) else _not_a_prompt(p) for p in input_ids]
+    if isinstance(input_ids, torch.Tensor) and input_ids.dim() == 2 and (input_ids.shape[0] > 1
+                                                                         or attention_mask is not None):
+        from msn.decoding.batch import split_batch
+
+        return split_batch(input_ids, attention_mask)
+    if attention_mask is not None:
+        raise MsnError("attention_mask needs input_ids of shape (B, T)")
+    return None
+
+
+def _not_a_prompt(p):
+    raise MsnError(f"a batch holds prompts (lists of ids or (1, T) tensors), got {type(p).__name__}")
+
+
 def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id: int | list[int] | None = None,
              on_tokens: Callable[[list[int]], None] | None = None, fit_context: bool = False,
              generator: torch.Generator | None = None, profile: StepProfile | None = None,
-             **options) -> DecodeResult:
-    """Decodes one prompt, several tokens per step where the method allows.
+             attention_mask: torch.Tensor | None = None, max_batch: int | None = None,
+             **options) -> DecodeResult | list[DecodeResult]:
+    """Decodes one prompt, or a batch, several tokens per step where the method allows.
 
     Greedy (the default): every method returns exactly the tokens of greedy
     autoregressive decoding. Sampling (``do_sample=True``): every method returns tokens
@@ -368,7 +407,9 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
 
     Args:
         model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
-        input_ids: (1, T) prompt ids.
+        input_ids: (1, T) prompt ids. A batch, (B, T) with ``attention_mask`` (padding on
+            either side) or a list of prompts (lists of ids or (1, T) tensors), is decoded
+            in batched steps (``msn.decoding.batch``) and returns one result per prompt.
         method: ``ar``, ``jacobi``, ``tr-jacobi``, ``pld`` or ``lookahead``.
         max_new_tokens: at most this many new tokens.
         eos_token_id: one id or several; None takes the model's generation config.
@@ -378,9 +419,24 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         generator: the random stream of sampling (on the model's device); default: one
             seeded with ``seed``.
         profile: a ``StepProfile`` that accumulates where each decoding step's time goes.
+        attention_mask: (B, T) mask of a padded batch (1 on prompt tokens).
+        max_batch: a batch: at most this many rows decode at once; the next prompt joins
+            when a row finishes (continuous batching).
         **options: fields of ``DecodeConfig`` (window, tree, do_sample, temperature,
             top_k, top_p, seed, ...).
     """
+    batch = is_batch(input_ids, attention_mask)
+    if batch is not None:
+        from msn.decoding.batch import generate_batch
+
+        for name, value in (("on_tokens", on_tokens), ("generator", generator), ("profile", profile)):
+            if value is not None:
+                raise MsnError(f"{name} applies to one prompt; a batch takes seed= for sampling and "
+                               "msn.decoding.batch.BatchDecoder for per-row callbacks")
+        return generate_batch(model, batch, method=method, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                              fit_context=fit_context, max_batch=max_batch, **options)
+    if max_batch is not None:
+        raise MsnError("max_batch applies to a batch of prompts (a list, or (B, T) ids with an attention_mask)")
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)

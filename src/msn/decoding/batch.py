@@ -1,0 +1,287 @@
+"""Batched decoding: several prompts in one forward per step, rows joining and leaving
+between steps (continuous batching).
+
+Every row keeps its own proposer, token history, output and sampler, and accepts its
+own number of tokens per step. The rows share one KV cache (``cache`` owns its layout):
+row r's entries are positions [0, length_r); a step appends every row's root and draft
+tree, padded to the widest tree, and the 4D mask lets each input see its own row's
+entries and its own ancestors only. Each row then keeps its accepted path at its own
+length. A row is prefilled alone when it joins, so its prompt needs no padding, and
+every row returns exactly what ``msn.generate`` returns for it alone: the greedy tokens
+(float32), or draws distributed as one-token sampling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from msn.decoding import cache as kv
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
+from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
+                                 model_device, prefill, read_verdict, resolve_eos, step_latency, sync_device,
+                                 validate_request, verify)
+from msn.decoding.history import TokenHistory
+from msn.decoding.proposers import AutoTreeJacobi
+from msn.decoding.tree import compiled_on
+from msn.errors import MsnError
+
+
+class RowShare:
+    """A row's share of a batched step's latency: t(rows x n) / rows, with t the measured
+    one-row ladder. ``--tree auto`` then sizes each row's tree for the batch it is in."""
+
+    def __init__(self, latency, rows: Callable[[], int]):
+        self.latency = latency
+        self.rows = rows
+
+    def __call__(self, n: int) -> float:
+        b = max(1, self.rows())
+        return self.latency(n * b) / b
+
+    def to_dict(self) -> dict:
+        return self.latency.to_dict()
+
+
+@dataclass
+class _Row:
+    rid: int
+    prompt: list[int]
+    out: _Output
+    sampler: object
+    sample_drafts: bool
+    proposer: object
+    history: TokenHistory | None
+    length: int                    # KV entries of this row (prompt + accepted tokens before the root)
+    root: int
+    result: DecodeResult
+    started: float
+    paths: tuple = ()
+    cand: torch.Tensor | None = None
+
+
+@dataclass
+class Finished:
+    """A row that left the batch: its id, its result and whether it was cancelled."""
+
+    rid: int
+    result: DecodeResult
+    cancelled: bool = False
+
+
+class BatchDecoder:
+    """Continuous batching over one model and one method.
+
+    ``add`` prefills a prompt and makes it a row; ``step`` runs one batched forward for
+    every row and returns the rows that finished; ``cancel`` drops a row. Rows may join
+    and leave between any two steps.
+
+    Args:
+        model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
+        method: ``ar``, ``jacobi``, ``tr-jacobi``, ``pld`` or ``lookahead``.
+        **options: ``DecodeConfig`` fields shared by every row (tree, window, ...).
+            Sampling options may also be given per row to ``add``.
+    """
+
+    def __init__(self, model, method: str = "tr-jacobi", **options):
+        self.base = DecodeConfig.from_options(method, options)
+        check_model(model)
+        self.model = model
+        self.method = method
+        self.options = options
+        self.device = model_device(model)
+        self.limit = context_limit(model)
+        self.cache = None
+        self.rows: list[_Row] = []
+        self.ids = itertools.count()
+        self.steps = 0
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def idle(self) -> bool:
+        return not self.rows
+
+    @torch.inference_mode()
+    def add(self, input_ids, *, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, eos_token_id=None,
+            on_tokens: Callable[[list[int]], None] | None = None, fit_context: bool = False,
+            generator: torch.Generator | None = None, **sampling) -> int | Finished:
+        """Prefills one prompt ((1, T) tensor or a list of ids) and adds it as a row.
+
+        ``sampling`` holds per-row ``do_sample``, ``temperature``, ``top_k``, ``top_p``,
+        ``seed``, ``sample_drafts``. Returns the row id, or a ``Finished`` when the first
+        token already ends the output.
+        """
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
+        cfg = DecodeConfig.from_options(self.method, {**self.options, **sampling})
+        max_new_tokens = validate_request(self.model, input_ids, max_new_tokens, fit_context)
+        sampler = _sampler(cfg, generator, self.device)
+        prompt = input_ids[0].tolist()
+        rid = next(self.ids)
+        out = _Output(max_new_tokens, resolve_eos(self.model, eos_token_id), on_tokens)
+        row_cache = kv.new_cache(self.model)
+        sync_device(self.device)
+        t0 = time.perf_counter()
+        first = choose(prefill(self.model, input_ids.to(self.device), row_cache), sampler, 0)
+        sync_device(self.device)
+        t1 = time.perf_counter()
+        out.add([first])
+        result = DecodeResult(tokens=out.tokens, steps=0, prefill_s=t1 - t0)
+        if out.done:
+            return Finished(rid, result)
+        proposer = history = None
+        if cfg.method != "ar":
+            proposer = make_proposer(cfg, self.model)
+            if isinstance(proposer, AutoTreeJacobi):
+                proposer.latency = RowShare(step_latency(self.model), lambda: len(self.rows))
+            history = TokenHistory(prompt + [first], seed=cfg.seed)
+        self.cache = kv.join_row(self.cache, row_cache)
+        self.rows.append(_Row(rid, prompt, out, sampler, cfg.sample_drafts, proposer, history, len(prompt), first,
+                              result, t1))
+        return rid
+
+    def cancel(self, rid: int) -> Finished | None:
+        """Drops row ``rid``; returns what it had produced (None if it is not in the batch)."""
+        for i, row in enumerate(self.rows):
+            if row.rid == rid:
+                self._drop([i])
+                return self._finish(row, cancelled=True)
+        return None
+
+    def _drop(self, indices: list[int]) -> None:
+        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = None
+            return
+        kv.select_rows(self.cache, keep, max(r.length for r in self.rows))
+
+    def _finish(self, row: _Row, cancelled: bool = False) -> Finished:
+        sync_device(self.device)
+        row.result.decode_s = time.perf_counter() - row.started
+        if row.proposer is not None:
+            row.proposer.close()
+            row.result.info = row.proposer.describe()
+        return Finished(row.rid, row.result, cancelled)
+
+    @torch.inference_mode()
+    def step(self) -> list[Finished]:
+        """One batched forward for every row; returns the rows that finished in it."""
+        if not self.rows:
+            return []
+        device, rows = self.device, self.rows
+        for row in rows:
+            if row.proposer is None:
+                row.paths, row.cand = (), torch.zeros(0, 1, dtype=torch.long, device=device)
+            else:
+                row.paths, row.cand = row.proposer.propose(row.history)
+        trees = [compiled_on(row.paths, str(device)) for row in rows]
+        width = max(t.num_inputs for t in trees)
+        past = kv.cache_length(self.cache)
+        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
+        seen = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)   # padding sees itself
+        for r, (row, tree) in enumerate(zip(rows, trees)):
+            n = tree.num_inputs
+            ids[r, 0] = row.root
+            if n > 1:
+                ids[r, 1:n] = row.cand[tree.node_pos, tree.node_col]
+            positions[r] = row.length
+            positions[r, :n] += tree.depths
+            seen[r, :n, :n] = tree.ancestor
+        if self.limit is not None:
+            positions.clamp_max_(self.limit - 1)
+        lengths = torch.tensor([row.length for row in rows], device=device)
+        context = torch.arange(past, device=device)[None, :] < lengths[:, None]            # (B, past)
+        allowed = torch.cat([context[:, None, :].expand(-1, width, -1), seen], dim=-1)      # (B, N, past + N)
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+                            **kv.cache_kwargs(self.model, self.cache)).logits
+        packed, preds = [], []
+        for r, (row, tree) in enumerate(zip(rows, trees)):
+            n = tree.num_inputs
+            p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts, len(row.out.tokens))
+            packed.append(p)
+            preds.append(pred)
+        host = torch.cat(packed).tolist()          # the step's one sync
+        self.steps += 1
+        keeps, done, offset = [], [], 0
+        for r, (row, tree) in enumerate(zip(rows, trees)):
+            size = packed[r].numel()
+            new, feedback = read_verdict(host[offset : offset + size], row.paths, logits[r, : tree.num_inputs],
+                                         preds[r], row.sampler if row.sample_drafts else None)
+            offset += size
+            keeps.append([0] + feedback.path[: feedback.accepted])
+            kept = row.out.add(new)
+            row.result.steps += 1
+            row.result.accept_lengths.append(len(kept))
+            if row.out.done:
+                done.append(r)
+                continue
+            row.root = new[-1]
+            if row.proposer is not None:
+                row.history.extend(new)
+                row.proposer.update(feedback, row.history)
+        kv.keep_paths(self.cache, [row.length for row in rows], keeps, width)
+        for row, keep in zip(rows, keeps):
+            row.length += len(keep)
+        finished = [self._finish(rows[r]) for r in done]
+        if done:
+            self._drop(done)
+        return finished
+
+
+def generate_batch(model, prompts, *, method: str = "tr-jacobi", max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                   eos_token_id=None, fit_context: bool = False, max_batch: int | None = None,
+                   **options) -> list[DecodeResult]:
+    """Decodes several prompts in batched steps; returns one ``DecodeResult`` per prompt, in order.
+
+    Each row is exactly what ``msn.generate`` returns for that prompt alone. With
+    ``max_batch``, at most that many rows decode at once and the next prompt joins as soon
+    as a row finishes (continuous batching).
+    """
+    if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+        raise MsnError(f"max_batch must be a positive integer, got {max_batch!r}")
+    sampling_keys = ("do_sample", "temperature", "top_k", "top_p", "seed", "sample_drafts")
+    sampling = {k: options.pop(k) for k in sampling_keys if k in options}
+    decoder = BatchDecoder(model, method, **options)
+    results: dict[int, DecodeResult] = {}
+    order: dict[int, int] = {}
+    pending = list(enumerate(prompts))
+    limit = max_batch or len(pending)
+    while pending or not decoder.idle:
+        while pending and len(decoder) < limit:
+            index, prompt = pending.pop(0)
+            added = decoder.add(prompt, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                fit_context=fit_context, **sampling)
+            if isinstance(added, Finished):
+                results[index] = added.result
+            else:
+                order[added] = index
+        for fin in decoder.step():
+            results[order[fin.rid]] = fin.result
+    return [results[i] for i in range(len(results))]
+
+
+def split_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """A padded (B, T) batch as B unpadded (1, T_b) prompts; padding (mask 0) may sit on either side."""
+    if attention_mask is None:
+        return [input_ids[b : b + 1] for b in range(input_ids.shape[0])]
+    if attention_mask.shape != input_ids.shape:
+        raise MsnError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
+                       f"{tuple(input_ids.shape)}")
+    rows = []
+    for b in range(input_ids.shape[0]):
+        keep = attention_mask[b].bool()
+        idx = torch.nonzero(keep).flatten()
+        if idx.numel() and idx[-1] - idx[0] + 1 != idx.numel():
+            raise MsnError(f"attention_mask row {b} has padding inside the prompt; pad on the left or the right only")
+        rows.append(input_ids[b : b + 1, keep.to(input_ids.device)])
+    return rows
