@@ -194,6 +194,22 @@ def cmd_bench(a) -> int:
 
 # -- reproduce ---------------------------------------------------------------------------
 
+def cmd_serve(a) -> int:
+    from msn.serve import serve
+
+    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
+    serve(a.model, method=a.method, host=a.host, port=a.port, max_batch=a.max_batch, name=a.name,
+          device=a.device, dtype=a.dtype, **_set({}, tree=a.tree))
+    return 0
+
+
+def cmd_export_generate(a) -> int:
+    from msn.hf_generate import export
+
+    print(export(a.dir))
+    return 0
+
+
 def cmd_reproduce(a) -> int:
     from pathlib import Path
 
@@ -321,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16; "
                    "match_rate reports agreement with ar in that dtype")
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming) over batched "
+                       "decoding", description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
+                       "Concurrent requests decode together, up to --max-batch rows, joining between steps. Requests "
+                       "decode greedily (identical to msn generate) unless they give temperature > 0.")
+    s.add_argument("--model", required=True, help="checkpoint folder")
+    s.add_argument("--method", default=DecodeConfig.method, choices=METHODS,
+                   help=f"decoder for every request (default {DecodeConfig.method})")
+    s.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    s.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default 8)")
+    s.add_argument("--name", help="model name clients send (default: the folder's name)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (float32 keeps outputs "
+                   "identical to ar)")
+    s.set_defaults(func=cmd_serve)
+
+    x = sub.add_parser("export-generate", help="write a transformers custom_generate folder that runs msn's decoders "
+                       "inside model.generate(custom_generate=DIR, trust_remote_code=True)")
+    x.add_argument("dir", help="folder to write (custom_generate/generate.py goes inside)")
+    x.set_defaults(func=cmd_export_generate)
 
     r = sub.add_parser("reproduce", help="MSN vs plain SFT on SmolLM2-135M with the stdlib code set, end to end",
                        description="Fetch, build data, fine-tune SFT and MSN with identical settings, evaluate "

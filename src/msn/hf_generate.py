@@ -1,0 +1,96 @@
+"""msn's decoders inside transformers' own ``generate`` (its ``custom_generate`` hook).
+
+``msn export-generate DIR`` writes ``DIR/custom_generate/generate.py``; then
+
+    out = model.generate(**inputs, custom_generate=DIR, trust_remote_code=True,
+                         msn_method="tr-jacobi", max_new_tokens=128)
+
+returns what ``generate`` returns (prompt plus new tokens, finished rows padded with the
+pad token), computed by ``msn.generate``. ``msn_*`` keywords are msn's options
+(``msn_method``, ``msn_tree``, ``msn_window``, ...); the generation config gives
+``max_new_tokens``/``max_length``, ``eos_token_id``, ``pad_token_id`` and sampling
+(``do_sample``, ``temperature``, ``top_k``, ``top_p``).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from msn.errors import MsnError
+
+GENERATE_PY = '''"""msn's decoders inside transformers' generate. Written by `msn export-generate`;
+the code lives in the installed msn package (pip install msn-llm)."""
+
+
+def generate(model, *args, **kwargs):
+    from msn.hf_generate import run
+
+    return run(model, *args, **kwargs)
+'''
+
+# generate() arguments transformers passes to a custom function; these must be unused.
+_UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
+                "negative_prompt_ids", "negative_prompt_attention_mask")
+
+
+def export(directory: str | Path) -> Path:
+    """Writes ``directory/custom_generate/generate.py`` (and its requirements); returns the folder."""
+    from msn.paths import ensure_output_dir
+
+    root = ensure_output_dir(directory, "DIR")
+    folder = root / "custom_generate"
+    folder.mkdir(exist_ok=True)
+    (folder / "generate.py").write_text(GENERATE_PY)
+    (folder / "requirements.txt").write_text("msn-llm\n")
+    return root
+
+
+def run(model, inputs: torch.Tensor | None = None, generation_config=None, streamer=None, **kwargs) -> torch.Tensor:
+    """The body of the exported ``generate``: maps transformers' arguments onto ``msn.generate``."""
+    from msn.decoding.engine import generate
+
+    for name in _UNSUPPORTED:
+        if kwargs.pop(name, None) not in (None, [], ()):
+            raise MsnError(f"{name} is not supported by msn's custom_generate")
+    for name in ("synced_gpus", "use_model_defaults"):
+        kwargs.pop(name, None)
+    ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise MsnError("msn's custom_generate needs input_ids of shape (B, T)")
+    mask = kwargs.pop("attention_mask", None)
+    options = {k[len("msn_"):]: kwargs.pop(k) for k in list(kwargs) if k.startswith("msn_")}
+    method = options.pop("method", "tr-jacobi")
+    config = copy.deepcopy(generation_config if generation_config is not None else model.generation_config)
+    unused = config.update(**kwargs)
+    unused = {k: v for k, v in unused.items() if v is not None}
+    if unused:
+        raise MsnError(f"msn's custom_generate does not take {', '.join(sorted(unused))}")
+    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[1]
+    if config.do_sample:
+        options.update(do_sample=True, temperature=config.temperature, top_k=config.top_k,
+                       top_p=config.top_p if config.top_p is not None and config.top_p < 1 else None)
+    eos = config.eos_token_id
+    batched = ids.shape[0] > 1 or (mask is not None and not bool(mask.all()))
+    if batched:
+        results = generate(model, ids, attention_mask=mask if mask is not None else torch.ones_like(ids),
+                           method=method, max_new_tokens=new, eos_token_id=eos, **options)
+    else:
+        on_tokens = None
+        if streamer is not None:
+            streamer.put(ids.cpu())
+            on_tokens = lambda toks: streamer.put(torch.tensor(toks))   # noqa: E731
+        results = [generate(model, ids, method=method, max_new_tokens=new, eos_token_id=eos, on_tokens=on_tokens,
+                            **options)]
+        if streamer is not None:
+            streamer.end()
+    pad = config.pad_token_id
+    if pad is None:
+        pad = eos[0] if isinstance(eos, (list, tuple)) and eos else (eos if eos is not None else 0)
+    width = max(len(r.tokens) for r in results)
+    tail = torch.full((len(results), width), int(pad), dtype=ids.dtype, device=ids.device)
+    for b, r in enumerate(results):
+        tail[b, : len(r.tokens)] = torch.tensor(r.tokens, dtype=ids.dtype)
+    return torch.cat([ids, tail], dim=1)
