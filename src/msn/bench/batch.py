@@ -1,7 +1,7 @@
 """Batched throughput: ``python -m msn.bench.batch --model PATH [--batch 8]``.
 
 Decodes the same prompts (the first turn of the first ``--prompts`` Spec-Bench questions,
-one per category in turn) three ways, in one process, after a warm-up:
+one category after another) three ways, in one process, after a warm-up:
 
 * ``loop``: ``msn.generate`` one prompt at a time (batch 1), for each ``--methods`` entry;
 * ``batched``: ``msn.generate`` on the list of prompts, ``--batch`` rows at once;
@@ -14,6 +14,7 @@ checks that every batched row equals the batch-1 output of the same method.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 
@@ -100,8 +101,11 @@ def main(argv=None):
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model)
     ensure_chat_template(tok)
-    questions = load_questions("spec-bench", a.questions, limit=1)
-    questions = questions[: a.prompts]
+    by_category: dict[str, list] = {}
+    for q in load_questions("spec-bench", a.questions):
+        by_category.setdefault(q.category, []).append(q)
+    # One question per category in turn, so that every kind of prompt (and length) is in the batch.
+    questions = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q][: a.prompts]
     prompts = [encode_prompt(tok, [{"role": "user", "content": q.turns[0]}], model.device) for q in questions]
     eos = resolve_eos(model, None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)

@@ -6,10 +6,23 @@ on the number of processes, the batch layout, or whether the run was resumed.
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 
 from msn.data.records import IGNORE_INDEX
 from msn.noise import NoiseConfig, noise_sequence, sample_seed
+
+
+def clean_labels(feature: dict, ids: torch.Tensor) -> torch.Tensor:
+    """A feature's labels: its own ``labels``; else the ids where TRL's ``completion_mask``
+    or ``assistant_masks`` is 1 (-100 elsewhere); else every id (language modelling)."""
+    if feature.get("labels") is not None:
+        return torch.as_tensor(feature["labels"], dtype=torch.long)
+    mask = next((feature[k] for k in ("completion_mask", "assistant_masks") if feature.get(k) is not None), None)
+    if mask is None:
+        return ids.clone()
+    return torch.where(torch.as_tensor(mask, dtype=torch.bool), ids, torch.full_like(ids, IGNORE_INDEX))
 
 
 class MsnCollator:
@@ -17,7 +30,11 @@ class MsnCollator:
 
     Each feature is a dict with ``input_ids``, ``labels`` (-100 outside responses),
     ``noise_mask`` (1 where noise may go) and ``index`` (the sample's position in the
-    data set, which seeds its noise). Returns ``input_ids`` (noisy), ``labels``
+    data set, which seeds its noise), as ``msn data`` writes them. Features that TRL's
+    ``SFTTrainer`` prepares work too: without ``labels``, the ``completion_mask`` or
+    ``assistant_masks`` marks the response (see ``clean_labels``); without ``noise_mask``,
+    noise may go on any labelled token; without ``index``, a checksum of the ids seeds the
+    noise. Returns ``input_ids`` (noisy), ``labels``
     (clean, -100 on prompt and padding) and ``attention_mask``; usable as the
     ``data_collator`` of transformers' Trainer or TRL's SFTTrainer.
 
@@ -58,12 +75,14 @@ class MsnCollator:
         for row, f in enumerate(features):
             ids = torch.as_tensor(f["input_ids"], dtype=torch.long)
             n = ids.numel()
-            eligible = torch.as_tensor(f["noise_mask"], dtype=torch.bool)
-            index = int(f.get("index", row))
+            clean = clean_labels(f, ids)
+            eligible = (torch.as_tensor(f["noise_mask"], dtype=torch.bool) if f.get("noise_mask") is not None
+                        else clean != IGNORE_INDEX)
+            index = int(f["index"]) if f.get("index") is not None else zlib.crc32(ids.numpy().tobytes())
             gen = torch.Generator().manual_seed(sample_seed(self.seed, index, self._visit(index)))
             noisy, noised = noise_sequence(ids, eligible, self.cfg, gen, self.vocab_size)
             input_ids[row, :n] = noisy
-            labels[row, :n] = torch.as_tensor(f["labels"], dtype=torch.long)
+            labels[row, :n] = clean
             attention[row, :n] = 1
             self.samples += 1
             self.tokens += n

@@ -31,22 +31,6 @@ from msn.decoding.tree import compiled_on
 from msn.errors import MsnError
 
 
-class RowShare:
-    """A row's share of a batched step's latency: t(rows x n) / rows, with t the measured
-    one-row ladder. ``--tree auto`` then sizes each row's tree for the batch it is in."""
-
-    def __init__(self, latency, rows: Callable[[], int]):
-        self.latency = latency
-        self.rows = rows
-
-    def __call__(self, n: int) -> float:
-        b = max(1, self.rows())
-        return self.latency(n * b) / b
-
-    def to_dict(self) -> dict:
-        return self.latency.to_dict()
-
-
 @dataclass
 class _Row:
     rid: int
@@ -99,6 +83,8 @@ class BatchDecoder:
         self.rows: list[_Row] = []
         self.ids = itertools.count()
         self.steps = 0
+        self.width: int | None = None      # --tree auto: the batch's step width (inputs per row)
+        self.resize = False                # rows joined or left: choose the width again
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -138,9 +124,8 @@ class BatchDecoder:
         proposer = history = None
         if cfg.method != "ar":
             proposer = make_proposer(cfg, self.model)
-            if isinstance(proposer, AutoTreeJacobi):
-                proposer.latency = RowShare(step_latency(self.model), lambda: len(self.rows))
             history = TokenHistory(prompt + [first], seed=cfg.seed)
+        self.resize = True
         self.cache = kv.join_row(self.cache, row_cache)
         self.rows.append(_Row(rid, prompt, out, sampler, cfg.sample_drafts, proposer, history, len(prompt), first,
                               result, t1))
@@ -154,9 +139,26 @@ class BatchDecoder:
                 return self._finish(row, cancelled=True)
         return None
 
+    def _size_trees(self, every: int = 16) -> None:
+        """``--tree auto``: one width for the whole batch (``autotree.batch_width``), chosen
+        again every ``every`` steps and whenever rows join or leave; each row then runs its
+        best tree of at most that many inputs."""
+        auto = [row.proposer for row in self.rows if isinstance(row.proposer, AutoTreeJacobi)]
+        if not auto or not (self.resize or self.steps % every == 0):
+            return
+        from msn.decoding.autotree import batch_width
+
+        latency = step_latency(self.model)
+        rows = len(self.rows)
+        self.width = batch_width([p.options() for p in auto], lambda w: latency(rows * w))
+        for p in auto:
+            p.set_cap(self.width)
+        self.resize = False
+
     def _drop(self, indices: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
         self.rows = [self.rows[i] for i in keep]
+        self.resize = True
         if not self.rows:
             self.cache = None
             return
@@ -176,6 +178,7 @@ class BatchDecoder:
         if not self.rows:
             return []
         device, rows = self.device, self.rows
+        self._size_trees()
         for row in rows:
             if row.proposer is None:
                 row.paths, row.cand = (), torch.zeros(0, 1, dtype=torch.long, device=device)

@@ -13,16 +13,95 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import Cache, DynamicLayer
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose ``keys``/``values`` are views into buffers with
+    spare room, which grow by half when full.
+
+    ``DynamicLayer`` concatenates on every update, re-allocating and copying the whole
+    layer each step; here an append writes only the new entries, and dropping entries
+    (``crop``) only shortens the views. Measured with SmolLM2-135M on this project's 2-core
+    CPU (one thread, ``ar``): a step of 8 rows with prompts of 40-770 tokens took 306-324 ms
+    against 415-478 ms with ``DynamicLayer``; one row after a 769-token prompt 116-124 ms
+    against 127-148 ms.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._k = self._v = None
+        self._len = 0
+
+    def _views(self) -> None:
+        self.keys = self._k[..., : self._len, :]
+        self.values = self._v[..., : self._len, :]
+
+    def _reserve(self, need: int, key_like: torch.Tensor, value_like: torch.Tensor) -> None:
+        room = 0 if self._k is None else self._k.shape[-2]
+        if need <= room:
+            return
+        size = need + max(256, need // 2)
+        k = key_like.new_empty((*key_like.shape[:-2], size, key_like.shape[-1]))
+        v = value_like.new_empty((*value_like.shape[:-2], size, value_like.shape[-1]))
+        if self._len:
+            k[..., : self._len, :] = self._k[..., : self._len, :]
+            v[..., : self._len, :] = self._v[..., : self._len, :]
+        self._k, self._v = k, v
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        self._reserve(self._len + n, key_states, value_states)
+        self._k[..., self._len : self._len + n, :] = key_states
+        self._v[..., self._len : self._len + n, :] = value_states
+        self._len += n
+        self._views()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self._len if self.is_initialized else 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("GrowingLayer.crop takes a negative count (entries to drop from the end)")
+        if tokens_to_remove == 0 or not self.is_initialized:
+            return
+        self._len = max(0, self._len + tokens_to_remove)
+        self._views()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.get_seq_length() > 0:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Makes ``keys``/``values`` (B, H, T, D) the layer's whole content."""
+        self._k = self._v = None
+        self._len = 0
+        self._reserve(keys.shape[-2], keys, values)
+        self._k[..., : keys.shape[-2], :] = keys
+        self._v[..., : keys.shape[-2], :] = values
+        self._len = keys.shape[-2]
+        self._views()
+
+
+class GrowingCache(DynamicCache):
+    """A ``DynamicCache`` made of ``GrowingLayer`` s (full attention in every layer)."""
+
+    def __init__(self):
+        Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
 def new_cache(model) -> DynamicCache:
-    """An empty dynamic cache with full (not sliding) layers for every model.
+    """An empty cache with full (not sliding) layers for every model.
 
     Tree steps append more entries than they keep; sliding layers refuse to roll back
     past their window. Full layers are exact here because the engine refuses requests
     longer than a model's sliding window.
     """
-    return DynamicCache()
+    return GrowingCache()
 
 
 def cache_length(cache) -> int:
@@ -74,10 +153,14 @@ def join_row(batch, row):
     if batch is None:
         return row
     length = max(cache_length(batch), cache_length(row))
-    for (layer, name, a), (_, _, b) in zip(_layer_tensors(batch), _layer_tensors(row)):
+
+    def stack(a, b):
         a = torch.nn.functional.pad(a, (0, 0, 0, length - a.shape[-2]))
         b = torch.nn.functional.pad(b, (0, 0, 0, length - b.shape[-2]))
-        setattr(layer, name, torch.cat([a, b.to(a.device)], dim=0))
+        return torch.cat([a, b.to(a.device)], dim=0)
+
+    for layer, other in zip(batch.layers, row.layers):
+        layer.replace(stack(layer.keys, other.keys), stack(layer.values, other.values))
     return batch
 
 

@@ -203,6 +203,7 @@ class AutoTreeJacobi(TreeJacobi):
         self.explore = False
         self.exploring = False
         self.choices: list[dict] = []
+        self.cap: int | None = None   # in a batch: the most inputs this row may use (batch_width)
         if self.prior:
             self._reselect(None)
         else:
@@ -262,11 +263,29 @@ class AutoTreeJacobi(TreeJacobi):
             basis += own if len(own) >= self.OWN else [o for o in self.prior if o.guessed == kind] + own
         return basis
 
+    def options(self) -> list:
+        """This row's candidate trees (``autotree.Choice``) under what it has scored so far."""
+        from msn.decoding.autotree import candidates
+
+        return candidates(self._basis(), self.latency, self.retrieve_len)
+
+    def set_cap(self, inputs: int) -> None:
+        """In a batch whose steps are ``inputs`` wide: from now on run the candidate with the
+        most expected tokens that fits (the width is paid for every row anyway)."""
+        self.cap = inputs
+        self._reselect(None)
+
     def _reselect(self, history) -> None:
-        from msn.decoding.autotree import candidates, choose
+        from msn.decoding.autotree import candidates, choose, fullest
 
         self._resolve(history)
         basis = self._basis()
+        if self.cap is not None:
+            self.choice = fullest(candidates(basis, self.latency, self.retrieve_len), self.cap)
+            self._use(self.choice.nodes, self.choice.retrieval)
+            self.explore = False
+            self.choices.append({"step": self.steps, "cap": self.cap, **self.choice.describe()})
+            return
         self.choice = choose(basis, self.latency, self.retrieve_len)
         self._use(self.choice.nodes, self.choice.retrieval)
         with_topk = [c for c in candidates(basis, self.latency, self.retrieve_len) if c.nodes]
