@@ -111,8 +111,8 @@ def model(models):
 
 API_CASES = [
     (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "empty prompt"),
-    (dict(input_ids=torch.ones(2, 4, dtype=torch.long)), "batch size 2"),
-    (dict(input_ids=[[1, 2, 3]]), "must be a tensor"),
+    (dict(input_ids=torch.ones(2, 1, 4, dtype=torch.long)), r"shape \(1, T\)"),
+    (dict(input_ids="1 2 3"), "must be a tensor"),
     (dict(input_ids=torch.ones(1, 4)), "integer token ids, got dtype float32"),
     (dict(input_ids=torch.ones(1, 4, dtype=torch.bool)), "integer token ids"),
     (dict(input_ids=torch.tensor([[3, 4, 96]])), "token id 96, outside the model's vocabulary"),

@@ -13,7 +13,9 @@ every row returns exactly what ``msn.generate`` returns for it alone: the greedy
 
 from __future__ import annotations
 
+import collections
 import itertools
+import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -85,6 +87,8 @@ class BatchDecoder:
         self.steps = 0
         self.width: int | None = None      # --tree auto: the batch's step width (inputs per row)
         self.resize = False                # rows joined or left: choose the width again
+        self.timings: dict[tuple[int, int], collections.deque] = {}   # (rows, width) -> recent step seconds
+        self.realized: dict[int, collections.deque] = {}              # batch width -> recent (tokens, seconds)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -150,10 +154,38 @@ class BatchDecoder:
 
         latency = step_latency(self.model)
         rows = len(self.rows)
-        self.width = batch_width([p.options() for p in auto], lambda w: latency(rows * w))
+
+        def seconds(w: int) -> float:
+            # This batch's own measured steps where there are some; else the one-row ladder at
+            # rows x w inputs, scaled by how this batch's one-input steps compare with it.
+            seen = self.timings.get((rows, w))
+            if seen:
+                return statistics.median(seen)
+            base = self.timings.get((rows, 1))
+            scale = statistics.median(base) / latency(rows) if base else 1.0
+            return latency(rows * w) * scale
+
+        wanted = batch_width([p.options() for p in auto], seconds)
+        # Estimates can be optimistic (acceptance from earlier runs, wide steps costlier than the
+        # ladder says): a wider step stays only while its realized tokens per second beat the
+        # one-input step's. Measure one input first, then try the wider width once.
+        narrow, wide = self._realized(1), self._realized(wanted)
+        if wanted == 1 or narrow is None:
+            self.width = 1
+        elif wide is None:
+            self.width = wanted
+        else:
+            self.width = wanted if wide > narrow else 1
         for p in auto:
             p.set_cap(self.width)
         self.resize = False
+
+    def _realized(self, width: int, least: int = 4) -> float | None:
+        """Tokens per second of this batch's recent steps at ``width`` (None: too few)."""
+        seen = self.realized.get(width)
+        if not seen or len(seen) < least:
+            return None
+        return sum(t for t, _ in seen) / sum(s for _, s in seen)
 
     def _drop(self, indices: list[int]) -> None:
         keep = [i for i in range(len(self.rows)) if i not in set(indices)]
@@ -179,6 +211,7 @@ class BatchDecoder:
             return []
         device, rows = self.device, self.rows
         self._size_trees()
+        started = time.perf_counter()
         for row in rows:
             if row.proposer is None:
                 row.paths, row.cand = (), torch.zeros(0, 1, dtype=torch.long, device=device)
@@ -215,6 +248,8 @@ class BatchDecoder:
             preds.append(pred)
         host = torch.cat(packed).tolist()          # the step's one sync
         self.steps += 1
+        self.timings.setdefault((len(rows), width), collections.deque(maxlen=8)).append(
+            time.perf_counter() - started)
         keeps, done, offset = [], [], 0
         for r, (row, tree) in enumerate(zip(rows, trees)):
             size = packed[r].numel()
@@ -232,6 +267,9 @@ class BatchDecoder:
             if row.proposer is not None:
                 row.history.extend(new)
                 row.proposer.update(feedback, row.history)
+        if self.width is not None:
+            self.realized.setdefault(self.width, collections.deque(maxlen=16)).append(
+                (sum(len(k) for k in keeps), time.perf_counter() - started))
         kv.keep_paths(self.cache, [row.length for row in rows], keeps, width)
         for row, keep in zip(rows, keeps):
             row.length += len(keep)

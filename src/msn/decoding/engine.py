@@ -335,7 +335,7 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
     """Checks one request; returns the ``max_new_tokens`` to use (cut to the context with
     ``fit_context``)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise MsnError("input_ids must be a tensor of shape (1, T)")
+        raise MsnError("input_ids must be a tensor of shape (1, T) for one prompt, (B, T) for a batch")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
         raise MsnError(f"input_ids must hold integer token ids, got dtype {str(input_ids.dtype).replace('torch.', '')}")
     if input_ids.shape[0] != 1:
