@@ -31,6 +31,12 @@ def generate(model, *args, **kwargs):
     return run(model, *args, **kwargs)
 '''
 
+# Generation settings msn's decoders do not implement: refused unless at transformers' default.
+_UNSUPPORTED_CONFIG = ("num_beams", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
+                       "min_length", "min_new_tokens", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
+                       "forced_bos_token_id", "forced_eos_token_id", "stop_strings", "typical_p", "min_p",
+                       "epsilon_cutoff", "eta_cutoff", "encoder_repetition_penalty", "sequence_bias",
+                       "guidance_scale", "penalty_alpha", "prompt_lookup_num_tokens", "assistant_early_exit")
 # generate() arguments transformers passes to a custom function; these must be unused.
 _UNSUPPORTED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
                 "negative_prompt_ids", "negative_prompt_attention_mask")
@@ -68,6 +74,13 @@ def run(model, inputs: torch.Tensor | None = None, generation_config=None, strea
     unused = {k: v for k, v in unused.items() if v is not None}
     if unused:
         raise MsnError(f"msn's custom_generate does not take {', '.join(sorted(unused))}")
+    from transformers import GenerationConfig
+
+    default = GenerationConfig()
+    changed = [n for n in _UNSUPPORTED_CONFIG if getattr(config, n, None) != getattr(default, n, None)]
+    if changed:
+        raise MsnError(f"msn's custom_generate decodes greedily or samples; it does not implement "
+                       f"{', '.join(f'{n}={getattr(config, n)!r}' for n in changed)}")
     new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[1]
     if config.do_sample:
         options.update(do_sample=True, temperature=config.temperature, top_k=config.top_k,

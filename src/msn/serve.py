@@ -438,6 +438,9 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
 
     if not is_int(port) or not 0 <= port <= 65535:
         raise MsnError(f"--port must be in 0..65535, got {port!r}")
+    if not is_int(max_batch) or max_batch < 1:
+        raise MsnError(f"--max-batch must be a positive integer, got {max_batch!r}")
+    DecodeConfig.from_options(method, options)
     model, tok = load_for_inference(model_path, device, dtype)
     server = Server(model, tok, name=name or Path(model_path).name, method=method, max_batch=max_batch, **options)
     uvicorn.run(server.app, host=host, port=port, log_level="info")

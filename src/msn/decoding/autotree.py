@@ -65,13 +65,15 @@ def latency_key(model, device, dtype) -> dict:
     import torch
     import transformers
 
+    import msn
+
     cfg = model.config.to_json_string(use_diff=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"model": hashlib.sha1(cfg.encode()).hexdigest()[:16], "model_type": model.config.model_type,
             "device": name, "dtype": str(dtype).replace("torch.", ""),
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "msn": msn.__version__}
 
 
 def load_latency(key: dict) -> Latency | None:
