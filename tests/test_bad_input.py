@@ -26,6 +26,7 @@ CLI_CASES = [
     (["serve", "--model", "/no/such/model"], "does not exist"),
     (["serve", "--model", "{ckpt}", "--max-batch", "0"], "--max-batch must be a positive integer"),
     (["serve", "--model", "{ckpt}", "--port", "70000"], "--port must be in 0..65535"),
+    (["serve", "--model", "{ckpt}", "--host", "192.0.2.1"], "cannot listen on 192.0.2.1"),
     (["serve", "--model", "{ckpt}", "--method", "pld", "--tree", "small"], "--tree: they need --method tr-jacobi"),
     (["export-generate", "{good}"], "is a file, not a folder"),
     (["train", "--model", "/no/such/model", "--data", "d.jsonl", "--output-dir", "o"], "does not exist"),

@@ -13,9 +13,11 @@ and ``seed`` apply): the default is msn's, greedy and identical to ``msn generat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import queue
+import signal
 import threading
 import time
 import uuid
@@ -441,6 +443,29 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
     if not is_int(max_batch) or max_batch < 1:
         raise MsnError(f"--max-batch must be a positive integer, got {max_batch!r}")
     DecodeConfig.from_options(method, options)
+    import socket
+
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise MsnError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
     model, tok = load_for_inference(model_path, device, dtype)
     server = Server(model, tok, name=name or Path(model_path).name, method=method, max_batch=max_batch, **options)
-    uvicorn.run(server.app, host=host, port=port, log_level="info")
+
+    class Quiet(uvicorn.Server):
+        """Ctrl-C or SIGTERM stops serving and returns, without re-raising the signal."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            def stop(*_):
+                self.should_exit = True
+
+            previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    Quiet(uvicorn.Config(server.app, host=host, port=port, log_level="info")).run()
