@@ -46,8 +46,6 @@ class _Row:
     root: int
     result: DecodeResult
     started: float
-    paths: tuple = ()
-    cand: torch.Tensor | None = None
 
 
 @dataclass
@@ -74,7 +72,7 @@ class BatchDecoder:
     """
 
     def __init__(self, model, method: str = "tr-jacobi", **options):
-        self.base = DecodeConfig.from_options(method, options)
+        DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
         self.model = model
         self.method = method
@@ -212,22 +210,19 @@ class BatchDecoder:
         device, rows = self.device, self.rows
         self._size_trees()
         started = time.perf_counter()
-        for row in rows:
-            if row.proposer is None:
-                row.paths, row.cand = (), torch.zeros(0, 1, dtype=torch.long, device=device)
-            else:
-                row.paths, row.cand = row.proposer.propose(row.history)
-        trees = [compiled_on(row.paths, str(device)) for row in rows]
+        # This step's drafts: (paths, candidate table) per row; ``ar`` rows draft nothing.
+        drafts = [row.proposer.propose(row.history) if row.proposer is not None else ((), None) for row in rows]
+        trees = [compiled_on(paths, str(device)) for paths, _ in drafts]
         width = max(t.num_inputs for t in trees)
         past = kv.cache_length(self.cache)
         ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
         seen = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)   # padding sees itself
-        for r, (row, tree) in enumerate(zip(rows, trees)):
+        for r, (row, tree, (_, cand)) in enumerate(zip(rows, trees, drafts)):
             n = tree.num_inputs
             ids[r, 0] = row.root
             if n > 1:
-                ids[r, 1:n] = row.cand[tree.node_pos, tree.node_col]
+                ids[r, 1:n] = cand[tree.node_pos, tree.node_col]
             positions[r] = row.length
             positions[r, :n] += tree.depths
             seen[r, :n, :n] = tree.ancestor
@@ -254,7 +249,7 @@ class BatchDecoder:
         keeps, done, offset = [], [], 0
         for r, (row, tree) in enumerate(zip(rows, trees)):
             size = packed[r].numel()
-            new, feedback = read_verdict(host[offset : offset + size], row.paths, logits[r, : tree.num_inputs],
+            new, feedback = read_verdict(host[offset : offset + size], drafts[r][0], logits[r, : tree.num_inputs],
                                          preds[r], row.sampler if row.sample_drafts else None)
             offset += size
             keeps.append([0] + feedback.path[: feedback.accepted])
