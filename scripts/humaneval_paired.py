@@ -11,7 +11,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from msn.data.records import ensure_chat_template
-from msn.evaluate import HUMANEVAL_MAX_NEW_TOKENS, humaneval_attempt, humaneval_problems
+from msn.evaluate import HUMANEVAL_MAX_NEW_TOKENS, humaneval_check, humaneval_completions, humaneval_problems
 from msn.loading import load_for_inference
 
 
@@ -43,7 +43,8 @@ def main() -> None:
             for n, (model, tok) in models.items():
                 if (p["task_id"], n) in done:
                     continue
-                passed = humaneval_attempt(model, tok, p, "pld", a.max_new_tokens)["passed"]
+                answer = humaneval_completions(model, tok, [p], a.max_new_tokens, progress=False)
+                passed = humaneval_check([p], answer, progress=False)[0]["passed"]
                 f.write(json.dumps({"task_id": p["task_id"], "model": n, "passed": passed}) + "\n")
                 f.flush()
     print(json.dumps(summary(out, names)))

@@ -35,16 +35,94 @@ def test_humaneval_pipeline_runs_a_canonical_solution():
     assert not check_correctness(p, "    return None\n", 5.0)["passed"]
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_batched_humaneval_answers_equal_one_at_a_time_greedy(tmp_path, family):
+    """model.generate over left-padded batches gives each problem msn's greedy answer, so
+    pass@1 by batches is pass@1 of greedy decoding."""
+    import msn
+    from msn.bench.prompts import humaneval_instruction
+    from msn.data.records import encode_prompt, ensure_chat_template
+    from msn.evaluate import humaneval_check, humaneval_completions, humaneval_problems
+    from msn.loading import load_for_inference
+
+    model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m", family)), device="cpu", dtype="float32")
+    ensure_chat_template(tok)
+    problems = humaneval_problems(5)
+    batched = humaneval_completions(model, tok, problems, 20, batch_size=3, progress=False)
+    single = []
+    for p in problems:
+        ids = encode_prompt(tok, [{"role": "user", "content": humaneval_instruction(p["prompt"])}])
+        single.append(tok.decode(msn.generate(model, ids, method="ar", max_new_tokens=20).tokens,
+                                 skip_special_tokens=True))
+    assert batched == single
+    assert [r["passed"] for r in humaneval_check(problems, batched, progress=False)] == \
+        [r["passed"] for r in humaneval_check(problems, single, progress=False)]
+    # The checker passes a right answer given in a code block.
+    right = humaneval_check(problems[:1], [f"```python\n{problems[0]['prompt']}{problems[0]['canonical_solution']}```"],
+                            progress=False)
+    assert right[0]["passed"]
+
+
+def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
+    """The reproduction measures acceptance in batches; each decoder's steps equal its
+    steps on the prompts one at a time, and every output equals ar's."""
+    import msn
+    from msn.data.records import encode_prompt, ensure_chat_template
+    from msn.experiments.reproduce import ACCEPT_METHODS, acceptance
+    from msn.loading import load_for_inference
+
+    model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
+    ensure_chat_template(tok)
+    turns = ["def add(a, b): return a + b; def add(a, b):", "print(1)\nprint(1)\nprint(", "x = [1, 2, 3]"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    table = acceptance(model, tok, questions, list(ACCEPT_METHODS), 16, batch=2, progress=False)
+    for name, (method, options) in ACCEPT_METHODS.items():
+        steps = sum(msn.generate(model, encode_prompt(tok, [{"role": "user", "content": t}]), method=method,
+                                 max_new_tokens=16, **options).steps for t in turns)
+        assert table[name]["steps"] == steps, name
+        assert table[name]["match_rate"] == 1.0
+    assert table["ar"]["mean_accepted_tokens"] == 1.0
+
+
 @pytest.mark.slow
 def test_reproduce_smoke(tmp_path):
-    from msn.experiments.reproduce import run
+    """The gpu preset's pipeline on a tiny model: variants trained at once, models evaluated
+    at once, the best MSN model timed, and a rerun that reuses every stage."""
+    from msn.experiments.reproduce import PRESETS, run
 
     base = tiny_checkpoint(tmp_path / "base")
     res = run("smoke", tmp_path / "out", base_model=str(base))
-    assert set(res["models"]) == {"base", "sft", "msn"}
+    assert set(res["models"]) == {"base", *PRESETS["smoke"].names}
     for entry in res["models"].values():
-        assert entry["methods"]["tr-jacobi"]["match_rate"] == 1.0
-    assert (tmp_path / "out" / "results.json").exists()
+        assert entry["humaneval_problems"] == 2 and entry["held_out_loss"] > 0
+        assert all(v["match_rate"] == 1.0 for v in entry["accept"].values())
+        assert set(entry["accept"]) == set(PRESETS["smoke"].accept_methods)
+    assert res["claim"]["msn"] == "msn-4spans" and res["claim"]["min_match_rate"] == 1.0
+    assert set(res["timing"]["methods"]) == {"ar", "hf-generate", "tr-jacobi"}
+    for f in ("results.json", "results.md", "acceptance.png", "sft/msn_config.json", "msn-4spans/msn_config.json"):
+        assert (tmp_path / "out" / f).exists(), f
+    noise = json.loads((tmp_path / "out" / "msn-4spans" / "msn_config.json").read_text())["config"]["noise"]
+    assert noise["num_spans"] == 4
+    again = run("smoke", tmp_path / "out", base_model=str(base))
+    assert again["models"] == res["models"] and again["times"]["train_s"] == res["times"]["train_s"]
+
+
+def test_base_model_may_be_a_gguf_file_or_folder(tmp_path):
+    from msn.errors import MsnError
+    from msn.experiments.stages import _gguf_file
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    assert _gguf_file(ckpt) is None
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "m.gguf").write_bytes(b"GGUF")
+    assert _gguf_file(tmp_path / "g") == tmp_path / "g" / "m.gguf"
+    assert _gguf_file(tmp_path / "g" / "m.gguf") == tmp_path / "g" / "m.gguf"
+    (tmp_path / "g" / "n.gguf").write_bytes(b"GGUF")
+    with pytest.raises(MsnError, match="2 .gguf files"):
+        _gguf_file(tmp_path / "g")
+    with pytest.raises(MsnError, match="checkpoint folder or a .gguf file"):
+        _gguf_file(ckpt / "config.json")
 
 
 @pytest.mark.slow

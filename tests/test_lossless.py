@@ -107,3 +107,34 @@ def test_max_new_tokens_and_eos_cut_a_multi_token_step(models):
     if eos not in full.tokens[: cut - 1]:
         got = msn.generate(model, x, method="pld", max_new_tokens=40, eos_token_id=eos)
         assert got.tokens == full.tokens[:cut]
+
+
+def test_the_tree_without_retrieval_is_lossless_and_retrieves_nothing(models):
+    """``retrieve=False`` (the reproduction's "tree-noret" row): the output stays greedy's,
+    and the retrieval chain holds noise where retrieval would have found a continuation."""
+    from msn.decoding.history import TokenHistory, find_continuation
+    from msn.decoding.proposers import TreeJacobi
+
+    model = models("llama")
+    for ids in prompts(5)[:8]:
+        x = torch.tensor([ids])
+        want = msn.generate(model, x, method="ar", max_new_tokens=24, eos_token_id=[]).tokens
+        off = msn.generate(model, x, method="tr-jacobi", tree="reference", retrieve=False, max_new_tokens=24,
+                           eos_token_id=[])
+        assert off.tokens == want
+    seq = list(range(3, 53)) * 2 + [3, 4, 5]
+    found = find_continuation(torch.tensor(seq), 3, 5, min_ngram=1, latest=True)
+    assert found == [6, 7, 8, 9, 10]
+    for retrieve in (True, False):
+        proposer = TreeJacobi(torch.device("cpu"), tree="small", retrieve_len=5, retrieve_ngram=3, retrieve=retrieve)
+        proposer.propose(TokenHistory(seq, seed=0))
+        assert (proposer.retrieved == found) == retrieve
+
+
+def test_retrieve_false_needs_a_fixed_tree():
+    model = tiny_model("llama")
+    with pytest.raises(msn.MsnError, match="retrieve=False needs a fixed tree"):
+        msn.generate(model, torch.tensor([[3, 4, 5]]), method="tr-jacobi", retrieve=False, max_new_tokens=4)
+    with pytest.raises(msn.MsnError, match="retrieve must be True or False"):
+        msn.generate(model, torch.tensor([[3, 4, 5]]), method="tr-jacobi", tree="small", retrieve="no",
+                     max_new_tokens=4)

@@ -47,7 +47,7 @@ def test_training_lowers_loss_and_saves_a_loadable_model(setup, tmp_path):
     assert summary["eval_loss"] < losses[0]
     AutoModelForCausalLM.from_pretrained(out)
     saved = json.loads((out / "msn_config.json").read_text())
-    assert saved["config"]["noise"] == {"span_len": 5, "num_spans": 1, "source": "ahead", "enabled": True}
+    assert saved["config"]["noise"] == {"span_len": 5, "num_spans": 4, "source": "ahead", "enabled": True}
     assert (out / "tokenizer_config.json").exists()
 
 

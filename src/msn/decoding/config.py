@@ -52,6 +52,8 @@ class DecodeConfig:
             gives a custom tree.
         retrieve_len: length of TR-Jacobi's retrieval chain.
         retrieve_ngram: n-gram size matched for retrieval (falls back to shorter ones).
+        retrieve: False fills TR-Jacobi's retrieval chain with noise instead of a retrieved
+            continuation (an ablation: what the tree alone accepts); fixed trees only.
         pld_tokens: tokens proposed by prompt lookup (``prompt_lookup_num_tokens``).
         pld_ngram: largest n-gram matched by prompt lookup (``max_matching_ngram_size``).
         lookahead_window / lookahead_ngram / lookahead_guesses: Lookahead's W, N, G.
@@ -72,6 +74,7 @@ class DecodeConfig:
     tree: str | list = "auto"
     retrieve_len: int = 5
     retrieve_ngram: int = 3
+    retrieve: bool = True
     pld_tokens: int = 10
     pld_ngram: int = 2
     lookahead_window: int = 5
@@ -105,6 +108,11 @@ class DecodeConfig:
             if not self.tree:
                 raise MsnError("malformed tree: it has no node; give at least one path, e.g. [(0,)]")
             self.tree = [tuple(p) for p in validate_paths(self.tree)]
+        if not isinstance(self.retrieve, bool):
+            raise MsnError(f"retrieve must be True or False, got {self.retrieve!r}")
+        if not self.retrieve and self.method == "tr-jacobi" and self.tree == "auto":
+            raise MsnError("retrieve=False needs a fixed tree (e.g. tree='reference'); tree='auto' chooses "
+                           "whether to use the retrieval chain by itself")
         if self.lookahead_ngram < 2:
             raise MsnError(f"lookahead_ngram must be at least 2, got {self.lookahead_ngram}")
         if not isinstance(self.do_sample, bool):

@@ -147,12 +147,13 @@ def make_proposer(cfg: DecodeConfig, model) -> Proposer | None:
     if cfg.method == "tr-jacobi":
         if not isinstance(cfg.tree, str):
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
-                              retrieve_ngram=cfg.retrieve_ngram)
+                              retrieve_ngram=cfg.retrieve_ngram, retrieve=cfg.retrieve)
         if cfg.tree == "auto":
             return AutoTreeJacobi(device, latency=step_latency(model), retrieve_len=cfg.retrieve_len,
                                   retrieve_ngram=cfg.retrieve_ngram,
                                   store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram))
-        return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram)
+        return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram,
+                          retrieve=cfg.retrieve)
     if cfg.method == "pld":
         return PromptLookup(device, num_tokens=cfg.pld_tokens, max_ngram=cfg.pld_ngram)
     if cfg.method == "lookahead":

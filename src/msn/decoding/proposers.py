@@ -107,11 +107,13 @@ class TreeJacobi(Proposer):
     from the previous step's logits along the chosen path, after its accepted part),
     plus one chain holding a continuation retrieved from the text so far. Positions
     without a guess and a retrieval shorter than its chain are filled with noise drawn
-    from the sequence, the distribution MSN training uses.
+    from the sequence, the distribution MSN training uses. ``retrieve=False`` fills the
+    chain with noise always (the tree alone, an ablation).
     """
 
     def __init__(self, device, *, retrieve_len: int, retrieve_ngram: int, tree: str | None = None,
-                 topk_paths: list[Path] | None = None, topk: int | None = None, retrieve_min_ngram: int = 1):
+                 topk_paths: list[Path] | None = None, topk: int | None = None, retrieve_min_ngram: int = 1,
+                 retrieve: bool = True):
         super().__init__(device)
         if (tree is None) == (topk_paths is None):
             raise ValueError("give a tree preset name or topk_paths, not both")
@@ -121,6 +123,7 @@ class TreeJacobi(Proposer):
         self.retrieve_len = retrieve_len
         self.ngram = retrieve_ngram
         self.min_ngram = retrieve_min_ngram
+        self.retrieve = retrieve
         self.paths = tuple(topk_paths) + tuple(chain(retrieve_len, column=self.k))
         self.positions = max(max((len(p) for p in topk_paths), default=0), retrieve_len)
         self.table: torch.Tensor | None = None     # (positions, k) top-K guesses
@@ -138,7 +141,7 @@ class TreeJacobi(Proposer):
         if self.table is None:
             self.table = self._noise_rows(history, self.positions)
         found = find_continuation(history.tokens(), self.ngram, self.retrieve_len,
-                                  min_ngram=self.min_ngram, latest=True)
+                                  min_ngram=self.min_ngram, latest=True) if self.retrieve else []
         if len(found) < self.retrieve_len:
             found = found + history.noise(self.retrieve_len - len(found))
         self.retrieved = found

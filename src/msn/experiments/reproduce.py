@@ -1,22 +1,46 @@
 """``msn reproduce --preset {cpu,pilot,gpu,smoke}``: MSN versus plain SFT on SmolLM2-135M-Instruct
-with the stdlib code set.
+with the stdlib code set, quality included.
 
-Fetches the model, builds the data, fine-tunes twice with identical data, settings and
-seed (plain SFT, then MSN), and evaluates the base model and both fine-tuned models:
-held-out response loss on clean inputs, HumanEval pass@1, and the acceleration of every
-decoder on held-out prompts (``msn bench``). Results go to ``OUT/results.json``; every
-stage is skipped when its output exists, so an interrupted run continues where it stopped.
+Stages, each skipped when its output exists (so an interrupted run continues):
+
+1. the base model (fetched, a checkpoint folder, or converted from a carried GGUF file)
+   and the data (built here, or a carried ``--data`` folder);
+2. fine-tuning of every variant with identical data, settings and seed: plain SFT and
+   MSN with one or more noise settings (on a GPU all at once, in separate processes);
+3. evaluation of the base model and every variant (on a GPU all at once): held-out
+   response loss on clean inputs, HumanEval pass@1 by batched greedy ``model.generate``,
+   and the mean accepted tokens per step of every decoder on held-out prompts, with each
+   output checked against ``ar``'s;
+4. wall-clock speedups of the best MSN model, timed alone, against ``ar`` and
+   ``model.generate`` (``msn bench``);
+5. ``results.json``, ``results.md`` and ``acceptance.png``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from msn.experiments.stages import evaluate_checkpoint, prepare, train_stage
-from msn.noise import NoiseConfig
+from msn.errors import MsnError
+from msn.experiments.stages import prepare, train_stage
+from msn.noise import DEFAULT_NOISE_SPANS, NoiseConfig
+
+log = logging.getLogger("msn.experiments")
+
+# Acceptance rows: name -> (decoder, options). The trees are fixed so acceptance does not
+# depend on the hardware; "tree-noret" is the tree with its retrieval chain filled by noise.
+ACCEPT_METHODS = {
+    "ar": ("ar", {}),
+    "jacobi": ("jacobi", {}),
+    "tree-noret": ("tr-jacobi", {"tree": "reference", "retrieve": False}),
+    "tr-jacobi": ("tr-jacobi", {"tree": "reference"}),
+    "pld": ("pld", {}),
+    "lookahead": ("lookahead", {}),
+}
 
 
 @dataclass
@@ -24,13 +48,21 @@ class Preset:
     """Sizes of one reproduction run.
 
     Attributes:
-        steps / batch_size / grad_accum / max_length / lr: training of SFT and MSN.
-        noise_spans / noise_len: MSN noise (the paper: 1 span of 5).
-        heldout_prompts: held-out prompts decoded by the bench.
+        steps / batch_size / grad_accum / max_length / lr / warmup: training of every variant
+            (cosine schedule; warmup in steps if >= 1, else a fraction of the steps).
+        variants: (name, noise spans per sample) of each fine-tuned model; 0 spans is plain SFT.
+        noise_len: MSN span length L.
+        parallel: train the variants at once and evaluate the models at once, one process each
+            (one GPU has room for all; on a CPU they would only share the cores).
         heldout_loss_examples: held-out examples scored for loss.
-        humaneval_limit: HumanEval problems (None: all 164).
-        max_new_tokens: per bench prompt; humaneval_tokens: per HumanEval answer.
-        methods: decoders benchmarked; tree: TR-Jacobi preset (None: the decoder's default).
+        accept_prompts / accept_stride: held-out prompts decoded for acceptance (every
+            ``accept_stride``-th held-out record); accept_tokens: new tokens per prompt;
+            accept_methods: rows of ``ACCEPT_METHODS``; accept_batch: prompts decoded per batch.
+        humaneval_limit: HumanEval problems (None: all 164); humaneval_tokens: per answer;
+            humaneval_batch: answers generated per batch.
+        timing_prompts / timing_tokens / timing_methods: the best MSN model timed alone.
+        precision: training precision (evaluation is always float32, so every decoder's
+            output can be checked against ``ar``'s token for token).
     """
 
     steps: int = 150
@@ -38,80 +70,354 @@ class Preset:
     grad_accum: int = 1
     max_length: int = 384
     lr: float = 5e-5
-    noise_spans: int = 1
+    warmup: float = 0.03
+    variants: tuple[tuple[str, int], ...] = (("sft", 0), ("msn", DEFAULT_NOISE_SPANS))
     noise_len: int = 5
-    heldout_prompts: int = 20
+    parallel: bool = False
     heldout_loss_examples: int = 300
+    accept_prompts: int = 20
+    accept_stride: int = 1
+    accept_tokens: int = 128
+    accept_methods: tuple[str, ...] = ("ar", "jacobi", "tree-noret", "tr-jacobi", "pld")
+    accept_batch: int = 4
     humaneval_limit: int | None = None
-    max_new_tokens: int = 128
     humaneval_tokens: int = 320
-    methods: list[str] = field(default_factory=lambda: ["ar", "pld", "lookahead", "jacobi", "tr-jacobi"])
-    tree: str | None = None
+    humaneval_batch: int = 8
+    timing_prompts: int = 5
+    timing_tokens: int = 128
+    timing_methods: tuple[str, ...] = ("ar", "hf-generate", "pld", "tr-jacobi")
     precision: str = "fp32"
 
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.variants]
+
+
+GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
 PRESETS = {
-    # About 2 hours on a 2-core CPU.
+    # About 2 hours on a 2-core CPU: a tenth of an epoch, too few tokens to show the effect.
     "cpu": Preset(),
-    # One GPU: a real epoch-scale run.
-    # Under an hour on a 2-core CPU: a first look at the acceptance gap, not the full claim.
-    "pilot": Preset(steps=60, heldout_prompts=10, heldout_loss_examples=100, humaneval_limit=20,
-                    humaneval_tokens=256, methods=["ar", "pld", "jacobi", "tr-jacobi"], noise_spans=4),
-    # Minutes on a tiny model: checks the pipeline, not the method.
-    "smoke": Preset(steps=2, batch_size=2, max_length=128, heldout_prompts=2, heldout_loss_examples=4,
-                    humaneval_limit=2, max_new_tokens=8, humaneval_tokens=16, methods=["ar", "tr-jacobi"]),
-    "gpu": Preset(steps=3000, batch_size=16, max_length=1024, lr=2e-5, heldout_prompts=80,
-                  heldout_loss_examples=1204, max_new_tokens=256, humaneval_tokens=512, precision="bf16"),
+    # Under an hour on a 2-core CPU: a first look, not the claim.
+    "pilot": Preset(steps=60, heldout_loss_examples=100, accept_prompts=8, humaneval_limit=20,
+                    humaneval_tokens=256, timing_prompts=3),
+    # One H100/H200, under 9 minutes with the model and data carried: the settings of the
+    # reference run (docs/results/smollm2-code-gpu.md), ~3 epochs of the stdlib code set.
+    "gpu": Preset(steps=430, batch_size=32, max_length=512, lr=1e-4, warmup=20, variants=GPU_VARIANTS,
+                  parallel=True, accept_prompts=10, accept_stride=50, accept_tokens=200, accept_batch=10,
+                  humaneval_tokens=384, humaneval_batch=164, timing_prompts=4, timing_tokens=200,
+                  timing_methods=("ar", "hf-generate", "pld", "tr-jacobi"), precision="bf16"),
+    # Minutes on a tiny model: the gpu preset's pipeline (parallel stages included), not the method.
+    "smoke": Preset(steps=2, batch_size=2, max_length=128, warmup=0, variants=GPU_VARIANTS, parallel=True,
+                    heldout_loss_examples=4, accept_prompts=2, accept_tokens=8, humaneval_limit=2,
+                    humaneval_tokens=16, humaneval_batch=2, timing_prompts=1, timing_tokens=8,
+                    timing_methods=("ar", "hf-generate", "tr-jacobi")),
 }
 
 
-def run(preset_name: str, out: Path, models=("base", "sft", "msn"), spans: int | None = None,
-        base_model: str | None = None) -> dict:
+def _variant_noise(spans: int, preset: Preset) -> NoiseConfig:
+    return NoiseConfig(enabled=False) if spans == 0 else NoiseConfig(span_len=preset.noise_len, num_spans=spans)
+
+
+def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, log_file: str | None) -> None:
+    """One variant's fine-tuning (run in a child process when the preset is parallel)."""
+    if log_file:
+        _to_log(log_file)
+    train_stage(Path(target), base, Path(data), _variant_noise(spans, preset), steps=preset.steps,
+                batch_size=preset.batch_size, max_length=preset.max_length, lr=preset.lr,
+                save_steps=max(preset.steps // 3, 1), grad_accum=preset.grad_accum, precision=preset.precision,
+                warmup=preset.warmup)
+
+
+def _to_log(path: str) -> None:
+    """Sends this (child) process's output to ``path``."""
+    import sys
+
+    f = open(path, "a", buffering=1, encoding="utf-8")
+    os.dup2(f.fileno(), 1)
+    os.dup2(f.fileno(), 2)
+    sys.stdout = sys.stderr = f
+
+
+def _in_parallel(jobs: list[tuple[str, tuple]], target, what: str, log_dir: Path) -> None:
+    """Runs ``target(*args, log_file)`` for every (name, args) at once, one spawned process
+    each (CUDA needs spawn), and waits for all; a failure names its log."""
+    import multiprocessing as mp
+
+    from tqdm import tqdm
+
+    if not jobs:
+        return
+    ctx = mp.get_context("spawn")
+    procs = []
+    for name, args in jobs:
+        log_file = str(log_dir / f"{what}-{name}.log")
+        p = ctx.Process(target=target, args=(*args, log_file), name=f"{what}-{name}")
+        p.start()
+        procs.append((name, p, log_file))
+    print(f"{what}: {', '.join(n for n, *_ in procs)} at once; logs in {log_dir}/{what}-*.log", flush=True)
+    try:
+        with tqdm(total=len(procs), desc=what, unit="run") as bar:
+            for name, p, log_file in procs:
+                p.join()
+                bar.update()
+                if p.exitcode != 0:
+                    raise MsnError(f"{what} of {name} failed (exit {p.exitcode}); see {log_file}")
+    finally:
+        for _, p, _ in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+
+
+def _evaluate_one(name: str, path: str, result_file: str, data: str, questions: str, preset: Preset,
+                  log_file: str | None = None) -> None:
+    """Held-out loss, HumanEval and acceptance of one model, written to ``result_file``."""
     import torch
 
-    from msn.evaluate import humaneval_pass1
+    from msn.data.records import ensure_chat_template
+    from msn.evaluate import heldout_loss, humaneval_pass1
     from msn.loading import load_for_inference
+
+    if log_file:
+        _to_log(log_file)
+        if not torch.cuda.is_available():
+            torch.set_num_threads(1)
+    progress = log_file is None
+    t = time.time()
+    model, tok = load_for_inference(path, dtype="float32")
+    ensure_chat_template(tok)
+    loss = heldout_loss(model, tok, str(Path(data) / "heldout.jsonl"), preset.max_length,
+                        batch_size=preset.batch_size, limit=preset.heldout_loss_examples, progress=progress) \
+        if preset.heldout_loss_examples else None
+    t_loss = time.time()
+    he = humaneval_pass1(model, tok, max_new_tokens=preset.humaneval_tokens, limit=preset.humaneval_limit,
+                         batch_size=preset.humaneval_batch, progress=progress)
+    t_he = time.time()
+    accept = acceptance(model, tok, Path(questions), preset.accept_methods, preset.accept_tokens, preset.accept_batch,
+                        progress=progress)
+    entry = {"path": path, "held_out_loss": loss, "humaneval_pass1": he["pass1"], "humaneval_problems": he["problems"],
+             "accept": accept,
+             "seconds": {"loss": t_loss - t, "humaneval": t_he - t_loss, "accept": time.time() - t_he}}
+    Path(result_file).with_suffix(".humaneval.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in he["results"]))
+    Path(result_file).write_text(json.dumps(entry, indent=2) + "\n")
+
+
+def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, batch: int,
+               progress: bool = True) -> dict:
+    """Mean accepted tokens per step of each decoder (``ACCEPT_METHODS`` rows) on the
+    questions' first turns, decoded in batches; match_rate is the share of outputs
+    identical to ``ar``'s."""
+    import msn
+    from msn.data.records import encode_prompt
+    from tqdm import tqdm
+
+    unknown = sorted(set(methods) - set(ACCEPT_METHODS))
+    if unknown:
+        raise MsnError(f"unknown acceptance method(s) {', '.join(unknown)}; known: {', '.join(ACCEPT_METHODS)}")
+    device = next(model.parameters()).device
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": json.loads(line)["turns"][0]}], device)
+               for line in questions.read_text().splitlines() if line.strip()]
+    order = ["ar"] + [m for m in methods if m != "ar"]
+    outputs: dict[str, list] = {}
+    for name in tqdm(order, desc="acceptance", disable=not progress):
+        method, options = ACCEPT_METHODS[name]
+        outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
+                                     max_batch=batch, **options)
+    table = {}
+    for name in order:
+        rs = outputs[name]
+        steps = sum(r.steps for r in rs)
+        kept = sum(sum(r.accept_lengths) for r in rs)
+        table[name] = {"mean_accepted_tokens": kept / steps if steps else 0.0, "steps": steps,
+                       "tokens": sum(len(r.tokens) for r in rs), "prompts": len(rs),
+                       "match_rate": sum(r.tokens == a.tokens for r, a in zip(rs, outputs["ar"])) / len(rs)}
+    return table
+
+
+def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, spans: int | None = None,
+        base_model: str | None = None, data: str | None = None) -> dict:
+    """Runs (or continues) a reproduction into ``out``; returns the results dict."""
+    import torch
 
     preset = PRESETS[preset_name]
     if spans is not None:
-        preset = replace(preset, noise_spans=spans)
+        preset = replace(preset, variants=tuple((n, 0 if s == 0 else spans) for n, s in preset.variants))
+    known = ["base", *preset.names]
+    models = tuple(models or known)
+    unknown = sorted(set(models) - set(known))
+    if unknown:
+        raise MsnError(f"--models: unknown model(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     out.mkdir(parents=True, exist_ok=True)
-    times = {}
+    times = _load(out / "times.json")
+    t_all = time.time()
     t = time.time()
-    base, data, questions = prepare(out, preset.heldout_prompts, base_model)
-    times["setup_s"] = time.time() - t
-    paths = {"base": str(base)}
-    for name, noise in (("sft", NoiseConfig(enabled=False)),
-                        ("msn", NoiseConfig(span_len=preset.noise_len, num_spans=preset.noise_spans))):
-        if name not in models:
-            continue
-        paths[name] = str(out / name)
+    base, data_dir, questions = prepare(out, preset.accept_prompts, base_model, data, stride=preset.accept_stride)
+    times.setdefault("setup_s", round(time.time() - t, 1))
+    paths = {"base": str(base), **{n: str(out / n) for n in preset.names}}
+
+    to_train = [(n, s) for n, s in preset.variants if n in models and not (out / n / "msn_config.json").exists()]
+    t = time.time()
+    if preset.parallel and len(to_train) > 1:
+        _in_parallel([(n, (paths[n], str(base), str(data_dir), s, preset)) for n, s in to_train], _train_one,
+                     "train", out)
+    else:
+        for n, s in to_train:
+            _train_one(paths[n], str(base), str(data_dir), s, preset, None)
+    if to_train:
+        times["train_s"] = round(time.time() - t, 1)
+    _save(out / "times.json", times)
+
+    to_eval = [n for n in models if not (out / f"eval_{n}.json").exists()]
+    t = time.time()
+    jobs = [(n, (n, paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset)) for n in to_eval]
+    if preset.parallel and len(jobs) > 1:
+        _in_parallel(jobs, _evaluate_one, "eval", out)
+    else:
+        for _, args in jobs:
+            _evaluate_one(*args)
+    if to_eval:
+        times["eval_s"] = round(time.time() - t, 1)
+    _save(out / "times.json", times)
+    entries = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in models}
+    spans_of = dict(preset.variants)
+    for n, e in entries.items():
+        e["noise_spans"] = spans_of.get(n)
+
+    timing = None
+    msn_models = [n for n in models if spans_of.get(n)]
+    if msn_models and preset.timing_prompts:
+        best = max(msn_models, key=lambda n: entries[n]["accept"].get("tr-jacobi", {}).get("mean_accepted_tokens", 0))
         t = time.time()
-        if train_stage(out / name, base, data, noise, steps=preset.steps, batch_size=preset.batch_size,
-                       max_length=preset.max_length, lr=preset.lr, save_steps=max(preset.steps // 3, 1),
-                       grad_accum=preset.grad_accum, precision=preset.precision):
-            times[f"train_{name}_s"] = time.time() - t
-    results = {"models": {}, "config": {"preset": preset_name, **asdict(preset), "torch": torch.__version__},
-               "times": times}
-    for name in models:
-        result_file = out / f"eval_{name}.json"
-        if result_file.exists():
-            results["models"][name] = json.loads(result_file.read_text())
-            continue
-        t = time.time()
-        entry = evaluate_checkpoint(paths[name], out / f"eval_{name}", data, questions, preset.methods,
-                                     preset.max_new_tokens, preset.max_length, preset.heldout_loss_examples,
-                                     preset.tree)
-        model, tok = load_for_inference(paths[name])
-        he = humaneval_pass1(model, tok, method="pld", max_new_tokens=preset.humaneval_tokens,
-                             limit=preset.humaneval_limit)
-        entry = {**entry, "humaneval_pass1": he["pass1"], "humaneval_problems": he["problems"],
-                 "eval_s": time.time() - t}
-        result_file.write_text(json.dumps(entry, indent=2) + "\n")
-        results["models"][name] = entry
-        del model
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results))
+        timing = time_alone(best, paths[best], out / "timing", questions, preset)
+        times.setdefault("timing_s", round(time.time() - t, 1))
+    times["this_call_s"] = round(time.time() - t_all, 1)
+    _save(out / "times.json", times)
+
+    results = {"config": {"preset": preset_name, **asdict(preset), "torch": torch.__version__,
+                          "device": _device_name(), "default_noise_spans": DEFAULT_NOISE_SPANS},
+               "times": times, "models": entries, "timing": timing, "claim": claim(entries, preset)}
+    _save(out / "results.json", results)
+    (out / "results.md").write_text(results_markdown(results))
+    acceptance_plot(entries, out / "acceptance.png")
+    print(json.dumps({"out": str(out), "times": times, "claim": results["claim"]}))
     return results
 
 
+def time_alone(name: str, path: str, out: Path, questions: Path, preset: Preset) -> dict:
+    """Wall-clock speedups of one model alone: ``msn bench`` on the first timing prompts."""
+    from msn.bench.harness import BenchConfig, run_bench
+
+    summary = out / "summary.json"
+    if not summary.exists():
+        rows = questions.read_text().splitlines()[: preset.timing_prompts]
+        subset = out / "questions.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        subset.write_text("\n".join(rows) + "\n")
+        run_bench(BenchConfig(model=path, out=str(out), bench=str(subset), methods=list(preset.timing_methods),
+                              max_new_tokens=preset.timing_tokens, warmup=1, dtype="float32"))
+    bench = json.loads(summary.read_text())
+    overall = {m: v["overall"] for m, v in bench["methods"].items()}
+    hf = overall.get("hf-generate", {}).get("tokens_per_s")
+    return {"model": name, "prompts": preset.timing_prompts, "max_new_tokens": preset.timing_tokens,
+            "methods": {m: {"tokens_per_s": v["tokens_per_s"], "mean_accepted_tokens": v["mean_accepted_tokens"],
+                            "speedup_over_ar": v["speedup"],
+                            "speedup_over_hf_generate": v["tokens_per_s"] / hf if hf else None,
+                            "match_rate": v["match_rate"]} for m, v in overall.items()}}
+
+
+def claim(entries: dict, preset: Preset) -> dict | None:
+    """MSN with the default noise against plain SFT: the acceptance ratios, the held-out
+    loss change and the HumanEval difference, with the issue's thresholds."""
+    default = next((n for n, s in preset.variants if s == DEFAULT_NOISE_SPANS), None)
+    if default not in entries or "sft" not in entries:
+        return None
+    m, s = entries[default], entries["sft"]
+    ratio = {k: m["accept"][k]["mean_accepted_tokens"] / s["accept"][k]["mean_accepted_tokens"]
+             for k in ("tr-jacobi", "tree-noret", "jacobi") if k in m["accept"] and k in s["accept"]}
+    loss = (m["held_out_loss"] / s["held_out_loss"] - 1) * 100 if m["held_out_loss"] and s["held_out_loss"] else None
+    he = m["humaneval_pass1"] - s["humaneval_pass1"]
+    match = min(v["match_rate"] for e in entries.values() for v in e["accept"].values())
+    return {"msn": default, "acceptance_ratio": ratio, "held_out_loss_change_pct": loss,
+            "humaneval_diff_points": he, "min_match_rate": match,
+            "holds": {"tr-jacobi >= 1.3x": ratio.get("tr-jacobi", 0) >= 1.3,
+                      "tree-noret >= 1.3x": ratio.get("tree-noret", 0) >= 1.3,
+                      "loss within 3%": loss is not None and abs(loss) <= 3,
+                      "humaneval within 2 points": abs(he) <= 2, "match rate 1.0": match == 1.0}}
+
+
+def results_markdown(results: dict) -> str:
+    entries, cfg = results["models"], results["config"]
+    methods = list(dict.fromkeys(k for e in entries.values() for k in e["accept"]))
+    head = ["model", "noise spans", "held-out loss", "HumanEval pass@1", *methods, "match"]
+    lines = [f"# msn reproduce --preset {cfg['preset']}", "",
+             f"Device: {cfg['device']}; torch {cfg['torch']}. Wall times (s): "
+             + ", ".join(f"{k} {v}" for k, v in results["times"].items()) + ".", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n, e in entries.items():
+        loss = "-" if e["held_out_loss"] is None else f"{e['held_out_loss']:.3f}"
+        cells = [n, "-" if not e.get("noise_spans") else str(e["noise_spans"]), loss,
+                 f"{e['humaneval_pass1']:.1f} ({e['humaneval_problems']})",
+                 *(f"{e['accept'][k]['mean_accepted_tokens']:.2f}" if k in e["accept"] else "" for k in methods),
+                 f"{min(v['match_rate'] for v in e['accept'].values()):.2f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"Cells under the decoders: mean accepted tokens per step, float32, on {cfg['accept_prompts']} "
+              f"held-out prompts ({cfg['accept_tokens']} new tokens; trees fixed: the reference tree, "
+              "`tree-noret` without its retrieval chain). match: share of outputs identical to `ar`."]
+    if results.get("claim"):
+        c = results["claim"]
+        lines += ["", f"## {c['msn']} against plain SFT", "",
+                  "acceptance ratio: " + ", ".join(f"{k} {v:.2f}x" for k, v in c["acceptance_ratio"].items())
+                  + (f"; held-out loss {c['held_out_loss_change_pct']:+.1f} %"
+                     if c["held_out_loss_change_pct"] is not None else "")
+                  + f"; HumanEval {c['humaneval_diff_points']:+.1f} points.", "",
+                  *(f"- {k}: {'yes' if v else 'no'}" for k, v in c["holds"].items())]
+    if results.get("timing"):
+        t = results["timing"]
+        lines += ["", f"## {t['model']} timed alone ({t['prompts']} prompts, {t['max_new_tokens']} new tokens)", "",
+                  "| method | tokens/s | mean accepted tokens | over ar | over hf-generate | match |", "|---|---|---|---|---|---|"]
+        for m, v in t["methods"].items():
+            over_hf = "-" if v["speedup_over_hf_generate"] is None else f"{v['speedup_over_hf_generate']:.2f}x"
+            accepted = "-" if v["mean_accepted_tokens"] is None else f"{v['mean_accepted_tokens']:.2f}"
+            lines.append(f"| {m} | {v['tokens_per_s']:.1f} | {accepted} | "
+                         f"{v['speedup_over_ar']:.2f}x | {over_hf} | {v['match_rate']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def acceptance_plot(entries: dict, path: Path) -> None:
+    """Grouped bars: mean accepted tokens per step for every decoder and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [k for k in dict.fromkeys(k for e in entries.values() for k in e["accept"]) if k != "ar"]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    width = 0.8 / max(len(entries), 1)
+    for i, (n, e) in enumerate(entries.items()):
+        ax.bar([j + i * width for j in range(len(methods))],
+               [e["accept"].get(m, {}).get("mean_accepted_tokens", 0) for m in methods], width, label=n)
+    ax.set_xticks([j + width * (len(entries) - 1) / 2 for j in range(len(methods))], methods)
+    ax.set_ylabel("mean accepted tokens per step")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _device_name() -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _save(path: Path, obj) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from msn.errors import MsnError
 from msn.noise import NoiseConfig
 
 log = logging.getLogger("msn.experiments")
@@ -16,7 +17,7 @@ log = logging.getLogger("msn.experiments")
 
 def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, steps: int, batch_size: int,
                 max_length: int, lr: float, save_steps: int, grad_accum: int = 1, precision: str = "fp32",
-                save_total_limit: int | None = None) -> bool:
+                save_total_limit: int | None = None, warmup: float | None = None) -> bool:
     """Fine-tunes ``base`` into ``target`` unless it is finished; resumes an interrupted run.
     Returns True when it trained."""
     from msn.train import TrainConfig, run
@@ -26,27 +27,63 @@ def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, step
     resume = any(target.glob("checkpoint-*/trainer_state.json"))
     log.info("training %s (%d steps%s)", target, steps, ", resumed" if resume else "")
     extra = {} if save_total_limit is None else {"save_total_limit": save_total_limit}
+    if warmup is not None:
+        extra["warmup"] = warmup
     run(TrainConfig(model=str(base), data=str(data / "train.jsonl"), output_dir=str(target), noise=noise,
                     max_steps=steps, batch_size=batch_size, max_length=max_length, lr=lr, save_steps=save_steps,
                     logging_steps=10, seed=42, grad_accum=grad_accum, precision=precision, resume=resume, **extra))
     return True
 
 
-def prepare(out: Path, prompts: int, base_model: str | None) -> tuple[str, Path, Path]:
-    """Fetches the model and builds the data and held-out question file once."""
-    from msn.data.stdlib_code import build
-    from msn.fetch import fetch
+def prepare(out: Path, prompts: int, base_model: str | None, data: str | None = None,
+            stride: int = 1) -> tuple[str, Path, Path]:
+    """The base model, the data and the held-out question file, made once.
 
-    base = base_model or str(fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr)))
-    data = out / "data"
-    if not (data / "info.json").exists():
-        build(data)
-    questions = out / f"heldout_questions_{prompts}.jsonl"
+    ``base_model``: a checkpoint folder, a GGUF file or a folder holding one GGUF file
+    (converted into ``out/base`` once), or None to fetch SmolLM2-135M-Instruct. ``data``:
+    a built stdlib code set (``train.jsonl``, ``heldout.jsonl``), or None to build one.
+    The questions are every ``stride``-th held-out prompt, ``prompts`` of them.
+    """
+    from msn.data.stdlib_code import build
+    from msn.fetch import convert_gguf, fetch
+
+    gguf = _gguf_file(Path(base_model)) if base_model is not None else None   # checked before any work
+    if data is None:
+        data_dir = out / "data"
+        if not (data_dir / "info.json").exists():
+            build(data_dir)
+    else:
+        data_dir = Path(data)
+        missing = [f for f in ("train.jsonl", "heldout.jsonl") if not (data_dir / f).is_file()]
+        if missing:
+            raise MsnError(f"--data {data}: no {' or '.join(missing)} there; build one with msn data stdlib-code")
+    if base_model is None:
+        base = str(fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr)))
+    else:
+        base = str(convert_gguf(gguf, out / "base")) if gguf else base_model
+    questions = out / f"heldout_questions_{prompts}x{stride}.jsonl"
     if not questions.exists():
-        rows = [json.loads(line) for line in open(data / "heldout.jsonl", encoding="utf-8")][:prompts]
+        rows = [json.loads(line) for line in open(data_dir / "heldout.jsonl", encoding="utf-8")][::stride][:prompts]
         questions.write_text("".join(json.dumps({"question_id": i, "category": "stdlib-heldout",
                                                  "turns": [r["prompt"]]}) + "\n" for i, r in enumerate(rows)))
-    return base, data, questions
+    return base, data_dir, questions
+
+
+def _gguf_file(path: Path) -> Path | None:
+    """The GGUF file that ``path`` is or holds (alone), or None for a checkpoint folder."""
+    if not path.exists():
+        raise MsnError(f"--base-model {path} does not exist")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise MsnError(f"--base-model {path}: give a checkpoint folder or a .gguf file")
+        return path
+    if (path / "config.json").exists():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if len(found) != 1:
+        raise MsnError(f"--base-model {path}: no config.json, and {len(found)} .gguf files (need a checkpoint "
+                       "folder or exactly one .gguf)")
+    return found[0]
 
 
 def evaluate_checkpoint(path: str, out: Path, data: Path, questions: Path, methods, max_new_tokens: int,
