@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # MSN vs plain SFT on SmolLM2-135M-Instruct with the stdlib code set, end to end.
-# Usage: bash recipes/smollm2-code.sh [cpu|gpu] [OUT]   (rerun to continue an interrupted run)
+# Usage: bash recipes/smollm2-code.sh [gpu|cpu|pilot|smoke|ablation] [OUT]   (rerun to continue an interrupted run)
+# Without network (a borrowed GPU machine): scripts/gpu_reproduce.sh, see DEVELOPERS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

@@ -105,7 +105,7 @@ PRESETS = {
     # reference run (docs/results/smollm2-code-gpu.md), ~3 epochs of the stdlib code set.
     "gpu": Preset(steps=430, batch_size=32, max_length=512, lr=1e-4, warmup=20, variants=GPU_VARIANTS,
                   parallel=True, accept_prompts=10, accept_stride=50, accept_tokens=200, accept_batch=10,
-                  humaneval_tokens=384, humaneval_batch=164, timing_prompts=4, timing_tokens=200,
+                  humaneval_tokens=384, humaneval_batch=164, timing_prompts=4, timing_tokens=128,
                   timing_methods=("ar", "hf-generate", "pld", "tr-jacobi"), precision="bf16"),
     # Minutes on a tiny model: the gpu preset's pipeline (parallel stages included), not the method.
     "smoke": Preset(steps=2, batch_size=2, max_length=128, warmup=0, variants=GPU_VARIANTS, parallel=True,
@@ -122,17 +122,22 @@ def _variant_noise(spans: int, preset: Preset) -> NoiseConfig:
 def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, log_file: str | None) -> None:
     """One variant's fine-tuning (run in a child process when the preset is parallel)."""
     if log_file:
-        _to_log(log_file)
+        _child(log_file)
     train_stage(Path(target), base, Path(data), _variant_noise(spans, preset), steps=preset.steps,
                 batch_size=preset.batch_size, max_length=preset.max_length, lr=preset.lr,
                 save_steps=max(preset.steps // 3, 1), grad_accum=preset.grad_accum, precision=preset.precision,
                 warmup=preset.warmup)
 
 
-def _to_log(path: str) -> None:
-    """Sends this (child) process's output to ``path``."""
+def _child(path: str) -> None:
+    """Set-up of a child process: output to ``path``; on a CPU one thread, so the children
+    share the cores instead of fighting over them."""
     import sys
 
+    import torch
+
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)
     f = open(path, "a", buffering=1, encoding="utf-8")
     os.dup2(f.fileno(), 1)
     os.dup2(f.fileno(), 2)
@@ -180,9 +185,7 @@ def _evaluate_one(name: str, path: str, result_file: str, data: str, questions: 
     from msn.loading import load_for_inference
 
     if log_file:
-        _to_log(log_file)
-        if not torch.cuda.is_available():
-            torch.set_num_threads(1)
+        _child(log_file)
     progress = log_file is None
     t = time.time()
     model, tok = load_for_inference(path, dtype="float32")
@@ -386,8 +389,13 @@ def results_markdown(results: dict) -> str:
 
 
 def acceptance_plot(entries: dict, path: Path) -> None:
-    """Grouped bars: mean accepted tokens per step for every decoder and model."""
-    import matplotlib
+    """Grouped bars: mean accepted tokens per step for every decoder and model (skipped,
+    with a log line, where matplotlib is missing, e.g. on a GPU machine without network)."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: %s not drawn (results.md has the same figures)", path)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
