@@ -66,6 +66,7 @@ def latency_key(model, device, dtype) -> dict:
     import transformers
 
     import msn
+    from msn.decoding import cpu
 
     cfg = model.config.to_json_string(use_diff=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
@@ -73,7 +74,8 @@ def latency_key(model, device, dtype) -> dict:
             "device": name, "dtype": str(dtype).replace("torch.", ""),
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "msn": msn.__version__}
+            "threads": torch.get_num_threads(), "msn": msn.__version__,
+            **({"cpu_gemm": cpu.enabled()} if device.type == "cpu" else {})}
 
 
 def load_latency(key: dict) -> Latency | None:

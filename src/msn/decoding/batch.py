@@ -25,7 +25,7 @@ import torch
 from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
-                                 model_device, prefill, read_verdict, resolve_eos, shared_kv_heads, step_latency,
+                                 model_device, prefill, read_verdict, resolve_eos, masked_forward, step_latency,
                                  sync_device, validate_request, verify)
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
@@ -233,7 +233,7 @@ class BatchDecoder:
         allowed = torch.cat([context[:, None, :].expand(-1, width, -1), seen], dim=-1)      # (B, N, past + N)
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-        with shared_kv_heads(device):
+        with masked_forward(self.model, device):
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                                 **kv.cache_kwargs(self.model, self.cache)).logits
         packed, preds = [], []

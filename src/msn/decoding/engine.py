@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from msn.decoding import cache as kv
+from msn.decoding import cpu
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, is_int
 from msn.decoding.history import TokenHistory
 from msn.decoding.profile import StepProfile, section
@@ -53,6 +54,18 @@ def shared_kv_heads(device: torch.device):
 
 
 _SDPA_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
+
+
+@contextlib.contextmanager
+def masked_forward(model, device: torch.device):
+    """The context of every forward with several inputs and a custom mask (a tree step,
+    a batched step): on CPU, grouped-query attention inside sdpa (``shared_kv_heads``)
+    and the linear layers' kernel for a few rows (``msn.decoding.cpu``)."""
+    if device.type != "cpu":
+        yield
+        return
+    with shared_kv_heads(device), cpu.skinny_linears(model):
+        yield
 
 
 @dataclass
@@ -296,7 +309,7 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
             # Nodes past the model's last position can only be accepted beyond max_new_tokens.
             positions = positions.clamp_max(max_position - 1)
         mask = attention_bias(tree, context_len, model.dtype, device)
-    with section(profile, "forward"), shared_kv_heads(device):
+    with section(profile, "forward"), masked_forward(model, device):
         logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                        **kv.cache_kwargs(model, cache)).logits[0]
     with section(profile, "verification"):
