@@ -63,7 +63,7 @@ def test_same_seed_same_noise_different_seed_differs():
 
 
 def test_too_short_response_stays_clean_and_is_counted():
-    coll = MsnCollator(NoiseConfig(span_len=5), pad_token_id=0, vocab_size=10, seed=0)
+    coll = MsnCollator(NoiseConfig(span_len=5, num_spans=1), pad_token_id=0, vocab_size=10, seed=0)
     feats = [
         {"input_ids": [3, 4, 5, 6, 7, 8], "labels": [-100, -100, 5, 6, 7, 8], "noise_mask": [0, 0, 1, 1, 1, 1], "index": 0},
         {"input_ids": list(range(1, 21)), "labels": [-100] * 5 + list(range(6, 21)), "noise_mask": [0] * 5 + [1] * 15, "index": 1},
