@@ -58,7 +58,7 @@ CLI_CASES = [
     (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,pld", "--tree", "small"], "--tree: they need tr-jacobi"),
     (["reproduce", "--preset", "ablation", "--noise-spans", "4", "--out", "o"], "--noise-spans: they need a preset other"),
     (["reproduce", "--preset", "smoke", "--models", "base,gpt4", "--out", "o"], "unknown model(s) gpt4"),
-    (["reproduce", "--preset", "smoke", "--noise-spans", "0", "--out", "o"], "--noise-spans must be positive"),
+    (["reproduce", "--preset", "smoke", "--noise-spans", "0", "--out", "o"], "noise spans must be positive"),
     (["reproduce", "--preset", "smoke", "--base-model", "/nonexistent/m", "--out", "o"], "does not exist"),
     (["reproduce", "--preset", "smoke", "--data", "/tmp", "--out", "o"], "no train.jsonl or heldout.jsonl"),
     (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),

@@ -221,8 +221,6 @@ def cmd_reproduce(a) -> int:
                        data="--data")
         ablation(Path(a.out), base_model=a.base_model)
     else:
-        if a.noise_spans is not None and a.noise_spans < 1:
-            raise MsnError(f"--noise-spans must be positive, got {a.noise_spans}")
         models = tuple(m for m in a.models.split(",") if m) if a.models else None
         run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data)
     return 0
@@ -377,7 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
     r.add_argument("--models", help="comma-separated models to train/evaluate: base and the preset's variants "
                    "(default all)")
-    r.add_argument("--noise-spans", type=int, help="override the noise spans of the preset's MSN variants")
+    r.add_argument("--noise-spans", type=int, help="train one MSN variant with this many noise spans per sample "
+                   "(named msn-Nspans) instead of the preset's")
     r.set_defaults(func=cmd_reproduce)
     return p
 
