@@ -64,39 +64,30 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
 
 def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS,
                           batch_size: int = 16, progress: bool = True) -> list[str]:
-    """Greedy answers to HumanEval problems by batched ``model.generate`` (left padding).
+    """Greedy answers to HumanEval problems by batched ``model.generate`` (left padding,
+    ``msn.bench.batch.hf_batched``).
 
     Every msn decoder returns the greedy tokens, so batching the plain one gives the same
     answers faster; prompts are sorted by length so a batch pads little. The tokenizer must
     have a chat template (see ``ensure_chat_template``).
     """
-    from transformers import GenerationConfig
-
+    from msn.bench.batch import hf_batched
     from msn.bench.prompts import humaneval_instruction
     from msn.data.records import encode_prompt
-    from msn.decoding.engine import model_device, resolve_eos
+    from msn.decoding.engine import resolve_eos
 
     if batch_size < 1:
         raise MsnError(f"batch size must be positive, got {batch_size}")
-    device = model_device(model)
-    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}])[0].tolist()
+    prompts = [encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}])
                for p in problems]
-    eos = sorted(resolve_eos(model, None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                              eos_token_id=eos or None)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    eos = resolve_eos(model, None)
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[1])
     answers: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="HumanEval answers", disable=not progress):
         chunk = order[start : start + batch_size]
-        width = max(len(prompts[i]) for i in chunk)
-        ids = torch.tensor([[pad] * (width - len(prompts[i])) + prompts[i] for i in chunk], device=device)
-        mask = torch.tensor([[0] * (width - len(prompts[i])) + [1] * len(prompts[i]) for i in chunk], device=device)
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        for row, i in zip(out[:, width:].tolist(), chunk):
-            ends = [j for j, t in enumerate(row) if t in eos]
-            answers[i] = tokenizer.decode(row[: ends[0] + 1] if ends else row, skip_special_tokens=True)
+        rows = hf_batched(model, [prompts[i] for i in chunk], max_new_tokens, eos, tokenizer.pad_token_id)
+        for row, i in zip(rows, chunk):
+            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
     return answers
 
 

@@ -34,8 +34,12 @@ def _timed(fn, device):
     return out, time.perf_counter() - t0
 
 
-def hf_batched(model, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int], pad: int) -> list[list[int]]:
-    """transformers' greedy ``generate`` on the left-padded batch; each row cut after its EOS."""
+def hf_batched(model, prompts: list[torch.Tensor], max_new_tokens: int, eos: set[int],
+               pad: int | None) -> list[list[int]]:
+    """transformers' greedy ``generate`` on the left-padded batch of (1, T) prompts; each row
+    cut after its EOS. ``pad`` None: the smallest EOS id pads."""
+    if pad is None:
+        pad = min(eos, default=0)
     width = max(p.shape[1] for p in prompts)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
@@ -52,7 +56,7 @@ def hf_batched(model, prompts: list[torch.Tensor], max_new_tokens: int, eos: set
 
 
 def measure(model, prompts: list[torch.Tensor], methods: list[str], batch: int, max_new_tokens: int,
-            eos: set[int], pad: int, tree: str | None = None) -> dict:
+            eos: set[int], pad: int | None, tree: str | None = None) -> dict:
     device = model_device(model)
     report = {"prompts": len(prompts), "batch": batch, "max_new_tokens": max_new_tokens, "methods": {}}
     eos_list = sorted(eos)
@@ -108,8 +112,7 @@ def main(argv=None):
     questions = [q for group in itertools.zip_longest(*by_category.values()) for q in group if q][: a.prompts]
     prompts = [encode_prompt(tok, [{"role": "user", "content": q.turns[0]}], model.device) for q in questions]
     eos = resolve_eos(model, None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else min(eos, default=0)
-    report = measure(model, prompts, a.methods.split(","), a.batch, a.max_new_tokens, eos, pad, a.tree)
+    report = measure(model, prompts, a.methods.split(","), a.batch, a.max_new_tokens, eos, tok.pad_token_id, a.tree)
     report["threads"] = torch.get_num_threads()
     text = json.dumps(report, indent=2)
     print(text)

@@ -17,7 +17,7 @@ import collections
 import itertools
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -163,7 +163,8 @@ class BatchDecoder:
             scale = statistics.median(base) / latency(rows) if base else 1.0
             return latency(rows * w) * scale
 
-        wanted = batch_width([p.options() for p in auto], seconds)
+        options = [p.options() for p in auto]
+        wanted = batch_width(options, seconds)
         # Estimates can be optimistic (acceptance from earlier runs, wide steps costlier than the
         # ladder says): a wider step stays only while its realized tokens per second beat the
         # one-input step's. Measure one input first, then try the wider width once.
@@ -174,8 +175,8 @@ class BatchDecoder:
             self.width = wanted
         else:
             self.width = wanted if wide > narrow else 1
-        for p in auto:
-            p.set_cap(self.width)
+        for p, opts in zip(auto, options):
+            p.set_cap(self.width, opts)
         self.resize = False
 
     def _realized(self, width: int, least: int = 4) -> float | None:

@@ -44,9 +44,10 @@ def _skinny(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _linears(model) -> list:
+    """(module, its few-row forward) for each plain float32 CPU ``nn.Linear`` of the model, found once."""
     found = _LINEARS.get(model)
     if found is None:
-        found = [m for m in model.modules() if type(m) is torch.nn.Linear and "forward" not in m.__dict__
+        found = [(m, functools.partial(_skinny, m)) for m in model.modules() if type(m) is torch.nn.Linear
                  and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
         _LINEARS[model] = found
     return found
@@ -55,13 +56,15 @@ def _linears(model) -> list:
 @contextlib.contextmanager
 def skinny_linears(model):
     """Within the block, the model's float32 CPU ``nn.Linear`` layers compute 2..MAX_ROWS
-    rows as (W @ x^T)^T. A no-op on other devices and dtypes, or with ``MSN_CPU_GEMM=0``."""
-    mods = _linears(model) if enabled() else []
-    mods = [m for m in mods if "forward" not in m.__dict__]
-    for m in mods:
-        m.forward = functools.partial(_skinny, m)
+    rows as (W @ x^T)^T. A no-op on other devices and dtypes, or with ``MSN_CPU_GEMM=0``;
+    a layer whose ``forward`` something else has replaced is left alone."""
+    swapped = []
+    for m, fast in _linears(model) if enabled() else ():
+        if "forward" not in m.__dict__:
+            m.forward = fast
+            swapped.append(m)
     try:
         yield
     finally:
-        for m in mods:
-            m.__dict__.pop("forward", None)
+        for m in swapped:
+            del m.forward

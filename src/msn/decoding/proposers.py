@@ -272,19 +272,21 @@ class AutoTreeJacobi(TreeJacobi):
 
         return candidates(self._basis(), self.latency, self.retrieve_len)
 
-    def set_cap(self, inputs: int) -> None:
+    def set_cap(self, inputs: int, options: list | None = None) -> None:
         """In a batch whose steps are ``inputs`` wide: from now on run the candidate with the
-        most expected tokens that fits (the width is paid for every row anyway)."""
+        most expected tokens that fits (the width is paid for every row anyway). ``options``:
+        this row's ``options()`` if the caller has them already."""
         self.cap = inputs
-        self._reselect(None)
+        self._reselect(None, options)
 
-    def _reselect(self, history) -> None:
+    def _reselect(self, history, options: list | None = None) -> None:
         from msn.decoding.autotree import candidates, choose, fullest
 
         self._resolve(history)
         basis = self._basis()
         if self.cap is not None:
-            self.choice = fullest(candidates(basis, self.latency, self.retrieve_len), self.cap)
+            self.choice = fullest(options if options is not None else candidates(basis, self.latency,
+                                                                                  self.retrieve_len), self.cap)
             self._use(self.choice.nodes, self.choice.retrieval)
             self.explore = False
             self.choices.append({"step": self.steps, "cap": self.cap, **self.choice.describe()})

@@ -7,8 +7,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from msn.experiments.stages import evaluate_checkpoint, prepare, train_stage
-from msn.noise import NoiseConfig
+from msn.experiments.stages import evaluate_checkpoint, prepare, train_stage, variant_noise
 
 
 @dataclass
@@ -57,7 +56,7 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
     for spans in cfg.spans:
         name = "sft" if spans == 0 else f"msn-spans{spans}"
         target = out / name
-        noise = NoiseConfig(enabled=False) if spans == 0 else NoiseConfig(span_len=cfg.noise_len, num_spans=spans)
+        noise = variant_noise(spans, cfg.noise_len)
         train_stage(target, base, data, noise, steps=cfg.steps, batch_size=cfg.batch_size,
                     max_length=cfg.max_length, lr=cfg.lr, save_steps=cfg.eval_every,
                     save_total_limit=cfg.steps // cfg.eval_every + 1)

@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from msn.errors import MsnError
-from msn.experiments.stages import prepare, train_stage
-from msn.noise import DEFAULT_NOISE_SPANS, NoiseConfig
+from msn.experiments.stages import prepare, train_stage, variant_noise
+from msn.noise import DEFAULT_NOISE_SPANS
 
 log = logging.getLogger("msn.experiments")
 
@@ -115,15 +115,11 @@ PRESETS = {
 }
 
 
-def _variant_noise(spans: int, preset: Preset) -> NoiseConfig:
-    return NoiseConfig(enabled=False) if spans == 0 else NoiseConfig(span_len=preset.noise_len, num_spans=spans)
-
-
 def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, log_file: str | None) -> None:
     """One variant's fine-tuning (run in a child process when the preset is parallel)."""
     if log_file:
         _child(log_file)
-    train_stage(Path(target), base, Path(data), _variant_noise(spans, preset), steps=preset.steps,
+    train_stage(Path(target), base, Path(data), variant_noise(spans, preset.noise_len), steps=preset.steps,
                 batch_size=preset.batch_size, max_length=preset.max_length, lr=preset.lr,
                 save_steps=max(preset.steps // 3, 1), grad_accum=preset.grad_accum, precision=preset.precision,
                 warmup=preset.warmup)
@@ -144,14 +140,17 @@ def _child(path: str) -> None:
     sys.stdout = sys.stderr = f
 
 
-def _in_parallel(jobs: list[tuple[str, tuple]], target, what: str, log_dir: Path) -> None:
-    """Runs ``target(*args, log_file)`` for every (name, args) at once, one spawned process
-    each (CUDA needs spawn), and waits for all; a failure names its log."""
+def _run_all(jobs: list[tuple[str, tuple]], target, what: str, log_dir: Path, parallel: bool) -> None:
+    """Runs ``target(*args, log_file)`` for every (name, args): in this process one after
+    another (``log_file`` None), or with ``parallel`` and several jobs all at once, one
+    spawned process each (CUDA needs spawn), logging to ``log_dir``; a failure names its log."""
     import multiprocessing as mp
 
     from tqdm import tqdm
 
-    if not jobs:
+    if not parallel or len(jobs) < 2:
+        for _, args in jobs:
+            target(*args, None)
         return
     ctx = mp.get_context("spawn")
     procs = []
@@ -175,11 +174,9 @@ def _in_parallel(jobs: list[tuple[str, tuple]], target, what: str, log_dir: Path
                 p.join()
 
 
-def _evaluate_one(name: str, path: str, result_file: str, data: str, questions: str, preset: Preset,
-                  log_file: str | None = None) -> None:
+def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset: Preset,
+                  log_file: str | None) -> None:
     """Held-out loss, HumanEval and acceptance of one model, written to ``result_file``."""
-    import torch
-
     from msn.data.records import ensure_chat_template
     from msn.evaluate import heldout_loss, humaneval_pass1
     from msn.loading import load_for_inference
@@ -264,24 +261,16 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
 
     to_train = [(n, s) for n, s in preset.variants if n in models and not (out / n / "msn_config.json").exists()]
     t = time.time()
-    if preset.parallel and len(to_train) > 1:
-        _in_parallel([(n, (paths[n], str(base), str(data_dir), s, preset)) for n, s in to_train], _train_one,
-                     "train", out)
-    else:
-        for n, s in to_train:
-            _train_one(paths[n], str(base), str(data_dir), s, preset, None)
+    _run_all([(n, (paths[n], str(base), str(data_dir), s, preset)) for n, s in to_train], _train_one, "train", out,
+             preset.parallel)
     if to_train:
         times["train_s"] = round(time.time() - t, 1)
     _save(out / "times.json", times)
 
     to_eval = [n for n in models if not (out / f"eval_{n}.json").exists()]
     t = time.time()
-    jobs = [(n, (n, paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset)) for n in to_eval]
-    if preset.parallel and len(jobs) > 1:
-        _in_parallel(jobs, _evaluate_one, "eval", out)
-    else:
-        for _, args in jobs:
-            _evaluate_one(*args)
+    _run_all([(n, (paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset)) for n in to_eval],
+             _evaluate_one, "eval", out, preset.parallel)
     if to_eval:
         times["eval_s"] = round(time.time() - t, 1)
     _save(out / "times.json", times)

@@ -15,6 +15,11 @@ from msn.noise import NoiseConfig
 log = logging.getLogger("msn.experiments")
 
 
+def variant_noise(spans: int, span_len: int) -> NoiseConfig:
+    """The noise of a fine-tuning variant: ``spans`` spans of ``span_len`` per sample; 0 is plain SFT."""
+    return NoiseConfig(enabled=False) if spans == 0 else NoiseConfig(span_len=span_len, num_spans=spans)
+
+
 def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, steps: int, batch_size: int,
                 max_length: int, lr: float, save_steps: int, grad_accum: int = 1, precision: str = "fp32",
                 save_total_limit: int | None = None, warmup: float | None = None) -> bool:
