@@ -128,3 +128,91 @@ def test_sampled_rows_equal_their_own_seeded_runs(method, models):
 def test_bad_batches_get_one_clear_line(call, message, models):
     with pytest.raises(MsnError, match=message):
         call(models("llama"))
+
+
+def test_rows_of_very_different_lengths_are_grouped():
+    from msn.decoding.ragged import group_rows, plan
+
+    assert plan([30, 28, 25, 20], 30, 4) is None                    # similar lengths: one call
+    lengths = [900, 850, 60, 55, 40, 12]
+    bounds = group_rows(lengths, 900, 1)
+    assert bounds[0] == (0, 2, 900)                                   # the long rows read the whole context
+    ends = [0] + [b for _, b, _ in bounds]
+    assert [(a, b) for a, b, _ in bounds] == list(zip(ends, ends[1:])) and ends[-1] == len(lengths)
+    assert all(keep == max(lengths[a:b]) for a, b, keep in bounds)
+    assert plan(lengths, 900, 1) is not None
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt2", "phi3"])
+def test_grouped_attention_equals_one_call(family, models, monkeypatch):
+    """Prompts of 3 to 400 tokens: the short rows' attention runs in their own groups (the
+    grouped path is taken), and every row is still exactly its own greedy output."""
+    from msn.decoding import ragged
+
+    model = models(family)
+    g = torch.Generator().manual_seed(21)
+    ps = [torch.randint(3, 96, (1, n), generator=g) for n in (400, 5, 380, 9, 3, 12)]
+    expected = own(model, ps, [])
+    joined = []
+    real_join = ragged._join
+    monkeypatch.setattr(ragged, "_join", lambda *a: joined.append(1) or real_join(*a))
+    for method in METHODS:
+        tree = {"tree": "reference"} if method == "tr-jacobi" else {}
+        joined.clear()
+        got = msn.generate(model, ps, method=method, max_new_tokens=NEW, eos_token_id=[], **tree)
+        assert joined, (family, method)                 # a group other than the longest rows' ran
+        assert [r.tokens for r in got] == expected, (family, method)
+
+
+def test_a_grouped_forward_has_the_logits_of_one_call(models):
+    """The same batched step with and without groups: logits equal to float rounding."""
+    import copy
+
+    from msn.decoding import cache as kv
+    from msn.decoding import ragged
+    from msn.decoding.engine import prefill
+
+    model = models("llama")
+    g = torch.Generator().manual_seed(5)
+    lengths = [300, 7, 280, 4]
+    singles = []
+    for n in lengths:
+        c = kv.new_cache(model)
+        prefill(model, torch.randint(3, 96, (1, n), generator=g), c)
+        singles.append(c)
+    width, past = 3, max(lengths)
+    ids = torch.randint(3, 96, (len(lengths), width), generator=g)
+    positions = torch.tensor(lengths)[:, None] + torch.arange(width)
+    context = torch.arange(past)[None, :] < torch.tensor(lengths)[:, None]
+    seen = torch.tril(torch.ones(width, width, dtype=torch.bool)).expand(len(lengths), -1, -1)
+    allowed = torch.cat([context[:, None, :].expand(-1, width, -1), seen], dim=-1)
+    mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
+    groups = ragged.plan(lengths, past, width)
+    assert groups is not None and len(groups.bounds) >= 2
+    logits = []
+    for p in (None, groups):
+        cache = kv.merge_rows(None, [copy.deepcopy(c) for c in singles], list(range(len(lengths))))
+        with torch.no_grad(), ragged.grouped_attention(p):
+            logits.append(model(input_ids=ids, position_ids=positions, attention_mask=mask,
+                                **kv.cache_kwargs(model, cache)).logits)
+    torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_cancelled_before_its_first_step(models):
+    """A row leaves between ``add`` and the step that would merge it into the batch cache."""
+    model = models("qwen2")
+    ps = prompts(4, seed=13)
+    expected = own(model, ps, [])
+    dec = BatchDecoder(model, "pld")
+    ids = {dec.add(ps[0], max_new_tokens=NEW, eos_token_id=[]): 0}
+    dec.step()
+    victim = dec.add(ps[1], max_new_tokens=NEW, eos_token_id=[])
+    ids[dec.add(ps[2], max_new_tokens=NEW, eos_token_id=[])] = 2
+    gone = dec.cancel(victim)
+    assert gone.cancelled and gone.result.tokens == expected[1][:1]
+    ids[dec.add(ps[3], max_new_tokens=NEW, eos_token_id=[])] = 3
+    done = {}
+    while not dec.idle:
+        for fin in dec.step():
+            done[ids[fin.rid]] = fin.result.tokens
+    assert done == {i: expected[i] for i in (0, 2, 3)}

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 from msn.decoding import cache as kv
+from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
                                  model_device, prefill, read_verdict, resolve_eos, masked_forward, step_latency,
@@ -46,6 +47,7 @@ class _Row:
     root: int
     result: DecodeResult
     started: float
+    joining: object = None         # its own prefilled cache until the next step merges it into the batch
 
 
 @dataclass
@@ -128,9 +130,8 @@ class BatchDecoder:
             proposer = make_proposer(cfg, self.model)
             history = TokenHistory(prompt + [first], seed=cfg.seed)
         self.resize = True
-        self.cache = kv.join_row(self.cache, row_cache)
         self.rows.append(_Row(rid, prompt, out, sampler, cfg.sample_drafts, proposer, history, len(prompt), first,
-                              result, t1))
+                              result, t1, row_cache))
         return rid
 
     def cancel(self, rid: int) -> Finished | None:
@@ -186,14 +187,32 @@ class BatchDecoder:
             return None
         return sum(t for t, _ in seen) / sum(s for _, s in seen)
 
-    def _drop(self, indices: list[int]) -> None:
-        keep = [i for i in range(len(self.rows)) if i not in set(indices)]
-        self.rows = [self.rows[i] for i in keep]
-        self.resize = True
-        if not self.rows:
-            self.cache = None
+    def _merge(self) -> None:
+        """Rows that joined since the last step enter the batch cache, all in one copy, and
+        every row is placed longest first, so that rows of similar length are neighbours
+        (``ragged`` groups consecutive rows)."""
+        joining = [row.joining for row in self.rows if row.joining is not None]
+        if not joining:
             return
-        kv.select_rows(self.cache, keep, max(r.length for r in self.rows))
+        order = sorted(range(len(self.rows)), key=lambda i: -self.rows[i].length)
+        self.cache = kv.merge_rows(self.cache, joining, order)
+        self.rows = [self.rows[i] for i in order]
+        for row in self.rows:
+            row.joining = None
+
+    def _drop(self, indices: list[int]) -> None:
+        """Removes rows ``indices``; the batch cache keeps the others' rows, longest first.
+        Rows that joined since the last step are in ``self.rows`` after every cached row."""
+        gone = set(indices)
+        cached = [i for i, row in enumerate(self.rows) if row.joining is None and i not in gone]
+        keep = sorted(cached, key=lambda i: -self.rows[i].length)
+        joining = [row for i, row in enumerate(self.rows) if row.joining is not None and i not in gone]
+        self.rows = [self.rows[i] for i in keep] + joining
+        self.resize = True
+        if not keep:
+            self.cache = None
+        else:
+            kv.select_rows(self.cache, keep, max(self.rows[i].length for i in range(len(keep))))
 
     def _finish(self, row: _Row, cancelled: bool = False) -> Finished:
         sync_device(self.device)
@@ -208,6 +227,7 @@ class BatchDecoder:
         """One batched forward for every row; returns the rows that finished in it."""
         if not self.rows:
             return []
+        self._merge()
         device, rows = self.device, self.rows
         self._size_trees()
         started = time.perf_counter()
@@ -234,7 +254,8 @@ class BatchDecoder:
         allowed = torch.cat([context[:, None, :].expand(-1, width, -1), seen], dim=-1)      # (B, N, past + N)
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
-        with masked_forward(self.model, device):
+        groups = ragged.plan([row.length for row in rows], past, width)
+        with masked_forward(self.model, device), ragged.grouped_attention(groups):
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                                 **kv.cache_kwargs(self.model, self.cache)).logits
         packed, preds = [], []

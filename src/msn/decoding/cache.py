@@ -76,14 +76,19 @@ class GrowingLayer(DynamicLayer):
             self._k, self._v = self._k[indices], self._v[indices]
             self._views()
 
-    def replace(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Makes ``keys``/``values`` (B, H, T, D) the layer's whole content."""
-        self._k = self._v = None
-        self._len = 0
-        self._reserve(keys.shape[-2], keys, values)
-        self._k[..., : keys.shape[-2], :] = keys
-        self._v[..., : keys.shape[-2], :] = values
-        self._len = keys.shape[-2]
+    def assemble(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Makes the (H, T_r, D) keys/values of ``rows`` the layer's batch, row r's entries
+        at [0, T_r) and zeros after them up to the longest row."""
+        length = max(k.shape[-2] for k, _ in rows)
+        k0, v0 = rows[0]
+        size = length + max(256, length // 2)
+        keys = k0.new_empty((len(rows), *k0.shape[:-2], size, k0.shape[-1]))
+        values = v0.new_empty((len(rows), *v0.shape[:-2], size, v0.shape[-1]))
+        for r, (k, v) in enumerate(rows):
+            n = k.shape[-2]
+            keys[r, ..., :n, :], values[r, ..., :n, :] = k, v
+            keys[r, ..., n:length, :], values[r, ..., n:length, :] = 0, 0
+        self._k, self._v, self._len = keys, values, length
         self._views()
 
 
@@ -147,21 +152,18 @@ def crop_to(cache, length: int) -> None:
         cache.crop(-extra)
 
 
-def join_row(batch, row):
-    """Appends the one-row cache ``row`` to ``batch`` as its last row (None: ``row`` starts
-    the batch); the shorter side is padded with stale entries. Returns the batch cache."""
-    if batch is None:
-        return row
-    length = max(cache_length(batch), cache_length(row))
-
-    def stack(a, b):
-        a = torch.nn.functional.pad(a, (0, 0, 0, length - a.shape[-2]))
-        b = torch.nn.functional.pad(b, (0, 0, 0, length - b.shape[-2]))
-        return torch.cat([a, b.to(a.device)], dim=0)
-
-    for layer, other in zip(batch.layers, row.layers):
-        layer.replace(stack(layer.keys, other.keys), stack(layer.values, other.values))
-    return batch
+def merge_rows(batch, singles: list, order: list[int]):
+    """One batch cache of the rows of ``batch`` (None: no rows yet) followed by the one-row
+    caches ``singles``, arranged so that its row i is row ``order[i]`` of that sequence.
+    Every entry is copied once; positions past a row's own length are zero (stale entries,
+    hidden by the step's mask). Returns the batch cache."""
+    sources = [(batch, i) for i in range(batch.layers[0].keys.shape[0])] if batch is not None else []
+    sources += [(c, 0) for c in singles]
+    picked = [sources[i] for i in order]
+    target = batch if batch is not None else singles[0]
+    for index, layer in enumerate(target.layers):
+        layer.assemble([(c.layers[index].keys[r], c.layers[index].values[r]) for c, r in picked])
+    return target
 
 
 def select_rows(cache, rows: list[int], length: int) -> None:

@@ -1,0 +1,139 @@
+"""Attention for a batch of rows with different context lengths.
+
+In a batched step (``msn.decoding.batch``) row r's cache entries are positions
+[0, length_r) followed by the step's own inputs at [past, past + N), where ``past`` is the
+longest row's length (``cache`` owns that layout). One attention call reads every row's
+keys and values up to ``past + N`` and masks what the row does not see, so a batch with a
+few long prompts reads the short rows' padding as if it were context: for decoding,
+attention reads memory and little else, and the padding costs as much as real entries.
+
+``grouped_attention(plan)`` splits the batch into groups of consecutive rows of similar
+length for the duration of a forward. Each group calls the model's own ``sdpa`` attention
+on its rows, its keys and values cut to the group's longest row plus the step's inputs,
+and its slice of the mask; the outputs are put back together in row order. The result is
+that of one call up to float rounding of the kernel's blocks. ``plan`` chooses the groups
+from the row lengths by an estimate of the memory read (``group_rows``); one group is
+the plain call.
+
+Measured on SmolLM2-135M (float32, 2 threads, 30 layers' attention of a decoding step of
+8 rows with prompts of 40-769 tokens): 45.5 ms in one call, 23.3 ms in three groups.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import threading
+from dataclasses import dataclass
+
+import torch
+
+# Relative cost of the estimate: reading one (row, position) of keys and values once is 1;
+# a group other than the first copies its context (read + write) before reading it; each
+# group's call costs about as much as reading this many positions.
+_COPY = 3.0
+_CALL = 160.0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Groups of consecutive rows: ``bounds[g]`` = (first row, end row, context kept)."""
+
+    rows: int
+    past: int
+    width: int
+    bounds: tuple[tuple[int, int, int], ...]
+
+
+def group_rows(lengths: list[int], past: int, width: int) -> tuple[tuple[int, int, int], ...]:
+    """The partition of the rows (in their order) into consecutive groups with the least
+    estimated attention cost; each group keeps the context of its longest row."""
+    rows = len(lengths)
+    best = [0.0] + [float("inf")] * rows       # best[b]: cost of rows [0, b)
+    cut = [0] * (rows + 1)
+    for b in range(1, rows + 1):
+        longest = 0
+        for a in range(b - 1, -1, -1):
+            longest = max(longest, lengths[a])
+            read = (b - a) * (longest + width)
+            cost = best[a] + _CALL + (read if longest == past else _COPY * read)
+            if cost < best[b]:
+                best[b], cut[b] = cost, a
+    bounds, b = [], rows
+    while b > 0:
+        a = cut[b]
+        bounds.append((a, b, max(lengths[a:b])))
+        b = a
+    return tuple(reversed(bounds))
+
+
+def plan(lengths: list[int], past: int, width: int) -> Plan | None:
+    """The grouping of a batched step whose rows have ``lengths`` context entries; None
+    when one call is as good."""
+    bounds = group_rows(lengths, past, width)
+    if len(bounds) < 2:
+        return None
+    return Plan(len(lengths), past, width, bounds)
+
+
+_PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("msn_ragged_plan", default=None)
+_LOCK = threading.Lock()
+_USERS = 0
+_ORIGINAL = None
+
+
+def _interface():
+    from transformers.modeling_utils import AttentionInterface
+
+    return AttentionInterface._global_mapping
+
+
+def _join(rows: torch.Tensor, keep: int, past: int) -> torch.Tensor:
+    """A (b, H, past + N, D) slice with positions [0, keep) and the step's [past, past + N)."""
+    return torch.cat([rows.narrow(-2, 0, keep), rows.narrow(-2, past, rows.shape[-2] - past)], dim=-2)
+
+
+def _grouped(module, query, key, value, attention_mask, *args, **kwargs):
+    p = _PLAN.get()
+    original = _ORIGINAL
+    if (p is None or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != p.rows
+            or key.shape[-2] != p.past + p.width or attention_mask.shape[-1] != key.shape[-2]
+            or kwargs.get("position_bias") is not None):
+        return original(module, query, key, value, attention_mask, *args, **kwargs)
+    outs = []
+    for a, b, keep in p.bounds:
+        mask = attention_mask[a:b]
+        if keep == p.past:
+            k, v = key[a:b], value[a:b]
+        else:
+            k, v = _join(key[a:b], keep, p.past), _join(value[a:b], keep, p.past)
+            mask = torch.cat([mask[..., :keep], mask[..., p.past:]], dim=-1)
+        out, _ = original(module, query[a:b], k, v, mask, *args, **kwargs)
+        outs.append(out)
+    return torch.cat(outs, dim=0), None
+
+
+@contextlib.contextmanager
+def grouped_attention(p: Plan | None):
+    """Within the block, ``sdpa`` attention calls of this thread with ``p``'s batch shape
+    run group by group; every other call (other shapes, other threads) is unchanged."""
+    global _USERS, _ORIGINAL
+    if p is None:
+        yield
+        return
+    mapping = _interface()
+    with _LOCK:
+        if _USERS == 0:
+            _ORIGINAL = mapping["sdpa"]
+            mapping["sdpa"] = _grouped
+        _USERS += 1
+    token = _PLAN.set(p)
+    try:
+        yield
+    finally:
+        _PLAN.reset(token)
+        with _LOCK:
+            _USERS -= 1
+            if _USERS == 0:
+                mapping["sdpa"] = _ORIGINAL
+                _ORIGINAL = None
