@@ -250,12 +250,17 @@ class BatchDecoder:
         if self.limit is not None:
             positions.clamp_max_(self.limit - 1)
         lengths = torch.tensor([row.length for row in rows], device=device)
-        context = torch.arange(past, device=device)[None, :] < lengths[:, None]            # (B, past)
-        allowed = torch.cat([context[:, None, :].expand(-1, width, -1), seen], dim=-1)      # (B, N, past + N)
+        # Row r's inputs sit at [length_r, length_r + width) (``kv.rows_at``): it sees its own
+        # context before them and, among them, its tree's ancestors.
+        columns = torch.arange(past + width, device=device)
+        offset = columns[None, :] - lengths[:, None]                                        # (B, past + N)
+        inside = (offset >= 0) & (offset < width)
+        tree = seen.gather(2, offset.clamp(0, width - 1)[:, None, :].expand(-1, width, -1)) & inside[:, None, :]
+        allowed = (offset < 0)[:, None, :] | tree                                          # (B, N, past + N)
         dtype = self.model.dtype
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
         groups = ragged.plan([row.length for row in rows], past, width)
-        with masked_forward(self.model, device), ragged.grouped_attention(groups):
+        with masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
                                 **kv.cache_kwargs(self.model, self.cache)).logits
         packed, preds = [], []
@@ -288,7 +293,7 @@ class BatchDecoder:
         if self.width is not None:
             self.realized.setdefault(self.width, collections.deque(maxlen=16)).append(
                 (sum(len(k) for k in keeps), time.perf_counter() - started))
-        kv.keep_paths(self.cache, [row.length for row in rows], keeps, width)
+        kv.keep_paths(self.cache, [row.length for row in rows], keeps)
         for row, keep in zip(rows, keeps):
             row.length += len(keep)
         finished = [self._finish(rows[r]) for r in done]

@@ -8,6 +8,7 @@ each layer's key/value tensors in place, which transformers has no public call f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 
@@ -28,6 +29,8 @@ class GrowingLayer(DynamicLayer):
     against 127-148 ms.
     """
 
+    starts: torch.Tensor | None = None    # (B,): a batched step writes row r's entries from starts[r] (``rows_at``)
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         self._k = self._v = None
@@ -42,8 +45,9 @@ class GrowingLayer(DynamicLayer):
         if need <= room:
             return
         size = need + max(256, need // 2)
-        k = key_like.new_empty((*key_like.shape[:-2], size, key_like.shape[-1]))
-        v = value_like.new_empty((*value_like.shape[:-2], size, value_like.shape[-1]))
+        # Zeros, not garbage: a batch row's attention reads (masked) entries it never wrote.
+        k = key_like.new_zeros((*key_like.shape[:-2], size, key_like.shape[-1]))
+        v = value_like.new_zeros((*value_like.shape[:-2], size, value_like.shape[-1]))
         if self._len:
             k[..., : self._len, :] = self._k[..., : self._len, :]
             v[..., : self._len, :] = self._v[..., : self._len, :]
@@ -54,8 +58,13 @@ class GrowingLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         n = key_states.shape[-2]
         self._reserve(self._len + n, key_states, value_states)
-        self._k[..., self._len : self._len + n, :] = key_states
-        self._v[..., self._len : self._len + n, :] = value_states
+        if self.starts is None:
+            self._k[..., self._len : self._len + n, :] = key_states
+            self._v[..., self._len : self._len + n, :] = value_states
+        else:
+            at = (self.starts[:, None] + torch.arange(n, device=self.starts.device))[:, None, :, None]
+            self._k.scatter_(2, at.expand(key_states.shape), key_states)
+            self._v.scatter_(2, at.expand(value_states.shape), value_states)
         self._len += n
         self._views()
         return self.keys, self.values
@@ -78,16 +87,14 @@ class GrowingLayer(DynamicLayer):
 
     def assemble(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Makes the (H, T_r, D) keys/values of ``rows`` the layer's batch, row r's entries
-        at [0, T_r) and zeros after them up to the longest row."""
+        at [0, T_r) and zeros after them."""
         length = max(k.shape[-2] for k, _ in rows)
         k0, v0 = rows[0]
         size = length + max(256, length // 2)
-        keys = k0.new_empty((len(rows), *k0.shape[:-2], size, k0.shape[-1]))
-        values = v0.new_empty((len(rows), *v0.shape[:-2], size, v0.shape[-1]))
+        keys = k0.new_zeros((len(rows), *k0.shape[:-2], size, k0.shape[-1]))
+        values = v0.new_zeros((len(rows), *v0.shape[:-2], size, v0.shape[-1]))
         for r, (k, v) in enumerate(rows):
-            n = k.shape[-2]
-            keys[r, ..., :n, :], values[r, ..., :n, :] = k, v
-            keys[r, ..., n:length, :], values[r, ..., n:length, :] = 0, 0
+            keys[r, ..., : k.shape[-2], :], values[r, ..., : v.shape[-2], :] = k, v
         self._k, self._v, self._len = keys, values, length
         self._views()
 
@@ -135,8 +142,10 @@ def keep_path(cache, keep: list[int], appended: int) -> None:
 
 
 # Batches. Rows of a batch share one cache; row r's entries are positions [0, lengths[r])
-# (left-aligned, each row prefilled alone), entries beyond a row's length are stale and
-# hidden by the step's mask.
+# (left-aligned, each row prefilled alone). A batched step writes row r's N inputs at
+# [lengths[r], lengths[r] + N) (``rows_at``), so that every row's entries stay contiguous;
+# entries beyond a row's own are stale (or zero) and hidden by the step's mask. The cache's
+# length is the longest row's.
 
 
 def _layer_tensors(cache):
@@ -172,20 +181,37 @@ def select_rows(cache, rows: list[int], length: int) -> None:
     crop_to(cache, length)
 
 
-def keep_paths(cache, lengths: list[int], keeps: list[list[int]], appended: int) -> None:
-    """After a batched step that appended ``appended`` entries to every row, row r keeps
-    its appended entries ``keeps[r]`` (relative to the first appended entry), written at
-    positions ``lengths[r]`` onwards; the cache is then cut to the longest row.
+@contextlib.contextmanager
+def rows_at(cache, lengths: torch.Tensor):
+    """Within the block, a forward writes batch row r's new entries from position
+    ``lengths[r]`` (a (B,) tensor on the cache's device) instead of after the longest row."""
+    layers = list(cache.layers)
+    for layer in layers:
+        layer.starts = lengths
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.starts = None
 
-    One gather and one scatter per key/value tensor, whatever the batch size.
+
+def keep_paths(cache, lengths: list[int], keeps: list[list[int]]) -> None:
+    """After a batched step (``rows_at``) that wrote row r's inputs from ``lengths[r]``,
+    row r keeps its inputs ``keeps[r]`` (ascending, starting with 0, relative to its first
+    input), packed from ``lengths[r]`` onwards; the cache is then cut to the longest row.
+
+    Nothing moves when every row keeps a prefix of its inputs (a chain, or the root alone);
+    otherwise one gather and one scatter per key/value tensor, whatever the batch size.
     """
-    total = cache_length(cache)
-    base = total - appended
+    end = max(start + len(keep) for start, keep in zip(lengths, keeps))
+    if all(keep == list(range(len(keep))) for keep in keeps):
+        crop_to(cache, end)
+        return
     width = max(len(k) for k in keeps)
-    src = torch.full((len(keeps), width), total - 1, dtype=torch.long)
-    dst = src.clone()       # padding copies the last entry onto itself: no row keeps it unless it needs no padding
+    src = torch.tensor(lengths, dtype=torch.long)[:, None].repeat(1, width)
+    dst = src.clone()       # padding copies a row's first kept entry onto itself
     for r, (start, keep) in enumerate(zip(lengths, keeps)):
-        src[r, : len(keep)] = base + torch.tensor(keep, dtype=torch.long)
+        src[r, : len(keep)] = start + torch.tensor(keep, dtype=torch.long)
         dst[r, : len(keep)] = start + torch.arange(len(keep))
     moved = {}
     for layer, name, t in _layer_tensors(cache):
@@ -196,7 +222,7 @@ def keep_paths(cache, lengths: list[int], keeps: list[list[int]], appended: int)
         shape = (t.shape[0], t.shape[1], width, t.shape[3])
         vals = t.gather(2, s[:, None, :, None].expand(shape))
         t.scatter_(2, d[:, None, :, None].expand(shape), vals)
-    crop_to(cache, max(start + len(keep) for start, keep in zip(lengths, keeps)))
+    crop_to(cache, end)
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,19 +1,20 @@
 """Attention for a batch of rows with different context lengths.
 
 In a batched step (``msn.decoding.batch``) row r's cache entries are positions
-[0, length_r) followed by the step's own inputs at [past, past + N), where ``past`` is the
-longest row's length (``cache`` owns that layout). One attention call reads every row's
-keys and values up to ``past + N`` and masks what the row does not see, so a batch with a
-few long prompts reads the short rows' padding as if it were context: for decoding,
-attention reads memory and little else, and the padding costs as much as real entries.
+[0, length_r) followed by the step's N inputs at [length_r, length_r + N) (``cache`` owns
+that layout); the cache is as long as its longest row, ``past``. One attention call reads
+every row's keys and values up to ``past + N`` and masks what the row does not see, so a
+batch with a few long prompts reads the short rows' padding as if it were context: for
+decoding, attention reads memory and little else, and the padding costs as much as real
+entries.
 
 ``grouped_attention(plan)`` splits the batch into groups of consecutive rows of similar
 length for the duration of a forward. Each group calls the model's own ``sdpa`` attention
-on its rows, its keys and values cut to the group's longest row plus the step's inputs,
-and its slice of the mask; the outputs are put back together in row order. The result is
-that of one call up to float rounding of the kernel's blocks. ``plan`` chooses the groups
-from the row lengths by an estimate of the memory read (``group_rows``); one group is
-the plain call.
+on its rows, with views of its keys, values and mask cut to its longest row plus the
+step's inputs; the outputs are put back together in row order. The result is that of one
+call up to float rounding of the kernel's blocks. ``plan`` chooses the groups from the
+row lengths by an estimate of the memory read (``group_rows``); one group is the plain
+call. The batch keeps its rows longest first, so that similar lengths are neighbours.
 
 Measured on SmolLM2-135M (float32, 2 threads, 30 layers' attention of a decoding step of
 8 rows with prompts of 40-769 tokens): 45.5 ms in one call, 23.3 ms in three groups.
@@ -28,10 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Relative cost of the estimate: reading one (row, position) of keys and values once is 1;
-# a group other than the first copies its context (read + write) before reading it; each
-# group's call costs about as much as reading this many positions.
-_COPY = 3.0
+# The estimate's unit is reading one (row, position) of keys and values; each group's call
+# costs about as much as reading this many positions.
 _CALL = 160.0
 
 
@@ -55,8 +54,7 @@ def group_rows(lengths: list[int], past: int, width: int) -> tuple[tuple[int, in
         longest = 0
         for a in range(b - 1, -1, -1):
             longest = max(longest, lengths[a])
-            read = (b - a) * (longest + width)
-            cost = best[a] + _CALL + (read if longest == past else _COPY * read)
+            cost = best[a] + _CALL + (b - a) * (longest + width)
             if cost < best[b]:
                 best[b], cut[b] = cost, a
     bounds, b = [], rows
@@ -88,11 +86,6 @@ def _interface():
     return AttentionInterface._global_mapping
 
 
-def _join(rows: torch.Tensor, keep: int, past: int) -> torch.Tensor:
-    """A (b, H, past + N, D) slice with positions [0, keep) and the step's [past, past + N)."""
-    return torch.cat([rows.narrow(-2, 0, keep), rows.narrow(-2, past, rows.shape[-2] - past)], dim=-2)
-
-
 def _grouped(module, query, key, value, attention_mask, *args, **kwargs):
     p = _PLAN.get()
     original = _ORIGINAL
@@ -100,17 +93,17 @@ def _grouped(module, query, key, value, attention_mask, *args, **kwargs):
             or key.shape[-2] != p.past + p.width or attention_mask.shape[-1] != key.shape[-2]
             or kwargs.get("position_bias") is not None):
         return original(module, query, key, value, attention_mask, *args, **kwargs)
+    return _in_groups(original, p, module, query, key, value, attention_mask, *args, **kwargs), None
+
+
+def _in_groups(attend, p: Plan, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
     outs = []
     for a, b, keep in p.bounds:
-        mask = attention_mask[a:b]
-        if keep == p.past:
-            k, v = key[a:b], value[a:b]
-        else:
-            k, v = _join(key[a:b], keep, p.past), _join(value[a:b], keep, p.past)
-            mask = torch.cat([mask[..., :keep], mask[..., p.past:]], dim=-1)
-        out, _ = original(module, query[a:b], k, v, mask, *args, **kwargs)
+        end = keep + p.width
+        out, _ = attend(module, query[a:b], key[a:b, :, :end], value[a:b, :, :end], attention_mask[a:b, ..., :end],
+                        *args, **kwargs)
         outs.append(out)
-    return torch.cat(outs, dim=0), None
+    return torch.cat(outs, dim=0)
 
 
 @contextlib.contextmanager
