@@ -25,6 +25,24 @@ def test_accepted_counts_the_longest_path_in_the_tree_or_the_chain():
     assert accepted(o, frozenset(), False) == 0
 
 
+def test_candidates_expect_the_mean_accepted_drafts_of_their_tree():
+    """Each candidate's expected tokens per step is 1 + the mean of ``accepted`` over the
+    scored steps it is judged on (steps with guesses when it has top-K nodes; every step
+    otherwise), for random outcomes."""
+    import random
+
+    rng = random.Random(0)
+    latency = Latency({1: 0.05, 69: 0.2})
+    for _ in range(50):
+        outcomes = [Outcome(tuple(rng.choice([None, 0, 0, 1, 2, 4, 9]) for _ in range(rng.randint(0, 5))),
+                            rng.randint(0, 5), rng.random() < 0.7) for _ in range(rng.randint(1, 120))]
+        guessed = [o for o in outcomes if o.guessed]
+        for c in candidates(outcomes, latency, 5):
+            basis = guessed if c.nodes else outcomes
+            mean = sum(accepted(o, frozenset(c.nodes), c.retrieval) for o in basis) / len(basis)
+            assert c.expected_tokens == pytest.approx(1 + mean)
+
+
 def test_every_prefix_of_the_order_is_a_tree():
     outcomes = [Outcome((1, 0, 2, 0), 0, True), Outcome((0, 3, None, None), 0, True),
                 Outcome((1, 0, 0, 0), 0, True)] * 3

@@ -202,16 +202,22 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
     """
     guessed = [o for o in outcomes if o.guessed]
     order = node_order(guessed)
+    index = {p: i for i, p in enumerate(order)}
+    # A parent precedes its children in the order, so the nodes among the first ``size`` that
+    # a step would have accepted are its accepted path's nodes with index below ``size``: a
+    # prefix of the path's (increasing) indices.
+    path_index = {id(o): [index[p] for p in _accepted_path(o.ranks, index)] for o in guessed}
     out = []
     for size in sizes:
         nodes = tuple(order[:size])
-        members = frozenset(nodes)
         basis = guessed if nodes else outcomes
         if not basis:
             continue
+        topk = [bisect.bisect_left(path_index[id(o)], size) if nodes else 0 for o in basis]
         for retrieval in (False, True):
             inputs = 1 + len(nodes) + (retrieve_len if retrieval else 0)
-            expected = 1 + sum(accepted(o, members, retrieval) for o in basis) / len(basis)
+            hits = sum(max(k, o.retrieved) for k, o in zip(topk, basis)) if retrieval else sum(topk)
+            expected = 1 + hits / len(basis)
             out.append(Choice(nodes, retrieval, inputs, expected, expected / latency(inputs)))
     return out
 
