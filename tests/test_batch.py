@@ -162,6 +162,10 @@ def test_grouped_attention_equals_one_call(family, models, monkeypatch):
         got = msn.generate(model, ps, method=method, max_new_tokens=NEW, eos_token_id=[], **tree)
         assert any(len(p.bounds) >= 2 for p in joined), (family, method)    # the grouped path ran
         assert [r.tokens for r in got] == expected, (family, method)
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    assert AttentionInterface()["sdpa"] is sdpa_attention_forward      # transformers' own function is back
 
 
 def test_a_grouped_forward_has_the_logits_of_one_call(models):

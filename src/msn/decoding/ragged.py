@@ -80,12 +80,6 @@ _USERS = 0
 _ORIGINAL = None
 
 
-def _interface():
-    from transformers.modeling_utils import AttentionInterface
-
-    return AttentionInterface._global_mapping
-
-
 def _grouped(module, query, key, value, attention_mask, *args, **kwargs):
     p = _PLAN.get()
     original = _ORIGINAL
@@ -114,11 +108,14 @@ def grouped_attention(p: Plan | None):
     if p is None:
         yield
         return
-    mapping = _interface()
+    from transformers import AttentionInterface    # transformers' registry of attention functions
+
     with _LOCK:
         if _USERS == 0:
-            _ORIGINAL = mapping["sdpa"]
-            mapping["sdpa"] = _grouped
+            current = AttentionInterface()["sdpa"]
+            if current is not _grouped:
+                _ORIGINAL = current
+            AttentionInterface.register("sdpa", _grouped)
         _USERS += 1
     token = _PLAN.set(p)
     try:
@@ -128,5 +125,5 @@ def grouped_attention(p: Plan | None):
         with _LOCK:
             _USERS -= 1
             if _USERS == 0:
-                mapping["sdpa"] = _ORIGINAL
-                _ORIGINAL = None
+                # _ORIGINAL stays set: a forward still running in another thread may call it.
+                AttentionInterface.register("sdpa", _ORIGINAL)
