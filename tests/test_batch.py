@@ -135,7 +135,7 @@ def test_rows_of_very_different_lengths_are_grouped():
 
     assert plan([30, 28, 25, 20], 30, 4) is None                    # similar lengths: one call
     lengths = [900, 850, 60, 55, 40, 12]
-    bounds = group_rows(lengths, 900, 1)
+    bounds = group_rows(lengths, 1)
     assert bounds[0] == (0, 2, 900)                                   # the long rows read the whole context
     ends = [0] + [b for _, b, _ in bounds]
     assert [(a, b) for a, b, _ in bounds] == list(zip(ends, ends[1:])) and ends[-1] == len(lengths)
@@ -168,7 +168,7 @@ def test_grouped_attention_equals_one_call(family, models, monkeypatch):
     assert AttentionInterface()["sdpa"] is sdpa_attention_forward      # transformers' own function is back
 
 
-def test_a_grouped_forward_has_the_logits_of_one_call(models):
+def test_a_grouped_forward_has_the_logits_of_one_call(models, monkeypatch):
     """The same batched step with and without groups: logits equal to float rounding."""
     import copy
 
@@ -193,12 +193,16 @@ def test_a_grouped_forward_has_the_logits_of_one_call(models):
     mask = torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)[:, None]
     groups = ragged.plan(lengths, past, width)
     assert groups is not None and len(groups.bounds) >= 2
+    ran = []
+    real = ragged._in_groups
+    monkeypatch.setattr(ragged, "_in_groups", lambda *a, **k: ran.append(1) or real(*a, **k))
     logits = []
     for p in (None, groups):
         cache = kv.merge_rows(None, [copy.deepcopy(c) for c in singles], list(range(len(lengths))))
         with torch.no_grad(), ragged.grouped_attention(p), kv.rows_at(cache, torch.tensor(lengths)):
             logits.append(model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                 **kv.cache_kwargs(model, cache)).logits)
+    assert len(ran) == model.config.num_hidden_layers          # every layer ran in groups
     torch.testing.assert_close(logits[0], logits[1], rtol=1e-5, atol=1e-5)
 
 

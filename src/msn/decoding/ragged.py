@@ -44,9 +44,10 @@ class Plan:
     bounds: tuple[tuple[int, int, int], ...]
 
 
-def group_rows(lengths: list[int], past: int, width: int) -> tuple[tuple[int, int, int], ...]:
+def group_rows(lengths: list[int], width: int) -> tuple[tuple[int, int, int], ...]:
     """The partition of the rows (in their order) into consecutive groups with the least
-    estimated attention cost; each group keeps the context of its longest row."""
+    estimated attention cost (a dynamic programme over the cut points); each group keeps
+    the context of its longest row and reads it plus the step's ``width`` inputs."""
     rows = len(lengths)
     best = [0.0] + [float("inf")] * rows       # best[b]: cost of rows [0, b)
     cut = [0] * (rows + 1)
@@ -68,7 +69,7 @@ def group_rows(lengths: list[int], past: int, width: int) -> tuple[tuple[int, in
 def plan(lengths: list[int], past: int, width: int) -> Plan | None:
     """The grouping of a batched step whose rows have ``lengths`` context entries; None
     when one call is as good."""
-    bounds = group_rows(lengths, past, width)
+    bounds = group_rows(lengths, width)
     if len(bounds) < 2:
         return None
     return Plan(len(lengths), past, width, bounds)
