@@ -73,6 +73,49 @@ def test_harness_writes_a_well_formed_summary(tiny, questions, tmp_path, capsys)
     assert ar_forwards == sum(r["new_tokens"] for r in records if r["method"] == "ar")
 
 
+def test_an_interrupted_bench_resumes_where_it_stopped(tiny, questions, tmp_path, monkeypatch):
+    """A bench stopped in its third question keeps the first two; the rerun runs only the rest,
+    and the result equals an uninterrupted run's (tokens, steps, forwards, profile steps)."""
+    import msn.bench.harness as h
+
+    model, tok = tiny
+    opts = dict(model="tiny", bench="spec-bench", questions=str(questions), methods=["ar", "pld", "tr-jacobi"],
+                max_new_tokens=12, warmup=0, profile=True)
+    straight = run_bench(BenchConfig(out=str(tmp_path / "straight"), **opts), model=model, tokenizer=tok,
+                         progress=False)
+    real = h.run_method
+    calls = []
+
+    def stop_in_the_third_question(model, ids, method, *a, **k):
+        calls.append(method)
+        if len(calls) == 3 * 2 + 3 + 1:       # question 0 has two turns, question 1 one; then one more
+            raise KeyboardInterrupt
+        return real(model, ids, method, *a, **k)
+
+    monkeypatch.setattr(h, "run_method", stop_in_the_third_question)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(BenchConfig(out=str(out), **opts), model=model, tokenizer=tok, progress=False)
+    assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 2     # settings + two questions
+    calls.clear()
+    resumed = run_bench(BenchConfig(out=str(out), **opts), model=model, tokenizer=tok, progress=False)
+    assert len(calls) == 3 * 2                                                 # the last two questions only
+    assert resumed["config"]["questions_from_earlier_runs"] == 2
+    key = lambda r: (r["question_id"], r["method"])
+    a = sorted((json.loads(l) for l in open(tmp_path / "straight" / "records.jsonl")), key=key)
+    b = sorted((json.loads(l) for l in open(out / "records.jsonl")), key=key)
+    assert [(r["choices"][0]["turns"], r["steps"], r["forwards"], r["accept_lengths"]) for r in a] == \
+        [(r["choices"][0]["turns"], r["steps"], r["forwards"], r["accept_lengths"]) for r in b]
+    assert {m: p["steps"] for m, p in straight["profile"].items()} == \
+        {m: p["steps"] for m, p in resumed["profile"].items()}
+    calls.clear()
+    run_bench(BenchConfig(out=str(out), **opts), model=model, tokenizer=tok, progress=False)
+    assert calls == []                                                         # finished: nothing to run
+    with pytest.raises(MsnError, match="other settings"):
+        run_bench(BenchConfig(out=str(out), **{**opts, "max_new_tokens": 8}), model=model, tokenizer=tok,
+                  progress=False)
+
+
 def test_equality_check_catches_a_wrong_decoder(tiny, questions, tmp_path, monkeypatch):
     import msn.bench.harness as h
 

@@ -321,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); baselines: "
                    "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup)")
     b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
-    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json, plots); every "
+                   "finished question is kept in OUT/progress.jsonl, so the same command resumes an interrupted bench")
     b.add_argument("--questions", help="question file (default ../shared/data/spec_bench/question.jsonl)")
     b.add_argument("--limit", type=int, help="first K questions of each category")
     b.add_argument("--categories", help="comma-separated categories to keep")

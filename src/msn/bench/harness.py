@@ -153,8 +153,9 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     ensure_chat_template(tokenizer)
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
+    log = Progress(out / PROGRESS, cfg)
     try:
-        records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress)
+        records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress, log)
     finally:
         counter.handle.remove()
     with open(out / "records.jsonl", "w") as f:
@@ -164,6 +165,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                "profile": profiles,
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
+                          "questions_from_earlier_runs": log.resumed,
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
                           ("; shown by tests/test_sampling.py (chi-square against the exact joint). With one "
                            "seed drafting methods usually draw ar's tokens: match_rate is that agreement" if cfg.sampling
@@ -202,18 +204,65 @@ def _timed(fn, device, clock) -> tuple[object, float]:
     return result, clock() - t0
 
 
-def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, counter, clock, device, progress):
-    first = encode_prompt(tokenizer, [{"role": "user", "content": questions[0].turns[0]}], device)
-    warm = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)})
-    for _ in range(cfg.warmup):
-        for m in cfg.methods:
-            run_method(model, first, m, warm, counter)
-    turns = sum(len(q.turns) for q in questions)
-    bar = tqdm(total=turns * len(cfg.methods), desc="bench", unit="gen", disable=not progress, file=sys.stderr)
+PROGRESS = "progress.jsonl"
+
+
+class Progress:
+    """``OUT/progress.jsonl``: each finished question's records, written as soon as every
+    method has run on it, so an interrupted bench loses at most the question in progress.
+    A rerun with the same settings and ``--out`` skips the questions already there (a
+    finished bench: nothing to run); other settings are refused in one line."""
+
+    def __init__(self, path: Path, cfg: BenchConfig):
+        self.path = path
+        settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}))
+        self.done: dict[str, dict] = {}
+        if path.exists():
+            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            if not lines or lines[0].get("settings") != settings:
+                raise MsnError(f"{path.parent} holds an earlier bench with other settings ({path.name}); "
+                               "give another --out, or delete that file to start again")
+            self.done = {entry["question_id"]: entry for entry in lines[1:]}
+        else:
+            path.write_text(json.dumps({"settings": settings}) + "\n")
+        self.resumed = len(self.done)
+
+    def add(self, qid: str, records: dict, latency: dict, profiles: dict) -> None:
+        entry = {"question_id": qid, "records": records, "latency": latency,
+                 "profile": {m: {"seconds": p.seconds, "steps": p.steps} for m, p in profiles.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+
+def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, counter, clock, device, progress,
+             log: Progress):
     per_method: dict[tuple[str, str], dict] = {}
     latency: dict[str, dict] = {}
     profiles: dict[str, StepProfile] = {}
-    for q in questions:
+    for q in questions:                            # questions finished by an earlier run of this bench
+        entry = log.done.get(q.qid)
+        if entry is None:
+            continue
+        for m, rec in entry["records"].items():
+            per_method[(q.qid, m)] = rec
+        latency.update(entry["latency"])
+        for m, part in entry["profile"].items():
+            prof = profiles.setdefault(m, StepProfile(device))
+            prof.steps += part["steps"]
+            for k, v in part["seconds"].items():
+                prof.seconds[k] += v
+    todo = [q for q in questions if q.qid not in log.done]
+    turns = sum(len(q.turns) for q in questions)
+    bar = tqdm(total=turns * len(cfg.methods), initial=(turns - sum(len(q.turns) for q in todo)) * len(cfg.methods),
+               desc="bench", unit="gen", disable=not progress, file=sys.stderr)
+    if todo:
+        first = encode_prompt(tokenizer, [{"role": "user", "content": todo[0].turns[0]}], device)
+        warm = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)})
+        for _ in range(cfg.warmup):
+            for m in cfg.methods:
+                run_method(model, first, m, warm, counter)
+    for q in todo:
+        before = {m: (p.steps, dict(p.seconds)) for m, p in profiles.items()}
         conversation: list[dict] = []
         for turn in q.turns:
             conversation.append({"role": "user", "content": turn})
@@ -246,6 +295,15 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                 bar.update(1)
             # The next turn follows the model's own answer, as Spec-Bench does.
             conversation.append({"role": "assistant", "content": tokenizer.decode(reference, skip_special_tokens=True)})
+        spent = {}
+        for m, p in profiles.items():
+            steps, seconds = before.get(m, (0, dict.fromkeys(p.seconds, 0.0)))
+            part = StepProfile(device)
+            part.steps = p.steps - steps
+            part.seconds = {k: v - seconds[k] for k, v in p.seconds.items()}
+            spent[m] = part
+        log.add(q.qid, {m: per_method[(q.qid, m)] for m in cfg.methods},
+                {m: latency[m] for m in latency}, spent)
     bar.close()
     records = []
     for rec in per_method.values():
