@@ -302,8 +302,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
             part.steps = p.steps - steps
             part.seconds = {k: v - seconds[k] for k, v in p.seconds.items()}
             spent[m] = part
-        log.add(q.qid, {m: per_method[(q.qid, m)] for m in cfg.methods},
-                {m: latency[m] for m in latency}, spent)
+        log.add(q.qid, {m: per_method[(q.qid, m)] for m in cfg.methods}, latency, spent)
     bar.close()
     records = []
     for rec in per_method.values():

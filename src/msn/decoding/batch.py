@@ -212,7 +212,7 @@ class BatchDecoder:
         if not keep:
             self.cache = None
         else:
-            kv.select_rows(self.cache, keep, max(self.rows[i].length for i in range(len(keep))))
+            kv.select_rows(self.cache, keep, self.rows[0].length)      # longest first
 
     def _finish(self, row: _Row, cancelled: bool = False) -> Finished:
         sync_device(self.device)
