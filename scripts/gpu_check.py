@@ -1,18 +1,22 @@
 """One device check, one JSON file: what the GPU lines of the fast-step work need measured.
 
-    python scripts/gpu_check.py --model PATH | --gguf FILE  [--out gpu_check.json] [--device cuda]
-                                [--prompts 10] [--max-new-tokens 128]
+    python scripts/gpu_check.py (--model PATH | --gguf FILE | --config DIR) [--out gpu_check.json]
+                                [--device cuda] [--parts ...] [--limit 1] [--max-new-tokens 128]
 
+Parts (``--parts``, in this order by default):
 1. lossless: every method equals ar token for token on six tiny model families in float32
-   on the device (plus the tiny models' sampling agreement under one seed);
-2. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
+   on the device, with CUDA graphs on and off (plus the tiny models' sampling agreement);
+2. latency: the step latency t(n) ladder, eager against graphs, float32 and bfloat16
+   (``--config DIR``: a model of that config with random weights, which costs the same);
+3. bench: msn bench on Spec-Bench with ar, hf-generate, pld, jacobi and tr-jacobi (auto),
+   then ar and tr-jacobi with the reference tree, graphs on (the default on CUDA);
+4. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
    differ, and the per-step agreement of the tree's argmax with a one-token forward;
-3. latency: the step latency t(n) ladder, float32 and bfloat16;
-4. bench: msn bench on Spec-Bench prompts with ar, hf-generate, hf-static, pld, jacobi and
-   tr-jacobi (auto), then tr-jacobi with the reference tree, against ar in the same run.
+5. hf_static: ar against transformers' generate with a static cache (it may compile; last).
 
-Runs offline; parts that fail are reported in the JSON with their error, the rest goes on.
-Tested on CPU with a tiny model: ``--device cpu --model TINY --prompts 2 --max-new-tokens 16``.
+A ``claims`` block checks the GPU acceptance lines from what was measured. Runs offline;
+parts that fail are reported in the JSON with their error, the rest goes on. Tested on CPU
+with a tiny model: ``--device cpu --model TINY --limit 1 --max-new-tokens 16``.
 """
 
 from __future__ import annotations
@@ -34,28 +38,36 @@ def lossless(device: str) -> dict:
     import msn
     from tiny import TINY_FAMILIES, tiny_model
 
+    graph_modes = ("off", "on") if device.startswith("cuda") else ("off",)
     out = {}
     for family in TINY_FAMILIES:
         model = tiny_model(family).to(device)
-        bad = []
+        bad, steps = [], {}
         g = torch.Generator().manual_seed(0)
         for i in range(4):
             unit = torch.randint(3, 96, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g)
             x = unit.repeat(8)[: 8 + 2 * i][None].to(device)
-            want = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[]).tokens
+            want = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[], graphs="off").tokens
             sampled = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[], do_sample=True, seed=i)
-            for m in ("jacobi", "tr-jacobi", "pld", "lookahead"):
+            for m in ("ar", "jacobi", "tr-jacobi", "pld", "lookahead"):
                 for tree in (("auto", "reference") if m == "tr-jacobi" else (None,)):
                     opts = {"tree": tree} if tree else {}
-                    if msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], **opts).tokens != want:
-                        bad.append([i, m, tree])
+                    for graphs in graph_modes:
+                        r = msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], graphs=graphs,
+                                         **opts)
+                        if r.tokens != want:
+                            bad.append([i, m, tree, graphs])
+                        if "step" in r.info:
+                            steps = r.info["step"]
+                    if m == "ar":
+                        continue
                     got = msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], do_sample=True,
                                        seed=i, **opts).tokens
                     if got != sampled.tokens:
                         bad.append([i, m, tree, "sampled"])
-        out[family] = {"prompts": 4, "mismatches": bad}
+        out[family] = {"prompts": 4, "mismatches": bad, "graph_steps": steps}
     out["all_equal"] = all(not v["mismatches"] for v in out.values() if isinstance(v, dict))
-    out["graphs"] = "not built yet: eager only"
+    out["graph_modes"] = list(graph_modes)
     return out
 
 
@@ -103,24 +115,46 @@ def step_agreement(model, ids, max_new: int) -> float:
     return agree / max(total, 1)
 
 
-def latency(path: str, device: str) -> dict:
-    from msn.decoding.engine import measure_step_latency
+def load(source: dict, device: str, dtype: str):
+    """The model to measure: a checkpoint, or (``config``) random weights of that architecture."""
+    if source.get("config"):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(source["config"])
+        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=getattr(torch, dtype))
+        return model.to(device).eval()
     from msn.loading import load_for_inference
+
+    return load_for_inference(source["path"], device, dtype)[0]
+
+
+def latency(source: dict, device: str) -> dict:
+    from msn.decoding import graphs as fixed
+    from msn.decoding.engine import measure_step_latency
 
     out = {}
     for dtype in ("float32", "bfloat16"):
-        model, _ = load_for_inference(path, device, dtype)
-        out[dtype] = {str(n): round(1e3 * s, 3) for n, s in measure_step_latency(model).items()}
+        model = load(source, device, dtype)
+        row = {"eager_ms": {str(n): round(1e3 * s, 3) for n, s in measure_step_latency(model).items()}}
+        if device.startswith("cuda"):
+            row["graphs_ms"] = {str(n): round(1e3 * s, 3)
+                                for n, s in measure_step_latency(model, graphs=True).items()}
+            row["graphs_step"] = fixed.steps_for(model).describe()
+        for mode in ("eager_ms", "graphs_ms"):
+            if mode in row and "69" in row[mode]:
+                row[mode.replace("_ms", "_69_over_1")] = round(row[mode]["69"] / row[mode]["1"], 3)
+        out[dtype] = row
+        del model
     return out
 
 
-def bench(path: str, device: str, prompts: int, max_new: int, out_dir: Path, categories) -> dict:
+def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categories) -> dict:
     from msn.bench.harness import BenchConfig, run_bench
 
-    common = dict(model=path, bench="spec-bench", limit=max(1, prompts // 6), max_new_tokens=max_new, device=device,
+    common = dict(model=path, bench="spec-bench", limit=limit, max_new_tokens=max_new, device=device,
                   dtype="float32", warmup=2, categories=categories)
-    main = run_bench(BenchConfig(out=str(out_dir / "bench-auto"), methods=["ar", "hf-generate", "hf-static", "pld",
-                                                                             "jacobi", "tr-jacobi"], **common))
+    main = run_bench(BenchConfig(out=str(out_dir / "bench-auto"), methods=["ar", "hf-generate", "pld", "jacobi",
+                                                                             "tr-jacobi"], **common))
     ref = run_bench(BenchConfig(out=str(out_dir / "bench-reference"), methods=["ar", "tr-jacobi"], tree="reference",
                                 **common))
     pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
@@ -130,41 +164,82 @@ def bench(path: str, device: str, prompts: int, max_new: int, out_dir: Path, cat
     return {"methods": rows, "auto_tree": main["auto_tree"]}
 
 
+def hf_static(path: str, device: str, max_new: int, out_dir: Path) -> dict:
+    from msn.bench.harness import BenchConfig, run_bench
+
+    s = run_bench(BenchConfig(out=str(out_dir / "bench-hf-static"), model=path, bench="spec-bench", limit=1,
+                              categories=["qa", "summarization", "translation"], max_new_tokens=max_new, device=device,
+                              dtype="float32", warmup=2, methods=["ar", "hf-generate", "hf-static"]))
+    pick = ("speedup", "tokens_per_s", "match_rate")
+    return {m: {k: v["overall"][k] for k in pick} for m, v in s["methods"].items()}
+
+
+def claims(report: dict) -> dict:
+    """The GPU acceptance lines, checked from what was measured (None where a part is missing)."""
+    out = {}
+    lat = report.get("latency", {}).get("float32", {})
+    if "graphs_69_over_1" in lat:
+        out["graph_step_69_over_1"] = {"value": lat["graphs_69_over_1"], "limit": 1.3,
+                                       "holds": lat["graphs_69_over_1"] <= 1.3}
+    rows = report.get("bench", {}).get("methods", {})
+    for name in ("tr-jacobi", "tr-jacobi (reference)"):
+        if name in rows and rows[name]["mean_accepted_tokens"]:
+            share = rows[name]["speedup"] / rows[name]["mean_accepted_tokens"]
+            out[f"{name}: speedup over ar / accepted tokens"] = {"value": round(share, 3), "limit": 0.75,
+                                                                 "holds": share >= 0.75}
+        if name in rows and rows.get("hf-generate", {}).get("tokens_per_s"):
+            over = rows[name]["tokens_per_s"] / rows["hf-generate"]["tokens_per_s"]
+            out[f"{name}: over hf-generate"] = {"value": round(over, 3), "limit": 2.0, "holds": over >= 2.0}
+    if "lossless" in report and "all_equal" in report["lossless"]:
+        out["lossless"] = {"holds": report["lossless"]["all_equal"]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="a checkpoint folder")
     src.add_argument("--gguf", help="a GGUF file to convert first (e.g. SmolLM2-135M-Instruct, carried in two parts)")
+    src.add_argument("--config", help="a folder with a config.json: random weights (lossless and latency only)")
     ap.add_argument("--out", default="gpu_check.json")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--prompts", type=int, default=6, help="Spec-Bench prompts (bench: one per category per 6)")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--limit", type=int, default=2, help="Spec-Bench questions per category (bench)")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--categories", help="comma-separated Spec-Bench categories (default all)")
-    ap.add_argument("--parts", default="lossless,bf16,latency,bench")
+    ap.add_argument("--parts", default="lossless,latency,bench,bf16,hf_static")
     a = ap.parse_args()
-
-    from msn.data.records import encode_prompt, ensure_chat_template
-    from msn.loading import load_tokenizer
 
     out_path = Path(a.out)
     work = out_path.parent / (out_path.stem + "-work")
     work.mkdir(parents=True, exist_ok=True)
+    report = json.loads(out_path.read_text()) if out_path.exists() else {}
+    report.update({"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
+                   "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    import transformers
+
+    report["transformers"] = transformers.__version__
     path = a.model
     if a.gguf:
         from msn.fetch import convert_gguf
 
         path = str(convert_gguf(a.gguf, work / "model"))
-    tok = load_tokenizer(path)
-    ensure_chat_template(tok)
-    questions = [json.loads(l) for l in open(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")]
-    prompts = [encode_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions[:: 40][: a.prompts]]
-    report = {"device": torch.cuda.get_device_name() if a.device.startswith("cuda") else a.device,
-              "torch": torch.__version__, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    source = {"config": a.config} if a.config else {"path": path}
+
+    def prompts():
+        from msn.data.records import encode_prompt, ensure_chat_template
+        from msn.loading import load_tokenizer
+
+        tok = load_tokenizer(path)
+        ensure_chat_template(tok)
+        questions = [json.loads(l) for l in open(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")]
+        return [encode_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions[::40][:4]]
+
+    categories = a.categories.split(",") if a.categories else None
     jobs = {"lossless": lambda: lossless(a.device),
-            "bf16": lambda: bf16_agreement(path, a.device, prompts[:4], a.max_new_tokens),
-            "latency": lambda: latency(path, a.device),
-            "bench": lambda: bench(path, a.device, a.prompts, a.max_new_tokens, work,
-                                   a.categories.split(",") if a.categories else None)}
+            "latency": lambda: latency(source, a.device),
+            "bench": lambda: bench(path, a.device, a.limit, a.max_new_tokens, work, categories),
+            "bf16": lambda: bf16_agreement(path, a.device, prompts(), min(a.max_new_tokens, 64)),
+            "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work)}
     for name in a.parts.split(","):
         t0 = time.time()
         try:
@@ -172,8 +247,10 @@ def main() -> int:
         except Exception as e:  # one failing part must not lose the others
             report[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-2000:]}
         report[f"{name}_s"] = round(time.time() - t0, 1)
+        report["claims"] = claims(report)
         out_path.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"{name}: {report[f'{name}_s']} s", file=sys.stderr)
+        print(f"{name}: {report[f'{name}_s']} s", file=sys.stderr, flush=True)
+    print(json.dumps(report["claims"], indent=1))
     return 0
 
 

@@ -1,16 +1,40 @@
 #!/usr/bin/env bash
-# The device check, on one H100/H200 with no network (see scripts/gpu_check.py for what it measures).
-# The SmolLM2 GGUF travels in two parts: the first call copies part one (and the gguf wheel) to
-# /tmp; the second brings part two and runs this script, which joins them.
-#   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf smollm2.gguf.part     # here, once
-#   bash scripts/gpu_check.sh /tmp/smollm2.gguf.part00 smollm2.gguf.part01 [OUT.json]
+# The device check, on one H100/H200 with no network, in two calls (scripts/gpu_check.py says
+# what each part measures). The SmolLM2 GGUF travels in two parts (each call carries at most
+# 64 MiB), prepared here once:
+#   mkdir -p runs/carry1/smollm2-config runs/carry2
+#   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf runs/carry1/smollm2.gguf.part
+#   mv runs/carry1/smollm2.gguf.part01 runs/carry2/
+#   cp gguf-*.whl runs/carry1/; cp SMOLLM2_DIR/config.json runs/carry1/smollm2-config/
+# Call 1 (carry runs/carry1): keeps part one and the wheel in /tmp, then checks what needs no
+# weights: lossless on six tiny families (graphs on and off) and the t(n) ladders of a
+# random-weight SmolLM2 (same shapes, same cost).
+#   bash scripts/gpu_check.sh first runs/carry1 $OUT
+# Call 2 (carry runs/carry2, within 30 s while the machine is warm): joins the model and runs
+# the bench, bf16 agreement and the hf-static baseline.
+#   bash scripts/gpu_check.sh second runs/carry2/smollm2.gguf.part01 $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${3:-${OUT:-gpu_check.json}}
-cat "$1" "$2" > /tmp/smollm2.gguf
-if ! python -c "import gguf" 2>/dev/null; then
-  pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf-*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-timeout 330 python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --out "$OUT" --device cuda
+case "${1:-}" in
+  first)
+    cp "$2"/smollm2.gguf.part00 "$2"/gguf-*.whl /tmp/
+    mkdir -p "$3"
+    timeout "${LIMIT:-240}" python scripts/gpu_check.py --config "$2/smollm2-config" --parts lossless,latency \
+      --out "$3/gpu_check-1.json"
+    ;;
+  second)
+    cat /tmp/smollm2.gguf.part00 "$2" > /tmp/smollm2.gguf
+    if ! python -c "import gguf" 2>/dev/null; then
+      pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf-*.whl
+      export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    mkdir -p "$3"
+    timeout "${LIMIT:-500}" python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --parts bench,bf16,hf_static \
+      --out "$3/gpu_check-2.json"
+    ;;
+  *)
+    echo "usage: bash scripts/gpu_check.sh first CARRY1_DIR OUT_DIR | second PART01_FILE OUT_DIR" >&2
+    exit 2
+    ;;
+esac

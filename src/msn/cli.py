@@ -99,7 +99,7 @@ def cmd_generate(a) -> int:
         ids = encode_prompt(tok, [{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    options = _set({}, tree=a.tree, window=a.window, seed=a.seed, **_sampling(a))
+    options = _set({}, tree=a.tree, window=a.window, seed=a.seed, graphs=a.graphs, **_sampling(a))
     request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
     for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
         msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
@@ -140,6 +140,14 @@ def _sampling(a) -> dict:
             raise MsnError("--sample-drafts needs sampling (--do-sample, --temperature, --top-k or --top-p)")
         return {}
     return {"do_sample": True, **given, **({"sample_drafts": True} if a.sample_drafts else {})}
+
+
+def _graphs_flag(p) -> None:
+    from msn.decoding.config import GRAPH_CHOICES
+
+    p.add_argument("--graphs", choices=GRAPH_CHOICES, help="auto (default): on CUDA, greedy steps run on fixed "
+                   "KV buffers and each tree's step is captured once as a CUDA graph and replayed; eager elsewhere. "
+                   "on: the same, an error without CUDA; off: always eager. Outputs are identical either way")
 
 
 def _sampling_flags(parser) -> None:
@@ -186,7 +194,7 @@ def cmd_bench(a) -> int:
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
-                             warmup=a.warmup, seed=a.seed, profile=a.profile or None,
+                             warmup=a.warmup, seed=a.seed, profile=a.profile or None, graphs=a.graphs,
                              **_sampling(a)))
     run_bench(cfg)
     return 0
@@ -312,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "float16. Greedy outputs equal ar's token for token in float32; in bfloat16/float16 they may "
                      "differ at floating-point near-ties (a note says so)")
     gen.add_argument("--json", action="store_true", help="print one JSON document instead of streaming")
+    _graphs_flag(gen)
     _sampling_flags(gen)
     gen.set_defaults(func=cmd_generate)
 
@@ -333,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--profile", action="store_true", help="split each step's time into forward, inputs, "
                    "verification, host sync, cache and proposer (adds device syncs)")
     _sampling_flags(b)
+    _graphs_flag(b)
     b.add_argument("--device", help="auto, cpu, cuda")
     b.add_argument("--dtype", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16; "
                    "match_rate reports agreement with ar in that dtype")

@@ -6,7 +6,7 @@ import json
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -52,6 +52,7 @@ class BenchConfig:
             methods usually draw ``ar``'s tokens; match_rate is that agreement.
         profile: split each msn method's step time into forward, inputs, verification,
             host sync, cache and proposer (adds device syncs; time it apart from speedups).
+        graphs: ``DecodeConfig.graphs`` of every msn method (CUDA-graph steps by default on CUDA).
         device / dtype: where and how the model runs.
     """
 
@@ -75,6 +76,7 @@ class BenchConfig:
     profile: bool = False
     device: str = "auto"
     dtype: str = "auto"
+    graphs: str = "auto"
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in BENCH_METHODS]
@@ -85,7 +87,7 @@ class BenchConfig:
             raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.repeats <= 0 or self.warmup < 0:
             raise MsnError("--repeats must be positive and --warmup non-negative")
-        DecodeConfig(**self.sampling_options())          # validates the sampling options
+        DecodeConfig(graphs=self.graphs, **self.sampling_options())     # validates the decoding options
         hf = [m for m in self.methods if m in HF_METHODS]
         if self.do_sample and hf:
             raise MsnError(f"{', '.join(hf)} run greedy only here; drop them from --methods when sampling")
@@ -136,8 +138,11 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
     options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
     options.update(cfg.sampling_options())
+    if cfg.graphs != "auto":
+        options["graphs"] = cfg.graphs
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, **options)
-    return Run(r.tokens, r.steps, r.accept_lengths, counter.calls - before, r.info)
+    # One forward per step plus the prefill (a replayed CUDA graph calls no forward hook).
+    return Run(r.tokens, r.steps, r.accept_lengths, r.steps + 1, r.info)
 
 
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
@@ -207,6 +212,15 @@ def _timed(fn, device, clock) -> tuple[object, float]:
 PROGRESS = "progress.jsonl"
 
 
+def _same_settings(old: dict | None, new: dict) -> bool:
+    """Whether an earlier bench ran with ``new``'s settings; an option added to ``BenchConfig``
+    since then matches when it holds its default."""
+    if old is None:
+        return False
+    defaults = {f.name: f.default for f in fields(BenchConfig)}
+    return all(old.get(k, defaults.get(k)) == v for k, v in new.items()) and set(old) <= set(new)
+
+
 class Progress:
     """``OUT/progress.jsonl``: each finished question's records, written as soon as every
     method has run on it, so an interrupted bench loses at most the question in progress.
@@ -219,7 +233,7 @@ class Progress:
         self.done: dict[str, dict] = {}
         if path.exists():
             lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if not lines or lines[0].get("settings") != settings:
+            if not lines or not _same_settings(lines[0].get("settings"), settings):
                 raise MsnError(f"{path.parent} holds an earlier bench with other settings ({path.name}); "
                                "give another --out, or delete that file to start again")
             self.done = {entry["question_id"]: entry for entry in lines[1:]}

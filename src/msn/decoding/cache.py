@@ -106,6 +106,104 @@ class GrowingCache(DynamicCache):
         Cache.__init__(self, layer_class_to_replicate=GrowingLayer)
 
 
+class FixedLayer(DynamicLayer):
+    """A layer of preallocated (1, H, capacity, D) key/value buffers, for fixed-shape steps.
+
+    An update writes the step's entries at the positions of the device tensor
+    ``write_at`` (set by ``writing_at``) and returns the whole buffers: attention reads
+    every slot and the step's mask hides the unused ones. Nothing reads a device value on
+    the host and nothing is allocated, so a forward through it can be captured as a CUDA
+    graph and replayed at any context length. ``length`` is the host's count of valid
+    entries (what ``get_seq_length`` reports).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor):
+        super().__init__()
+        self.keys, self.values = keys, values
+        self.device = keys.device
+        self.is_initialized = True
+        self.length = 0
+        self.write_at: torch.Tensor | None = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.keys.index_copy_(2, self.write_at, key_states)
+        self.values.index_copy_(2, self.write_at, value_states)
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError("a FixedLayer keeps its entries in place; set its length instead")
+
+
+class FixedCache(Cache):
+    """One ``FixedLayer`` per model layer, all of one capacity."""
+
+    def __init__(self, layers: list[FixedLayer]):
+        super().__init__(layers=layers)
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0].keys.shape[-2]
+
+
+def fixed_like(cache, capacity: int) -> FixedCache:
+    """Empty fixed buffers of ``capacity`` positions shaped like the layers of a filled one-row ``cache``."""
+    layers = []
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        layers.append(FixedLayer(k.new_zeros((*k.shape[:-2], capacity, k.shape[-1])),
+                                 v.new_zeros((*v.shape[:-2], capacity, v.shape[-1]))))
+    return FixedCache(layers)
+
+
+def fits(fixed: FixedCache, cache) -> bool:
+    """Whether ``fixed``'s buffers have the layer count, heads, width and dtype of ``cache``'s layers."""
+    if len(fixed.layers) != len(cache.layers):
+        return False
+    for a, b in zip(fixed.layers, cache.layers):
+        for x, y in ((a.keys, b.keys), (a.values, b.values)):
+            if x.shape[:-2] != y.shape[:-2] or x.shape[-1] != y.shape[-1] or x.dtype != y.dtype:
+                return False
+    return True
+
+
+def load_prefix(fixed: FixedCache, cache) -> int:
+    """Copies every entry of the one-row ``cache`` (a prefill) to the front of ``fixed``; returns its length."""
+    length = cache_length(cache)
+    for a, b in zip(fixed.layers, cache.layers):
+        a.keys[..., :length, :] = b.keys
+        a.values[..., :length, :] = b.values
+        a.length = length
+    return length
+
+
+def set_length(fixed: FixedCache, length: int) -> None:
+    for layer in fixed.layers:
+        layer.length = length
+
+
+@contextlib.contextmanager
+def writing_at(fixed: FixedCache, positions: torch.Tensor):
+    """Within the block, a forward writes its inputs' entries at ``positions`` ((N,) long, on the device)."""
+    for layer in fixed.layers:
+        layer.write_at = positions
+    try:
+        yield
+    finally:
+        for layer in fixed.layers:
+            layer.write_at = None
+
+
+def move_entries(fixed: FixedCache, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Entries at positions ``src`` are copied to ``dst`` ((M,) long device tensors) in every
+    layer: all read before any is written, with no host sync (a tree step keeping its path)."""
+    for layer in fixed.layers:
+        for t in (layer.keys, layer.values):
+            t.index_copy_(2, dst, t.index_select(2, src))
+
+
 def new_cache(model) -> DynamicCache:
     """An empty cache with full (not sliding) layers for every model.
 

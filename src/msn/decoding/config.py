@@ -31,6 +31,7 @@ def exactness_contract(dtype: str, sampling: bool) -> str:
 METHODS = ("ar", "jacobi", "tr-jacobi", "pld", "lookahead")
 # Names of tree.TREE_PRESETS (kept here so the CLI parser needs no torch import).
 TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
+GRAPH_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -67,6 +68,10 @@ class DecodeConfig:
         sample_drafts: with ``do_sample``, build drafts from the processed distribution
             (Jacobi drafts are the step's draws, top-K rows are drawn without replacement)
             instead of the raw logits' argmax and top-K. Outputs are exact either way.
+        graphs: fixed-shape steps on preallocated KV buffers, each tree's step captured
+            once as a CUDA graph and replayed (``msn.decoding.graphs``). ``auto`` (default):
+            on CUDA for greedy decoding, eager elsewhere; ``on``: the same, and an error
+            where it cannot apply; ``off``: always eager. Outputs are identical either way.
     """
 
     method: str = "tr-jacobi"
@@ -86,6 +91,7 @@ class DecodeConfig:
     top_k: int | None = None
     top_p: float | None = None
     sample_drafts: bool = False
+    graphs: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -125,6 +131,10 @@ class DecodeConfig:
                            "in the CLI)")
         if self.do_sample:
             self.sampling_params()
+        if self.graphs not in GRAPH_CHOICES:
+            raise MsnError(f"graphs must be one of {', '.join(GRAPH_CHOICES)}, got {self.graphs!r}")
+        if self.graphs == "on" and self.do_sample and self.sampling_params() is not None:
+            raise MsnError("graphs='on' applies to greedy decoding; sampling runs eagerly (use graphs='auto')")
 
     def sampling_params(self):
         """The validated ``SamplingParams``, or None when decoding is greedy (no sampling,

@@ -18,6 +18,7 @@ import torch
 
 from msn.decoding import cache as kv
 from msn.decoding import cpu
+from msn.decoding import graphs as fixed
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, is_int
 from msn.decoding.history import TokenHistory
 from msn.decoding.profile import StepProfile, section
@@ -150,8 +151,9 @@ def resolve_eos(model, eos_token_id) -> set[int]:
                    "convert a token string with tokenizer.convert_tokens_to_ids")
 
 
-def make_proposer(cfg: DecodeConfig, model) -> Proposer | None:
-    """The drafting strategy of ``cfg.method``; None for ``ar``, which drafts nothing."""
+def make_proposer(cfg: DecodeConfig, model, graphs: bool = False) -> Proposer | None:
+    """The drafting strategy of ``cfg.method``; None for ``ar``, which drafts nothing.
+    ``graphs``: the steps are fixed-shape graph replays (the latency ``tree="auto"`` weighs)."""
     device = model_device(model)
     if cfg.method == "ar":
         return None
@@ -162,7 +164,7 @@ def make_proposer(cfg: DecodeConfig, model) -> Proposer | None:
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
                               retrieve_ngram=cfg.retrieve_ngram, retrieve=cfg.retrieve)
         if cfg.tree == "auto":
-            return AutoTreeJacobi(device, latency=step_latency(model), retrieve_len=cfg.retrieve_len,
+            return AutoTreeJacobi(device, latency=step_latency(model, graphs=graphs), retrieve_len=cfg.retrieve_len,
                                   retrieve_ngram=cfg.retrieve_ngram,
                                   store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram))
         return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram,
@@ -178,13 +180,15 @@ def make_proposer(cfg: DecodeConfig, model) -> Proposer | None:
 _LATENCY: dict[str, Latency] = {}
 
 
-def step_latency(model, *, refresh: bool = False) -> Latency:
-    """t(n) of one tree step on this model, device and dtype: from memory, from the disk
-    cache, or measured (a few seconds) and cached."""
+def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Latency:
+    """t(n) of one tree step on this model, device and dtype (``graphs``: of the replayed
+    fixed-shape step): from memory, from the disk cache, or measured (a few seconds) and cached."""
     import json
 
     device = model_device(model)
     key = latency_key(model, device, model.dtype)
+    if graphs:
+        key["step"] = "graphs"
     name = json.dumps(key, sort_keys=True)
     if not refresh:
         if name in _LATENCY:
@@ -193,7 +197,7 @@ def step_latency(model, *, refresh: bool = False) -> Latency:
         if cached is not None:
             _LATENCY[name] = cached
             return cached
-    lat = Latency(measure_step_latency(model), key)
+    lat = Latency(measure_step_latency(model, graphs=graphs), key)
     save_latency(lat)
     _LATENCY[name] = lat
     return lat
@@ -201,9 +205,10 @@ def step_latency(model, *, refresh: bool = False) -> Latency:
 
 @torch.inference_mode()
 def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 128,
-                         repeats: int = 3) -> dict[int, float]:
+                         repeats: int = 3, graphs: bool = False) -> dict[int, float]:
     """Median wall seconds of one tree step (forward, verification, cache work) with n
-    inputs after a ``context``-token prompt, for each n of ``ladder`` that fits."""
+    inputs after a ``context``-token prompt, for each n of ``ladder`` that fits.
+    ``graphs``: the fixed-shape step replayed as a CUDA graph (captured before timing)."""
     import statistics
 
     device = model_device(model)
@@ -220,14 +225,20 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
         paths = tuple(chain(n - 1))
         cand = torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device)
         length, times = context, []
-        for _ in range(repeats + 1):
+        steps = fixed.steps_for(model) if graphs else None
+        if steps is not None:
+            steps.begin(cache, context + (repeats + 2) * n + fixed.STEP_ROOM, limit)
+        for _ in range(repeats + 2 if steps is not None else repeats + 1):
             sync_device(device)
             t0 = time.perf_counter()
-            new, feedback = tree_step(model, cache, length, 0, paths, cand, limit)
+            if steps is not None:
+                new, feedback = fixed_step(steps, model, 0, paths, cand)
+            else:
+                new, feedback = tree_step(model, cache, length, 0, paths, cand, limit)
             sync_device(device)
             times.append(time.perf_counter() - t0)
             length += 1 + feedback.accepted
-        seconds[n] = statistics.median(times[1:])
+        seconds[n] = statistics.median(times[1:] if steps is None else times[2:])
     return seconds
 
 
@@ -319,6 +330,20 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     with section(profile, "cache"):
         new, feedback = read_verdict(host, paths, logits, pred, sampler if sample_drafts else None)
         kv.keep_path(cache, [0] + feedback.path[: feedback.accepted], tree.num_inputs)
+    return new, feedback
+
+
+def fixed_step(steps: fixed.StaticSteps, model, root: int, paths, cand: torch.Tensor | None,
+               profile: StepProfile | None = None):
+    """``tree_step`` on the model's fixed buffers (greedy): one graph replay where captured,
+    one sync. Returns (new tokens, StepFeedback)."""
+    with section(profile, "forward"):
+        packed, logits, pred = steps.step(model, root, paths, cand)
+    with section(profile, "host_sync"):
+        host = packed.tolist()        # the step's one sync
+    with section(profile, "cache"):
+        new, feedback = read_verdict(host, paths, logits, pred, None)
+        steps.advance(1 + feedback.accepted)
     return new, feedback
 
 
@@ -481,15 +506,36 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
     device = model_device(model)
     sampler = _sampler(cfg, generator, device)
+    if cfg.graphs == "on" and device.type != "cuda":
+        raise MsnError(f"graphs='on' needs a CUDA device; the model is on {device.type} (use graphs='auto' or 'off')")
+    steps = fixed.steps_for(model) if fixed.wanted(cfg.graphs, device, sampler is not None) else None
+    if steps is not None and not steps.lock.acquire(blocking=False):
+        steps = None          # another generation holds this model's buffers: this one runs eagerly
+    try:
+        return _generate_one(model, input_ids, cfg, max_new_tokens, eos_token_id, on_tokens, sampler, profile,
+                             steps)
+    finally:
+        if steps is not None:
+            steps.lock.release()
+
+
+def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tokens: int, eos_token_id,
+                  on_tokens, sampler: Sampler | None, profile: StepProfile | None,
+                  steps: fixed.StaticSteps | None) -> DecodeResult:
+    device = model_device(model)
     input_ids = input_ids.to(device)
     prompt = input_ids[0].tolist()
     out = _Output(max_new_tokens, resolve_eos(model, eos_token_id), on_tokens)
     cache = kv.new_cache(model)
     limit = context_limit(model)
+    # Before the prefill: tree="auto" may measure the step latency once (on the model's fixed buffers).
+    proposer = make_proposer(cfg, model, graphs=steps is not None and steps.capture)
 
     sync_device(device)
     t0 = time.perf_counter()
     first = choose(prefill(model, input_ids, cache), sampler, 0)
+    if steps is not None:
+        steps.begin(cache, len(prompt) + max_new_tokens + fixed.STEP_ROOM, limit)
     sync_device(device)
     t1 = time.perf_counter()
     out.add([first])
@@ -497,19 +543,24 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     root = first
     if cfg.method == "ar":
         while not out.done:
-            with section(profile, "forward"):
-                root = decode_one_token(model, root, cache, device, sampler, len(out.tokens))
+            if steps is not None:
+                root = fixed_step(steps, model, root, (), None, profile)[0][-1]
+            else:
+                with section(profile, "forward"):
+                    root = decode_one_token(model, root, cache, device, sampler, len(out.tokens))
             result.steps += 1
             result.accept_lengths.append(len(out.add([root])))
     else:
-        proposer = make_proposer(cfg, model)
         history = TokenHistory(prompt + [first], seed=cfg.seed)
         context_len = len(prompt)
         while not out.done:
             with section(profile, "proposer"):
                 paths, cand = proposer.propose(history)
-            new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit, sampler,
-                                      cfg.sample_drafts, len(out.tokens), profile)
+            if steps is not None:
+                new, feedback = fixed_step(steps, model, root, tuple(paths), cand, profile)
+            else:
+                new, feedback = tree_step(model, cache, context_len, root, paths, cand, limit, sampler,
+                                          cfg.sample_drafts, len(out.tokens), profile)
             context_len += 1 + feedback.accepted
             kept = out.add(new)
             result.steps += 1
@@ -522,6 +573,8 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
                 proposer.update(feedback, history)
         proposer.close()
         result.info = proposer.describe()
+    if steps is not None:
+        result.info = {**result.info, "step": steps.describe()}
     sync_device(device)
     result.decode_s = time.perf_counter() - t1
     if profile is not None:

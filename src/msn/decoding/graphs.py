@@ -1,0 +1,209 @@
+"""Fixed-shape decoding steps on preallocated KV buffers, replayed as CUDA graphs.
+
+A step feeds the root plus a draft tree of fixed shape. Every tensor it touches has a
+shape fixed by the tree and the buffers' capacity: the KV entries live in ``FixedCache``
+buffers, the context length is a one-element device tensor, the 4D mask is built from it
+on the device, verification and the compaction of the accepted path run on the device,
+and the host reads one packed tensor (the step's one sync). So on CUDA each tree's step is
+captured once per model and capacity (``torch.cuda.CUDAGraph``) and replayed at any
+context length: one launch instead of the hundreds of kernel launches that bound a small
+model's step. Elsewhere the same step runs eagerly (the tests check it equals the growing
+cache's step token for token).
+
+Greedy decoding only: sampling draws from a ``torch.Generator`` per step and runs eagerly.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from msn.decoding import cache as kv
+from msn.decoding.tree import CompiledTree, compiled_on
+from msn.decoding.verify import greedy_verify
+
+MIN_CAPACITY = 2048        # positions; buffers grow to the next power of two past a request's need
+MAX_SHAPES = 24            # trees captured per model and capacity; others run eagerly on the same buffers
+STEP_ROOM = 128            # room past prompt + max_new_tokens for one step's inputs (the reference tree has 69)
+
+
+@dataclass
+class _Shape:
+    """One tree's static inputs, and its captured step once it is captured."""
+
+    tree: CompiledTree
+    ids: torch.Tensor                    # (n,) root then drafts
+    offsets: torch.Tensor                # (n,) 0..n-1
+    moves: bool                          # whether keeping a path moves entries (not a chain)
+    graph: object = None
+    outputs: tuple = field(default_factory=tuple)
+
+
+def capacity_for(need: int, limit: int | None, start: int = MIN_CAPACITY) -> int:
+    """Positions of buffers for ``need``: ``start`` doubled until it fits, cut to the model's
+    positions plus one step's room."""
+    size = start
+    while size < need:
+        size *= 2
+    if limit is not None:
+        size = max(min(size, limit + STEP_ROOM), need)
+    return size
+
+
+class StaticSteps:
+    """Fixed-shape steps of one model: its KV buffers and its captured trees.
+
+    Use: ``begin`` with a prefilled one-row cache, then ``step`` / ``advance`` per step.
+    One generation at a time (``lock``); a second concurrent one decodes eagerly.
+    """
+
+    def __init__(self, model, capture: bool, min_capacity: int = MIN_CAPACITY):
+        self.capture = capture
+        self.min_capacity = min_capacity
+        self.device = next(model.parameters()).device
+        self.dtype = model.dtype
+        self.cache: kv.FixedCache | None = None
+        self.shapes: dict[tuple, _Shape] = {}
+        self.length = 0
+        self.max_position: int | None = None
+        self.lock = threading.Lock()
+        self.error: str | None = None     # why capture was given up (the steps then run eagerly)
+        self.captures = 0
+        self.replays = 0
+
+    def describe(self) -> dict:
+        return {"graphs": bool(self.capture and self.error is None), "captured_trees": self.captures,
+                "replays": self.replays, "capacity": self.cache.capacity if self.cache is not None else 0,
+                **({"graph_error": self.error} if self.error else {})}
+
+    def begin(self, prefilled, need: int, max_position: int | None) -> None:
+        """Loads a prefilled one-row cache; buffers are (re)allocated, and captured trees
+        dropped, when ``need`` positions do not fit or the model's layout changed."""
+        if (self.cache is None or self.cache.capacity < need or not kv.fits(self.cache, prefilled)
+                or max_position != self.max_position):
+            self._allocate(prefilled, capacity_for(need, max_position, self.min_capacity))
+            self.max_position = max_position
+        self.length = kv.load_prefix(self.cache, prefilled)
+
+    def _allocate(self, like, capacity: int) -> None:
+        self.shapes = {}
+        self.cache = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.cache = kv.fixed_like(like, capacity)
+        self.ctx = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.cols = torch.arange(capacity, device=self.device)
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+
+    def advance(self, kept: int) -> None:
+        """``kept`` entries of the last step (root and accepted drafts) become context."""
+        self.length += kept
+        kv.set_length(self.cache, self.length)
+
+    def step(self, model, root: int, paths: tuple, cand: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One step of ``model`` on ``root`` plus the tree ``paths`` drafted from ``cand``; returns
+        (packed verdict and predictions for the host, logits, predictions) on the device."""
+        shape = self.shapes.get(paths) or self._shape(paths)
+        n = shape.tree.num_inputs
+        if self.length + n > self.cache.capacity:
+            self._grow(self.length + n + STEP_ROOM)
+            shape = self._shape(paths)
+        self.ctx.fill_(self.length)
+        shape.ids[:1].fill_(root)
+        if n > 1:
+            shape.ids[1:].copy_(cand[shape.tree.node_pos, shape.tree.node_col])
+        if shape.graph is not None:
+            shape.graph.replay()
+            self.replays += 1
+            packed, logits, pred = shape.outputs
+            return packed.clone(), logits.clone(), pred.clone()
+        if self.capture and self.error is None and len(self.shapes) <= MAX_SHAPES:
+            out = self._capture(model, shape)
+            if out is not None:
+                return out
+        return self._body(model, shape)
+
+    def _shape(self, paths: tuple) -> _Shape:
+        tree = compiled_on(paths, str(self.device))
+        n = tree.num_inputs
+        shape = _Shape(tree=tree, ids=torch.zeros(n, dtype=torch.long, device=self.device),
+                       offsets=torch.arange(n, device=self.device),
+                       moves=not (tree.leaf_paths.shape[0] == 1 and int(tree.leaf_len[0]) == n - 1))
+        self.shapes[paths] = shape
+        return shape
+
+    def _grow(self, need: int) -> None:
+        old, length = self.cache, self.length
+        view = kv.FixedCache([kv.FixedLayer(layer.keys[..., :length, :], layer.values[..., :length, :])
+                              for layer in old.layers])
+        for layer in view.layers:
+            layer.length = length
+        self._allocate(view, capacity_for(need, self.max_position, self.min_capacity))
+        self.length = kv.load_prefix(self.cache, view)
+
+    def _body(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's device work; no host sync, no allocation that depends on the context."""
+        from msn.decoding.engine import masked_forward
+
+        tree, n = shape.tree, shape.tree.num_inputs
+        positions = self.ctx + tree.depths
+        if self.max_position is not None:
+            positions = positions.clamp_max(self.max_position - 1)
+        rel = self.cols - self.ctx                                   # (C,) position relative to the root
+        seen = (rel < 0) | ((rel < n) & tree.ancestor[:, rel.clamp(0, n - 1)])      # (n, C)
+        mask = torch.zeros((1, 1, n, self.cache.capacity), dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
+        with kv.writing_at(self.cache, self.ctx + shape.offsets), masked_forward(model, self.device):
+            logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
+                           **kv.cache_kwargs(model, self.cache)).logits[0]
+        pred = logits.argmax(dim=-1)
+        verdict = greedy_verify(tree, shape.ids, pred)
+        if shape.moves:
+            keep = torch.cat([shape.offsets[:1], tree.leaf_paths[verdict.best]])
+            kv.move_entries(self.cache, self.ctx + keep, self.ctx + shape.offsets[: keep.numel()])
+        return torch.cat([verdict.pack(), pred]), logits, pred
+
+    def _capture(self, model, shape: _Shape):
+        """Runs the step once on a side stream (its result is this step's), then captures it.
+        Returns None, and gives capture up for this model, when the forward cannot be captured."""
+        try:
+            current = torch.cuda.current_stream(self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(current)
+            with torch.cuda.stream(side):
+                out = self._body(model, shape)
+            current.wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                outputs = self._body(model, shape)
+            shape.graph, shape.outputs = graph, outputs
+            self.captures += 1
+            return out
+        except Exception as e:      # an attention or model that will not capture: eager from here on
+            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            shape.graph = None
+            torch.cuda.synchronize(self.device)
+            return None
+
+
+_STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STEPS_LOCK = threading.Lock()
+
+
+def wanted(graphs: str, device: torch.device, sampling: bool) -> bool:
+    """Whether a generation uses fixed-shape steps: ``on`` and ``auto`` on CUDA, greedy only."""
+    return graphs != "off" and device.type == "cuda" and not sampling and torch.cuda.is_available()
+
+
+def steps_for(model, capture: bool = True, min_capacity: int = MIN_CAPACITY) -> StaticSteps:
+    """The model's ``StaticSteps`` (kept while the model lives)."""
+    with _STEPS_LOCK:
+        steps = _STEPS.get(model)
+        if steps is None or steps.capture != capture or steps.min_capacity != min_capacity:
+            steps = StaticSteps(model, capture=capture, min_capacity=min_capacity)
+            _STEPS[model] = steps
+        return steps
