@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import msn
 from conftest import FAMILIES
+from tiny import tiny_model
 from msn.decoding import graphs as fixed
 from msn.decoding.config import DecodeConfig
 from msn.errors import MsnError
@@ -77,45 +78,46 @@ def test_a_long_generation_grows_the_buffers(models, eager_fixed, monkeypatch):
     assert got.info["step"]["capacity"] > x.shape[1] + 150
 
 
-class _HostReads(TorchDispatchMode):
-    """Records every op that reads a tensor's value on the host (a sync on a device)."""
+class _HostData(TorchDispatchMode):
+    """Records every tensor built from host data (``torch.tensor(...)``: a host-to-device copy)."""
 
     def __init__(self):
         super().__init__()
-        self.reads = []
+        self.built = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        # _local_scalar_dense: .item()/.tolist()/bool(); lift_fresh: torch.tensor(data), a host-to-device copy
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.lift_fresh.default) \
-                or "nonzero" in str(func):
-            self.reads.append(str(func))
+        if func is torch.ops.aten.lift_fresh.default:
+            self.built.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_step_reads_nothing_on_the_host(family, models):
+def test_the_step_reads_nothing_on_the_host(family):
     """What a CUDA graph captures (the step's body) never reads a device value on the host
-    (no ``.item()``, ``.tolist()``, ``bool(tensor)`` or data-dependent shape) and builds no
-    tensor from host data (a copy that capture refuses)."""
+    (``.item()``, ``.tolist()``, ``bool(tensor)``, indexing by a 0-dim tensor, data-dependent
+    shapes) and builds no tensor from host data (a copy that capture refuses).
+
+    The body runs with the model and buffers on the ``meta`` device, where every host read
+    raises, and under a spy for tensors built from host data."""
     from msn.decoding import cache as kv
     from msn.decoding.engine import prefill
     from msn.decoding.tree import preset_paths
 
-    model = models(family)
+    model = tiny_model(family).to("meta")
     cache = kv.new_cache(model)
-    prefill(model, torch.tensor([[5, 6, 7, 8, 9, 10, 11]]), cache)
+    prefill(model, torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device="meta"), cache)
     steps = fixed.StaticSteps(model, capture=False, min_capacity=64)
-    steps.begin(cache, 64, None)
-    paths = tuple(preset_paths("reference")[0])
-    cand = torch.randint(3, 90, (10, 10))
-    shape = steps._shape(paths)
-    with torch.inference_mode(), _HostReads() as spy:
-        steps._body(model, shape)
-    assert spy.reads == []
-    with _HostReads() as control:      # the spy sees them when there are some
-        shape.ids.sum().item()
+    steps.begin(cache, 64, 2048)
+    for paths in (tuple(preset_paths("reference")[0]), ()):
+        shape = steps._shape(paths)
+        with torch.inference_mode(), _HostData() as spy:
+            packed, logits, pred = steps._body(model, shape)
+        assert spy.built == [] and packed.device.type == "meta"
+    with pytest.raises(RuntimeError, match="meta"):     # the meta device does refuse a host read
+        shape.ids[0].item()
+    with _HostData() as control:
         torch.tensor([1, 2])
-    assert len(control.reads) == 2
+    assert control.built
 
 
 def test_graphs_option_is_checked():

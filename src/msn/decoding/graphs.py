@@ -26,7 +26,7 @@ from msn.decoding.tree import CompiledTree, compiled_on
 from msn.decoding.verify import greedy_verify
 
 MIN_CAPACITY = 2048        # positions; buffers grow to the next power of two past a request's need
-MAX_SHAPES = 24            # trees captured per model and capacity; others run eagerly on the same buffers
+MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
 STEP_ROOM = 128            # room past prompt + max_new_tokens for one step's inputs (the reference tree has 69)
 
 
@@ -129,10 +129,11 @@ class StaticSteps:
 
     def _shape(self, paths: tuple) -> _Shape:
         tree = compiled_on(paths, str(self.device))
+        host = compiled_on(paths, "cpu")
         n = tree.num_inputs
         shape = _Shape(tree=tree, ids=torch.zeros(n, dtype=torch.long, device=self.device),
                        offsets=torch.arange(n, device=self.device),
-                       moves=not (tree.leaf_paths.shape[0] == 1 and int(tree.leaf_len[0]) == n - 1))
+                       moves=not (host.leaf_paths.shape[0] == 1 and int(host.leaf_len[0]) == n - 1))
         self.shapes[paths] = shape
         return shape
 
@@ -163,7 +164,7 @@ class StaticSteps:
         pred = logits.argmax(dim=-1)
         verdict = greedy_verify(tree, shape.ids, pred)
         if shape.moves:
-            keep = torch.cat([shape.offsets[:1], tree.leaf_paths[verdict.best]])
+            keep = torch.cat([shape.offsets[:1], tree.leaf_paths.index_select(0, verdict.best.view(1))[0]])
             kv.move_entries(self.cache, self.ctx + keep, self.ctx + shape.offsets[: keep.numel()])
         return torch.cat([verdict.pack(), pred]), logits, pred
 

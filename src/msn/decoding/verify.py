@@ -51,8 +51,11 @@ def greedy_verify(tree: CompiledTree, input_ids: torch.Tensor, pred: torch.Tenso
         match &= usable[nodes]
     accepted_per_path = match.long().cumprod(dim=-1).sum(dim=-1)          # (L,)
     depth = nodes.shape[1]
-    best = torch.argmax(accepted_per_path * (depth + 1) + tree.leaf_len)
-    accepted = accepted_per_path[best]
-    path = nodes[best]
-    last = torch.where(accepted > 0, path[(accepted - 1).clamp_min(0)], torch.zeros_like(accepted))
-    return Verdict(accepted=accepted, best=best, bonus=pred[last], path_tokens=input_ids[path])
+    # Indexing with a 0-dim tensor reads it on the host; one-element index tensors do not
+    # (the step stays free of syncs, and capturable as a CUDA graph).
+    best = torch.argmax(accepted_per_path * (depth + 1) + tree.leaf_len).view(1)
+    accepted = accepted_per_path.index_select(0, best)
+    path = nodes.index_select(0, best)[0]
+    last = torch.where(accepted > 0, path.index_select(0, (accepted - 1).clamp_min(0)), torch.zeros_like(accepted))
+    return Verdict(accepted=accepted[0], best=best[0], bonus=pred.index_select(0, last)[0],
+                   path_tokens=input_ids[path])
