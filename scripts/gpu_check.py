@@ -8,6 +8,7 @@ Parts (``--parts``, in this order by default):
    on the device, with CUDA graphs on and off (plus the tiny models' sampling agreement);
 2. latency: the step latency t(n) ladder, eager against graphs, float32 and bfloat16
    (``--config DIR``: a model of that config with random weights, which costs the same);
+   profile: where a 69-input step's time goes, eager and replayed (torch.profiler);
 3. bench: msn bench on Spec-Bench with ar, hf-generate, pld, jacobi and tr-jacobi (auto),
    then ar and tr-jacobi with the reference tree, graphs on (the default on CUDA);
 4. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
@@ -148,10 +149,65 @@ def latency(source: dict, device: str) -> dict:
     return out
 
 
-def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categories) -> dict:
+def step_profile(source: dict, device: str, n: int = 69) -> dict:
+    """Where an n-input step's time goes, eager and replayed: the top operations by device
+    time and by host time (torch.profiler, 3 steps after 2 warm-up steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from msn.decoding import cache as kv
+    from msn.decoding import graphs as fixed
+    from msn.decoding.engine import context_limit, fixed_step, prefill, tree_step, vocab_size
+    from msn.decoding.tree import chain
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        model = load(source, device, dtype)
+        limit = context_limit(model)
+        top = min(1000, vocab_size(model))
+        g = torch.Generator().manual_seed(0)
+        for graphs in ((False, True) if device.startswith("cuda") else (False,)):
+            cache = kv.new_cache(model)
+            prefill(model, torch.randint(3, top, (1, 128), generator=g).to(device), cache)
+            paths, cand = tuple(chain(n - 1)), torch.randint(3, top, (n - 1, 1), generator=g).to(device)
+            steps = fixed.steps_for(model) if graphs else None
+            if steps is not None:
+                steps.begin(cache, 128 + 6 * n + fixed.STEP_ROOM, limit)
+            length = [128]
+
+            def run():
+                if steps is not None:
+                    return fixed_step(steps, model, 0, paths, cand)
+                new, fb = tree_step(model, cache, length[0], 0, paths, cand, limit)
+                length[0] += 1 + fb.accepted
+
+            for _ in range(2):
+                run()
+            torch.cuda.synchronize() if device.startswith("cuda") else None
+            t0 = time.perf_counter()
+            with profile(activities=activities) as prof:
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize() if device.startswith("cuda") else None
+            wall = (time.perf_counter() - t0) / 3
+            rows = []
+            for e in prof.key_averages():
+                dev = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
+                rows.append((e.key, round(e.self_cpu_time_total / 3e3, 3), round(dev / 3e3, 3), e.count // 3))
+            out[f"{dtype} {'graphs' if graphs else 'eager'}"] = {
+                "step_ms_profiled": round(1e3 * wall, 3),
+                "device_ms_per_step": round(sum(r[2] for r in rows), 3),
+                "top_device": [r for r in sorted(rows, key=lambda r: -r[2])[:12]],
+                "top_host": [r for r in sorted(rows, key=lambda r: -r[1])[:12]],
+                "columns": ["op", "self host ms/step", "self device ms/step", "calls/step"]}
+        del model
+    return out
+
+
+def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categories, questions) -> dict:
     from msn.bench.harness import BenchConfig, run_bench
 
-    common = dict(model=path, bench="spec-bench", limit=limit, max_new_tokens=max_new, device=device,
+    common = dict(model=path, bench="spec-bench", questions=questions, limit=limit, max_new_tokens=max_new, device=device,
                   dtype="float32", warmup=2, categories=categories)
     main = run_bench(BenchConfig(out=str(out_dir / "bench-auto"), methods=["ar", "hf-generate", "pld", "jacobi",
                                                                              "tr-jacobi"], **common))
@@ -164,10 +220,11 @@ def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categ
     return {"methods": rows, "auto_tree": main["auto_tree"]}
 
 
-def hf_static(path: str, device: str, max_new: int, out_dir: Path) -> dict:
+def hf_static(path: str, device: str, max_new: int, out_dir: Path, questions) -> dict:
     from msn.bench.harness import BenchConfig, run_bench
 
     s = run_bench(BenchConfig(out=str(out_dir / "bench-hf-static"), model=path, bench="spec-bench", limit=1,
+                              questions=questions,
                               categories=["qa", "summarization", "translation"], max_new_tokens=max_new, device=device,
                               dtype="float32", warmup=2, methods=["ar", "hf-generate", "hf-static"]))
     pick = ("speedup", "tokens_per_s", "match_rate")
@@ -206,7 +263,9 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=2, help="Spec-Bench questions per category (bench)")
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--categories", help="comma-separated Spec-Bench categories (default all)")
-    ap.add_argument("--parts", default="lossless,latency,bench,bf16,hf_static")
+    ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"),
+                    help="Spec-Bench question.jsonl (default ../shared/data/spec_bench/question.jsonl)")
+    ap.add_argument("--parts", default="lossless,latency,profile,bench,bf16,hf_static")
     a = ap.parse_args()
 
     out_path = Path(a.out)
@@ -231,15 +290,16 @@ def main() -> int:
 
         tok = load_tokenizer(path)
         ensure_chat_template(tok)
-        questions = [json.loads(l) for l in open(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl")]
+        questions = [json.loads(l) for l in open(a.questions)]
         return [encode_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions[::40][:4]]
 
     categories = a.categories.split(",") if a.categories else None
     jobs = {"lossless": lambda: lossless(a.device),
             "latency": lambda: latency(source, a.device),
-            "bench": lambda: bench(path, a.device, a.limit, a.max_new_tokens, work, categories),
+            "profile": lambda: step_profile(source, a.device),
+            "bench": lambda: bench(path, a.device, a.limit, a.max_new_tokens, work, categories, a.questions),
             "bf16": lambda: bf16_agreement(path, a.device, prompts(), min(a.max_new_tokens, 64)),
-            "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work)}
+            "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work, a.questions)}
     for name in a.parts.split(","):
         t0 = time.time()
         try:

@@ -6,6 +6,7 @@
 #   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf runs/carry1/smollm2.gguf.part
 #   mv runs/carry1/smollm2.gguf.part01 runs/carry2/
 #   cp gguf-*.whl runs/carry1/; cp SMOLLM2_DIR/config.json runs/carry1/smollm2-config/
+#   cp ../shared/data/spec_bench/question.jsonl runs/carry2/       # ../shared does not travel
 # Call 1 (carry runs/carry1): keeps part one and the wheel in /tmp, then checks what needs no
 # weights: lossless on six tiny families (graphs on and off) and the t(n) ladders of a
 # random-weight SmolLM2 (same shapes, same cost).
@@ -20,7 +21,7 @@ case "${1:-}" in
   first)
     cp "$2"/smollm2.gguf.part00 "$2"/gguf-*.whl /tmp/
     mkdir -p "$3"
-    timeout "${LIMIT:-240}" python scripts/gpu_check.py --config "$2/smollm2-config" --parts lossless,latency \
+    timeout "${LIMIT:-240}" python scripts/gpu_check.py --config "$2/smollm2-config" --parts lossless,latency,profile \
       --out "$3/gpu_check-1.json"
     ;;
   second)
@@ -31,6 +32,7 @@ case "${1:-}" in
     fi
     mkdir -p "$3"
     timeout "${LIMIT:-500}" python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --parts bench,bf16,hf_static \
+      --questions "$(dirname "$2")/question.jsonl" \
       --out "$3/gpu_check-2.json"
     ;;
   *)

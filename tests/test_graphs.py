@@ -78,6 +78,19 @@ def test_a_long_generation_grows_the_buffers(models, eager_fixed, monkeypatch):
     assert got.info["step"]["capacity"] > x.shape[1] + 150
 
 
+def test_buffers_made_while_measuring_serve_the_generation(models, eager_fixed):
+    """``tree="auto"`` measures t(n) on the model's fixed buffers (in inference mode) before
+    generating on the same buffers."""
+    from msn.decoding.engine import measure_step_latency
+
+    model = models("qwen2")
+    measure_step_latency(model, ladder=(1, 4), graphs=True)
+    x = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
+    want = msn.generate(model, x, method="ar", max_new_tokens=24, eos_token_id=[], graphs="off").tokens
+    for m, opts in (("ar", {}), ("tr-jacobi", {"tree": "reference"})):
+        assert msn.generate(model, x, method=m, max_new_tokens=24, eos_token_id=[], **opts).tokens == want
+
+
 class _HostData(TorchDispatchMode):
     """Records every tensor built from host data (``torch.tensor(...)``: a host-to-device copy)."""
 

@@ -79,6 +79,7 @@ class StaticSteps:
                 "replays": self.replays, "capacity": self.cache.capacity if self.cache is not None else 0,
                 **({"graph_error": self.error} if self.error else {})}
 
+    @torch.inference_mode()
     def begin(self, prefilled, need: int, max_position: int | None) -> None:
         """Loads a prefilled one-row cache; buffers are (re)allocated, and captured trees
         dropped, when ``need`` positions do not fit or the model's layout changed."""
@@ -103,6 +104,7 @@ class StaticSteps:
         self.length += kept
         kv.set_length(self.cache, self.length)
 
+    @torch.inference_mode()
     def step(self, model, root: int, paths: tuple, cand: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of ``model`` on ``root`` plus the tree ``paths`` drafted from ``cand``; returns
