@@ -91,6 +91,23 @@ def test_buffers_made_while_measuring_serve_the_generation(models, eager_fixed):
         assert msn.generate(model, x, method=m, max_new_tokens=24, eos_token_id=[], **opts).tokens == want
 
 
+def test_requests_use_buffers_of_their_size_and_keep_their_trees(models, eager_fixed):
+    """A short request uses small buffers; each size keeps its trees for the next request."""
+    model = models("llama")
+    short, long = torch.tensor([[5, 6, 7, 8] * 3]), torch.tensor([[9, 10, 11, 12] * 60])
+    for x in (short, long, short):
+        want = msn.generate(model, x, method="ar", max_new_tokens=20, eos_token_id=[], graphs="off").tokens
+        r = msn.generate(model, x, method="tr-jacobi", tree="reference", max_new_tokens=20, eos_token_id=[])
+        assert r.tokens == want
+        steps = eager_fixed[id(model)]
+        if x is short and len(steps.buckets) == 1:
+            trees = dict(steps.shapes)
+    assert sorted(steps.buckets) == [fixed.capacity_for(12 + 20 + fixed.STEP_ROOM, 2048, 64),
+                                     fixed.capacity_for(240 + 20 + fixed.STEP_ROOM, 2048, 64)]
+    assert r.info["step"]["capacity"] == min(steps.buckets)
+    assert all(steps.shapes[p] is shape for p, shape in trees.items())     # the same objects: kept
+
+
 class _HostData(TorchDispatchMode):
     """Records every tensor built from host data (``torch.tensor(...)``: a host-to-device copy)."""
 

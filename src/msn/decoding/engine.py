@@ -227,7 +227,8 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
         length, times = context, []
         steps = fixed.steps_for(model) if graphs else None
         if steps is not None:
-            steps.begin(cache, context + (repeats + 2) * n + fixed.STEP_ROOM, limit)
+            # One buffer size for every n (a request's steps all read buffers of one size).
+            steps.begin(cache, context + (repeats + 2) * max(ladder) + fixed.STEP_ROOM, limit)
         for _ in range(repeats + 2 if steps is not None else repeats + 1):
             sync_device(device)
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ Greedy decoding only: sampling draws from a ``torch.Generator`` per step and run
 
 from __future__ import annotations
 
+import collections
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -25,9 +26,21 @@ from msn.decoding import cache as kv
 from msn.decoding.tree import CompiledTree, compiled_on
 from msn.decoding.verify import greedy_verify
 
-MIN_CAPACITY = 2048        # positions; buffers grow to the next power of two past a request's need
+MIN_CAPACITY = 256         # positions; buffers are the next power of two past a request's need
+KEEP_BUCKETS = 3           # buffer sizes (each with its captured trees) kept per model, least recently used dropped
 MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
 STEP_ROOM = 128            # room past prompt + max_new_tokens for one step's inputs (the reference tree has 69)
+
+
+@dataclass
+class _Buffers:
+    """KV buffers of one capacity, the step's device scalars, and the trees captured on them."""
+
+    cache: kv.FixedCache
+    ctx: torch.Tensor                    # (1,) the context length
+    cols: torch.Tensor                   # (capacity,) 0..capacity-1
+    pool: object
+    shapes: dict
 
 
 @dataclass
@@ -58,6 +71,10 @@ class StaticSteps:
 
     Use: ``begin`` with a prefilled one-row cache, then ``step`` / ``advance`` per step.
     One generation at a time (``lock``); a second concurrent one decodes eagerly.
+
+    Buffers come in powers of two (``MIN_CAPACITY`` and up): attention reads every slot of
+    the buffers, so a short request uses small ones. Each size keeps its captured trees, so
+    requests of similar length replay without capturing again.
     """
 
     def __init__(self, model, capture: bool, min_capacity: int = MIN_CAPACITY):
@@ -67,6 +84,7 @@ class StaticSteps:
         self.dtype = model.dtype
         self.cache: kv.FixedCache | None = None
         self.shapes: dict[tuple, _Shape] = {}
+        self.buckets: collections.OrderedDict[int, _Buffers] = collections.OrderedDict()
         self.length = 0
         self.max_position: int | None = None
         self.lock = threading.Lock()
@@ -81,23 +99,27 @@ class StaticSteps:
 
     @torch.inference_mode()
     def begin(self, prefilled, need: int, max_position: int | None) -> None:
-        """Loads a prefilled one-row cache; buffers are (re)allocated, and captured trees
-        dropped, when ``need`` positions do not fit or the model's layout changed."""
-        if (self.cache is None or self.cache.capacity < need or not kv.fits(self.cache, prefilled)
-                or max_position != self.max_position):
-            self._allocate(prefilled, capacity_for(need, max_position, self.min_capacity))
+        """Loads a prefilled one-row cache into the buffers of the smallest size that holds
+        ``need`` positions (made on first use; all dropped if the model's layout changed)."""
+        if max_position != self.max_position or (self.cache is not None and not kv.fits(self.cache, prefilled)):
+            self.buckets.clear()
             self.max_position = max_position
+        self._use(prefilled, capacity_for(need, max_position, self.min_capacity))
         self.length = kv.load_prefix(self.cache, prefilled)
 
-    def _allocate(self, like, capacity: int) -> None:
-        self.shapes = {}
-        self.cache = None
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.cache = kv.fixed_like(like, capacity)
-        self.ctx = torch.zeros(1, dtype=torch.long, device=self.device)
-        self.cols = torch.arange(capacity, device=self.device)
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+    def _use(self, like, capacity: int) -> None:
+        buf = self.buckets.pop(capacity, None)
+        if buf is None:
+            while len(self.buckets) >= KEEP_BUCKETS:
+                self.buckets.popitem(last=False)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            buf = _Buffers(cache=kv.fixed_like(like, capacity),
+                           ctx=torch.zeros(1, dtype=torch.long, device=self.device),
+                           cols=torch.arange(capacity, device=self.device),
+                           pool=torch.cuda.graph_pool_handle() if self.capture else None, shapes={})
+        self.buckets[capacity] = buf         # most recently used last
+        self.cache, self.ctx, self.cols, self.pool, self.shapes = buf.cache, buf.ctx, buf.cols, buf.pool, buf.shapes
 
     def advance(self, kept: int) -> None:
         """``kept`` entries of the last step (root and accepted drafts) become context."""
@@ -113,7 +135,7 @@ class StaticSteps:
         n = shape.tree.num_inputs
         if self.length + n > self.cache.capacity:
             self._grow(self.length + n + STEP_ROOM)
-            shape = self._shape(paths)
+            shape = self.shapes.get(paths) or self._shape(paths)
         self.ctx.fill_(self.length)
         shape.ids[:1].fill_(root)
         if n > 1:
@@ -145,7 +167,7 @@ class StaticSteps:
                               for layer in old.layers])
         for layer in view.layers:
             layer.length = length
-        self._allocate(view, capacity_for(need, self.max_position, self.min_capacity))
+        self._use(view, capacity_for(need, self.max_position, self.min_capacity))
         self.length = kv.load_prefix(self.cache, view)
 
     def _body(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
