@@ -27,7 +27,7 @@ def eager_fixed(monkeypatch):
     """Every greedy generation runs its steps on fixed buffers (eager, small capacity)."""
     made = {}
 
-    def steps_for(model, capture=True, min_capacity=fixed.MIN_CAPACITY):
+    def steps_for(model):
         if id(model) not in made:
             made[id(model)] = fixed.StaticSteps(model, capture=False, min_capacity=64)
         return made[id(model)]
@@ -63,7 +63,7 @@ def test_fixed_steps_equal_greedy(family, models, eager_fixed):
                 assert sum(r.accept_lengths) + 1 == len(r.tokens)
                 assert r.info["step"]["capacity"] >= len(ids) + max_new
                 used += 1
-    assert used and eager_fixed[id(model)].cache is not None
+    assert used and eager_fixed[id(model)].buf is not None
 
 
 def test_a_long_generation_grows_the_buffers(models, eager_fixed, monkeypatch):
@@ -101,11 +101,11 @@ def test_requests_use_buffers_of_their_size_and_keep_their_trees(models, eager_f
         assert r.tokens == want
         steps = eager_fixed[id(model)]
         if x is short and len(steps.buckets) == 1:
-            trees = dict(steps.shapes)
+            trees = dict(steps.buf.shapes)
     assert sorted(steps.buckets) == [fixed.capacity_for(12 + 20 + fixed.STEP_ROOM, 2048, 64),
                                      fixed.capacity_for(240 + 20 + fixed.STEP_ROOM, 2048, 64)]
     assert r.info["step"]["capacity"] == min(steps.buckets)
-    assert all(steps.shapes[p] is shape for p, shape in trees.items())     # the same objects: kept
+    assert all(steps.buf.shapes[p] is shape for p, shape in trees.items())     # the same objects: kept
 
 
 class _HostData(TorchDispatchMode):

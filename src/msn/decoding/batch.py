@@ -30,7 +30,7 @@ from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, c
                                  sync_device, validate_request, verify)
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
-from msn.decoding.tree import compiled_on
+from msn.decoding.tree import compiled_on, offset_attention_bias
 from msn.errors import MsnError
 
 
@@ -250,18 +250,11 @@ class BatchDecoder:
         if self.limit is not None:
             positions.clamp_max_(self.limit - 1)
         lengths = torch.tensor([row.length for row in rows], device=device)
-        # Row r's inputs sit at [length_r, length_r + width) (``kv.rows_at``): it sees its own
-        # context before them and, among them, its tree's ancestors.
-        columns = torch.arange(past + width, device=device)
-        offset = columns[None, :] - lengths[:, None]                                        # (B, past + N)
-        inside = (offset >= 0) & (offset < width)
-        tree = seen.gather(2, offset.clamp(0, width - 1)[:, None, :].expand(-1, width, -1)) & inside[:, None, :]
-        allowed = (offset < 0)[:, None, :] | tree                                          # (B, N, past + N)
-        dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+        # Row r's inputs sit at [length_r, length_r + width) (``kv.rows_at``).
+        mask = offset_attention_bias(seen, lengths, torch.arange(past + width, device=device), self.model.dtype)
         groups = ragged.plan([row.length for row in rows], past, width)
         with masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
-            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask[:, None],
+            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                 **kv.cache_kwargs(self.model, self.cache)).logits
         packed, preds = [], []
         for r, (row, tree) in enumerate(zip(rows, trees)):

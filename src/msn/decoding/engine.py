@@ -26,7 +26,7 @@ from msn.decoding.sampling import Sampler, check_generator, first_siblings
 from msn.decoding.autotree import LADDER, Latency, acceptance_key, latency_key, load_latency, save_latency
 from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback,
                                     TreeJacobi)
-from msn.decoding.tree import attention_bias, chain, compiled_on
+from msn.decoding.tree import attention_bias, chain, compiled_on, tree_positions
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
 
@@ -229,7 +229,8 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
         if steps is not None:
             # One buffer size for every n (a request's steps all read buffers of one size).
             steps.begin(cache, context + (repeats + 2) * max(ladder) + fixed.STEP_ROOM, limit)
-        for _ in range(repeats + 2 if steps is not None else repeats + 1):
+        warm = 1 if steps is None else 2        # replayed: the first step captures, the second warms the replay
+        for _ in range(repeats + warm):
             sync_device(device)
             t0 = time.perf_counter()
             if steps is not None:
@@ -239,7 +240,7 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
             sync_device(device)
             times.append(time.perf_counter() - t0)
             length += 1 + feedback.accepted
-        seconds[n] = statistics.median(times[1:] if steps is None else times[2:])
+        seconds[n] = statistics.median(times[warm:])
     return seconds
 
 
@@ -316,10 +317,7 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
         tree = compiled_on(paths, str(device))
         drafts = cand[tree.node_pos, tree.node_col]
         ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
-        positions = context_len + tree.depths
-        if max_position is not None:
-            # Nodes past the model's last position can only be accepted beyond max_new_tokens.
-            positions = positions.clamp_max(max_position - 1)
+        positions = tree_positions(tree, context_len, max_position)
         mask = attention_bias(tree, context_len, model.dtype, device)
     with section(profile, "forward"), masked_forward(model, device):
         logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from msn.decoding import cache as kv
-from msn.decoding.tree import CompiledTree, compiled_on
+from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, tree_positions
 from msn.decoding.verify import greedy_verify
 
 MIN_CAPACITY = 256         # positions; buffers are the next power of two past a request's need
@@ -38,9 +38,9 @@ class _Buffers:
 
     cache: kv.FixedCache
     ctx: torch.Tensor                    # (1,) the context length
-    cols: torch.Tensor                   # (capacity,) 0..capacity-1
-    pool: object
-    shapes: dict
+    slots: torch.Tensor                  # (capacity,) 0..capacity-1
+    pool: object                         # the CUDA graphs' memory pool (None when not capturing)
+    shapes: dict                         # tree paths -> _Shape
 
 
 @dataclass
@@ -49,7 +49,6 @@ class _Shape:
 
     tree: CompiledTree
     ids: torch.Tensor                    # (n,) root then drafts
-    offsets: torch.Tensor                # (n,) 0..n-1
     moves: bool                          # whether keeping a path moves entries (not a chain)
     graph: object = None
     outputs: tuple = field(default_factory=tuple)
@@ -82,8 +81,7 @@ class StaticSteps:
         self.min_capacity = min_capacity
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
-        self.cache: kv.FixedCache | None = None
-        self.shapes: dict[tuple, _Shape] = {}
+        self.buf: _Buffers | None = None     # the buffers in use (the most recent of ``buckets``)
         self.buckets: collections.OrderedDict[int, _Buffers] = collections.OrderedDict()
         self.length = 0
         self.max_position: int | None = None
@@ -94,18 +92,18 @@ class StaticSteps:
 
     def describe(self) -> dict:
         return {"graphs": bool(self.capture and self.error is None), "captured_trees": self.captures,
-                "replays": self.replays, "capacity": self.cache.capacity if self.cache is not None else 0,
+                "replays": self.replays, "capacity": self.buf.cache.capacity if self.buf is not None else 0,
                 **({"graph_error": self.error} if self.error else {})}
 
     @torch.inference_mode()
     def begin(self, prefilled, need: int, max_position: int | None) -> None:
         """Loads a prefilled one-row cache into the buffers of the smallest size that holds
         ``need`` positions (made on first use; all dropped if the model's layout changed)."""
-        if max_position != self.max_position or (self.cache is not None and not kv.fits(self.cache, prefilled)):
+        if max_position != self.max_position or (self.buf is not None and not kv.fits(self.buf.cache, prefilled)):
             self.buckets.clear()
             self.max_position = max_position
         self._use(prefilled, capacity_for(need, max_position, self.min_capacity))
-        self.length = kv.load_prefix(self.cache, prefilled)
+        self.length = kv.load_prefix(self.buf.cache, prefilled)
 
     def _use(self, like, capacity: int) -> None:
         buf = self.buckets.pop(capacity, None)
@@ -116,36 +114,35 @@ class StaticSteps:
                 torch.cuda.empty_cache()
             buf = _Buffers(cache=kv.fixed_like(like, capacity),
                            ctx=torch.zeros(1, dtype=torch.long, device=self.device),
-                           cols=torch.arange(capacity, device=self.device),
+                           slots=torch.arange(capacity, device=self.device),
                            pool=torch.cuda.graph_pool_handle() if self.capture else None, shapes={})
         self.buckets[capacity] = buf         # most recently used last
-        self.cache, self.ctx, self.cols, self.pool, self.shapes = buf.cache, buf.ctx, buf.cols, buf.pool, buf.shapes
+        self.buf = buf
 
     def advance(self, kept: int) -> None:
         """``kept`` entries of the last step (root and accepted drafts) become context."""
         self.length += kept
-        kv.set_length(self.cache, self.length)
+        kv.set_length(self.buf.cache, self.length)
 
     @torch.inference_mode()
     def step(self, model, root: int, paths: tuple, cand: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One step of ``model`` on ``root`` plus the tree ``paths`` drafted from ``cand``; returns
-        (packed verdict and predictions for the host, logits, predictions) on the device."""
-        shape = self.shapes.get(paths) or self._shape(paths)
-        n = shape.tree.num_inputs
-        if self.length + n > self.cache.capacity:
+        (packed verdict and predictions for the host, logits, predictions) on the device. A
+        replayed step returns its graph's output tensors: valid until that tree's next step."""
+        n = len(paths) + 1
+        if self.length + n > self.buf.cache.capacity:
             self._grow(self.length + n + STEP_ROOM)
-            shape = self.shapes.get(paths) or self._shape(paths)
-        self.ctx.fill_(self.length)
+        shape = self.buf.shapes.get(paths) or self._shape(paths)
+        self.buf.ctx.fill_(self.length)
         shape.ids[:1].fill_(root)
         if n > 1:
             shape.ids[1:].copy_(cand[shape.tree.node_pos, shape.tree.node_col])
         if shape.graph is not None:
             shape.graph.replay()
             self.replays += 1
-            packed, logits, pred = shape.outputs
-            return packed.clone(), logits.clone(), pred.clone()
-        if self.capture and self.error is None and len(self.shapes) <= MAX_SHAPES:
+            return shape.outputs
+        if self.capture and self.error is None and len(self.buf.shapes) <= MAX_SHAPES:
             out = self._capture(model, shape)
             if out is not None:
                 return out
@@ -156,40 +153,35 @@ class StaticSteps:
         host = compiled_on(paths, "cpu")
         n = tree.num_inputs
         shape = _Shape(tree=tree, ids=torch.zeros(n, dtype=torch.long, device=self.device),
-                       offsets=torch.arange(n, device=self.device),
                        moves=not (host.leaf_paths.shape[0] == 1 and int(host.leaf_len[0]) == n - 1))
-        self.shapes[paths] = shape
+        self.buf.shapes[paths] = shape
         return shape
 
     def _grow(self, need: int) -> None:
-        old, length = self.cache, self.length
+        old, length = self.buf.cache, self.length
         view = kv.FixedCache([kv.FixedLayer(layer.keys[..., :length, :], layer.values[..., :length, :])
                               for layer in old.layers])
         for layer in view.layers:
             layer.length = length
         self._use(view, capacity_for(need, self.max_position, self.min_capacity))
-        self.length = kv.load_prefix(self.cache, view)
+        self.length = kv.load_prefix(self.buf.cache, view)
 
     def _body(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's device work; no host sync, no allocation that depends on the context."""
         from msn.decoding.engine import masked_forward
 
-        tree, n = shape.tree, shape.tree.num_inputs
-        positions = self.ctx + tree.depths
-        if self.max_position is not None:
-            positions = positions.clamp_max(self.max_position - 1)
-        rel = self.cols - self.ctx                                   # (C,) position relative to the root
-        seen = (rel < 0) | ((rel < n) & tree.ancestor[:, rel.clamp(0, n - 1)])      # (n, C)
-        mask = torch.zeros((1, 1, n, self.cache.capacity), dtype=self.dtype, device=self.device)
-        mask.masked_fill_(~seen, torch.finfo(self.dtype).min)
-        with kv.writing_at(self.cache, self.ctx + shape.offsets), masked_forward(model, self.device):
+        buf, tree = self.buf, shape.tree
+        offsets = buf.slots[: tree.num_inputs]                       # 0..n-1
+        positions = tree_positions(tree, buf.ctx, self.max_position)
+        mask = offset_attention_bias(tree.ancestor[None], buf.ctx, buf.slots, self.dtype)
+        with kv.writing_at(buf.cache, buf.ctx + offsets), masked_forward(model, self.device):
             logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
-                           **kv.cache_kwargs(model, self.cache)).logits[0]
+                           **kv.cache_kwargs(model, buf.cache)).logits[0]
         pred = logits.argmax(dim=-1)
         verdict = greedy_verify(tree, shape.ids, pred)
         if shape.moves:
-            keep = torch.cat([shape.offsets[:1], tree.leaf_paths.index_select(0, verdict.best.view(1))[0]])
-            kv.move_entries(self.cache, self.ctx + keep, self.ctx + shape.offsets[: keep.numel()])
+            keep = torch.cat([offsets[:1], tree.leaf_paths.index_select(0, verdict.best.view(1))[0]])
+            kv.move_entries(buf.cache, buf.ctx + keep, buf.ctx + offsets[: keep.numel()])
         return torch.cat([verdict.pack(), pred]), logits, pred
 
     def _capture(self, model, shape: _Shape):
@@ -203,7 +195,7 @@ class StaticSteps:
                 out = self._body(model, shape)
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph, pool=self.buf.pool):
                 outputs = self._body(model, shape)
             shape.graph, shape.outputs = graph, outputs
             self.captures += 1
@@ -221,14 +213,12 @@ _STEPS_LOCK = threading.Lock()
 
 def wanted(graphs: str, device: torch.device, sampling: bool) -> bool:
     """Whether a generation uses fixed-shape steps: ``on`` and ``auto`` on CUDA, greedy only."""
-    return graphs != "off" and device.type == "cuda" and not sampling and torch.cuda.is_available()
+    return graphs != "off" and device.type == "cuda" and not sampling
 
 
-def steps_for(model, capture: bool = True, min_capacity: int = MIN_CAPACITY) -> StaticSteps:
-    """The model's ``StaticSteps`` (kept while the model lives)."""
+def steps_for(model) -> StaticSteps:
+    """The model's ``StaticSteps``, capturing CUDA graphs (kept while the model lives)."""
     with _STEPS_LOCK:
-        steps = _STEPS.get(model)
-        if steps is None or steps.capture != capture or steps.min_capacity != min_capacity:
-            steps = StaticSteps(model, capture=capture, min_capacity=min_capacity)
-            _STEPS[model] = steps
-        return steps
+        if model not in _STEPS:
+            _STEPS[model] = StaticSteps(model, capture=True)
+        return _STEPS[model]

@@ -239,6 +239,30 @@ def attention_bias(tree: CompiledTree, context_len: int, dtype: torch.dtype,
     return bias
 
 
+def offset_attention_bias(seen: torch.Tensor, lengths: torch.Tensor, slots: torch.Tensor,
+                          dtype: torch.dtype) -> torch.Tensor:
+    """The additive mask, shape (B, 1, N, S), of B rows whose N inputs sit at cache slots
+    [lengths[r], lengths[r] + N) among ``slots`` = 0..S-1: each input sees every slot before
+    its row's inputs and, among the inputs, those ``seen[r]`` (B, N, N) marks (its tree's
+    ancestors); all other slots hold the dtype's most negative value. Pure device work, no
+    host read (a batched step; a fixed-shape step, captured as a CUDA graph)."""
+    n = seen.shape[-1]
+    offset = slots[None, :] - lengths[:, None]                                        # (B, S)
+    inside = (offset >= 0) & (offset < n)
+    among = seen.gather(2, offset.clamp(0, n - 1)[:, None, :].expand(-1, n, -1)) & inside[:, None, :]
+    allowed = (offset < 0)[:, None, :] | among                                         # (B, N, S)
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=slots.device)
+    return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def tree_positions(tree: CompiledTree, context_len, max_position: int | None) -> torch.Tensor:
+    """Position ids of a step's inputs (context length + depth; an int or a device tensor).
+    Nodes past the model's last position can only be accepted beyond max_new_tokens: they
+    are clamped to it."""
+    positions = context_len + tree.depths
+    return positions if max_position is None else positions.clamp_max(max_position - 1)
+
+
 @functools.lru_cache(maxsize=512)
 def compiled_on(paths: tuple[Path, ...], device: str) -> CompiledTree:
     """``compile_tree(paths)`` moved to ``device`` once and reused."""
