@@ -75,6 +75,40 @@ def test_good_retrieval_alone_chooses_the_chain():
     assert {(len(x.nodes) > 0) for x in candidates(copying, cpu, 5)} == {False}   # no top-K evidence, no top-K tree
 
 
+def test_the_chain_alone_costs_what_retrieval_found():
+    """The retrieval chain alone feeds only the retrieved tokens, so steps where retrieval
+    found nothing cost a one-token step: rare but long hits pay for the chain."""
+    cpu = Latency({1: 0.10, 6: 0.22, 69: 0.64})
+    rare = [Outcome((None,) * 4, 5, False, found=5)] * 2 + [Outcome((None,) * 4, 0, False, found=0)] * 8
+    chain = next(c for c in candidates(rare, cpu, 5) if c.retrieval and not c.nodes)
+    assert chain.expected_tokens == pytest.approx(2.0)
+    assert chain.tokens_per_s == pytest.approx(2.0 / ((2 * 0.22 + 8 * 0.10) / 10))
+    assert choose(rare, cpu, retrieve_len=5).retrieval
+    unknown = [Outcome(o.ranks, o.retrieved, o.guessed) for o in rare]      # stored before found was kept
+    chain = next(c for c in candidates(unknown, cpu, 5) if c.retrieval and not c.nodes)
+    assert chain.tokens_per_s == pytest.approx(2.0 / 0.22)
+    assert not choose(unknown, cpu, retrieve_len=5).retrieval
+
+
+def test_the_chain_alone_proposes_only_what_was_retrieved():
+    """With the chain alone chosen, a step drafts the retrieved tokens and nothing else: none
+    found is the root alone, a short match a shorter chain, a full one the whole chain."""
+    from msn.decoding.history import TokenHistory
+    from msn.decoding.proposers import AutoTreeJacobi
+    from msn.decoding.tree import chain
+
+    auto = AutoTreeJacobi(torch.device("cpu"), latency=Latency({1: 0.1, 69: 0.6}), retrieve_len=5,
+                          retrieve_ngram=2)
+    auto._use((), True)
+    auto.explore = False
+    for tokens, retrieved in (([1, 2, 3, 4, 5, 6, 7, 8], []), ([1, 2, 3, 9, 1, 2], [3, 9, 1, 2]),
+                              ([4, 5, 1, 2, 3, 4, 5, 6, 1, 2], [3, 4, 5, 6, 1])):
+        paths, cand = auto.propose(TokenHistory(tokens, seed=0))
+        assert paths == tuple(chain(len(retrieved), column=auto.k))
+        assert cand[: len(retrieved), auto.k].tolist() == retrieved
+        auto.pending.clear()
+
+
 def test_latency_interpolates_and_extends():
     lat = Latency({1: 1.0, 3: 2.0, 5: 4.0})
     assert lat(2) == pytest.approx(1.5) and lat(4) == pytest.approx(3.0) and lat(7) == pytest.approx(6.0)

@@ -164,6 +164,30 @@ def test_bad_bench_input(questions, tmp_path):
         load_questions("spec-bench", str(questions), categories=["poetry"])
     with pytest.raises(MsnError, match="unknown method"):
         BenchConfig(model="m", out="o", methods=["ar", "medusa"])
+    for bad in ("tr-jacobi:huge", "pld:small", "tr-jacobi:"):
+        with pytest.raises(MsnError, match="only tr-jacobi takes a tree"):
+            BenchConfig(model="m", out="o", methods=["ar", bad])
+
+
+def test_tree_variants_run_side_by_side(tiny, questions, tmp_path):
+    """``tr-jacobi:TREE`` runs that tree on the same prompts as the other methods: each
+    variant's steps are those of a generation with that tree, and all equal ar."""
+    import msn
+    from msn.data.records import encode_prompt, ensure_chat_template
+
+    model, tok = tiny
+    ensure_chat_template(tok)
+    methods = ["ar", "tr-jacobi:chain", "tr-jacobi:reference"]
+    cfg = BenchConfig(model="tiny", out=str(tmp_path / "out"), questions=str(questions), methods=methods,
+                      max_new_tokens=16, warmup=0, categories=["qa"])
+    summary = run_bench(cfg, model=model, tokenizer=tok, progress=False)
+    assert list(summary["methods"]) == methods
+    records = {r["method"]: r for r in (json.loads(l) for l in open(tmp_path / "out" / "records.jsonl"))
+               if r["question_id"] == "1"}
+    ids = encode_prompt(tok, [{"role": "user", "content": "The quick brown fox"}], "cpu")
+    for tree in ("chain", "reference"):
+        r = msn.generate(model, ids, method="tr-jacobi", tree=tree, max_new_tokens=16)
+        assert records[f"tr-jacobi:{tree}"]["steps"] == r.steps and records[f"tr-jacobi:{tree}"]["match"]
     with pytest.raises(MsnError, match="unknown benchmark"):
         load_questions("nobench")
 

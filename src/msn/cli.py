@@ -328,7 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", required=True)
     b.add_argument("--bench", help="spec-bench (default), mt-bench, humaneval or a JSONL file")
     b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); baselines: "
-                   "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup)")
+                   "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup); "
+                   "tr-jacobi:TREE runs a tree preset of its own (e.g. tr-jacobi:auto,tr-jacobi:chain compares "
+                   "trees on the same prompts)")
     b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     b.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json, plots); every "
                    "finished question is kept in OUT/progress.jsonl, so the same command resumes an interrupted bench")

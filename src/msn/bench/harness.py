@@ -16,7 +16,7 @@ from tqdm import tqdm
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, DecodeConfig, exactness_contract
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig, exactness_contract
 from msn.decoding.engine import generate, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
@@ -28,6 +28,25 @@ HF_METHODS = ("hf-generate", "hf-static", "hf-pld")
 BENCH_METHODS = (*METHODS, *HF_METHODS)
 DEFAULT_METHODS = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
 PLD = DecodeConfig(method="pld")  # prompt-lookup settings shared by pld and hf-pld
+
+
+def split_method(name: str) -> tuple[str, str | None]:
+    """``tr-jacobi:small`` -> (``tr-jacobi``, ``small``): a method run with a tree preset of
+    its own, so several trees are compared on the same prompts in one run."""
+    base, _, tree = name.partition(":")
+    return base, tree or None
+
+
+def check_methods(methods: list[str]) -> None:
+    unknown = [m for m in methods if split_method(m)[0] not in BENCH_METHODS]
+    if unknown:
+        raise MsnError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)} "
+                       f"(tr-jacobi:TREE runs a tree preset of its own, e.g. tr-jacobi:small)")
+    for m in methods:
+        base, tree = split_method(m)
+        if ":" in m and (base != "tr-jacobi" or tree not in TREE_CHOICES):
+            raise MsnError(f"method {m!r}: only tr-jacobi takes a tree, as tr-jacobi:TREE with TREE one of "
+                           f"{', '.join(TREE_CHOICES)}")
 
 
 @dataclass
@@ -79,9 +98,7 @@ class BenchConfig:
     graphs: str = "auto"
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in BENCH_METHODS]
-        if unknown:
-            raise MsnError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)}")
+        check_methods(self.methods)
         self.methods = ["ar"] + [m for m in dict.fromkeys(self.methods) if m != "ar"]
         if self.max_new_tokens <= 0:
             raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
@@ -136,7 +153,9 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
                              pad_token_id=model.generation_config.pad_token_id, **extra)
         forwards = counter.calls - before
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
-    options = {"tree": cfg.tree} if method == "tr-jacobi" and cfg.tree is not None else {}
+    method, tree = split_method(method)
+    tree = tree or cfg.tree
+    options = {"tree": tree} if method == "tr-jacobi" and tree is not None else {}
     options.update(cfg.sampling_options())
     if cfg.graphs != "auto":
         options["graphs"] = cfg.graphs

@@ -115,22 +115,26 @@ class StepRecord:
         start: history index of the token the step's first position drafts.
         table: (P, K) host list of lists, the top-K candidates per future position.
         retrieved: the retrieval chain's tokens (noise-padded as proposed).
+        found: how many of them were retrieved (the rest is noise).
     """
 
     start: int
     table: list[list[int]]
     retrieved: list[int]
+    found: int | None = None
 
 
 @dataclass
 class Outcome:
     """One step scored against the truth: ``ranks[d]`` is the rank of the true token in
     row d of the table (None when it is not there); ``retrieved`` counts right retrieved
-    tokens from the start of the chain; ``guessed`` says whether the table held guesses."""
+    tokens from the start of the chain; ``guessed`` says whether the table held guesses;
+    ``found`` how many tokens retrieval found (None: unknown, taken as a full chain)."""
 
     ranks: tuple[int | None, ...]
     retrieved: int
     guessed: bool = False     # the step had top-K guesses (a table of noise tells nothing)
+    found: int | None = None
 
 
 def score(record: StepRecord, truth: list[int]) -> Outcome:
@@ -144,7 +148,7 @@ def score(record: StepRecord, truth: list[int]) -> Outcome:
         if drafted != tok:
             break
         right += 1
-    return Outcome(tuple(ranks), right, guessed=bool(record.table and record.table[0]))
+    return Outcome(tuple(ranks), right, guessed=bool(record.table and record.table[0]), found=record.found)
 
 
 def _accepted_path(ranks: tuple[int | None, ...], nodes) -> list[Path]:
@@ -199,6 +203,9 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
 
     Trees with top-K nodes are scored on the steps that had top-K guesses; the root alone
     and the retrieval chain alone on every step (retrieval is proposed at every step).
+    The retrieval chain alone feeds only the tokens retrieval found (none: a one-token
+    step), so its time is the mean of t(1 + found) over the scored steps; a chain beside
+    top-K nodes is always fed whole (its noise-filled part drafts the next step's guesses).
     """
     guessed = [o for o in outcomes if o.guessed]
     order = node_order(guessed)
@@ -208,6 +215,8 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
     # prefix of the path's (increasing) indices.
     path_index = {id(o): [index[p] for p in _accepted_path(o.ranks, index)] for o in guessed}
     out = []
+    chain_only = (sum(latency(1 + min(retrieve_len, retrieve_len if o.found is None else o.found)) for o in outcomes)
+                  / len(outcomes) if outcomes else latency(1 + retrieve_len))
     for size in sizes:
         nodes = tuple(order[:size])
         basis = guessed if nodes else outcomes
@@ -218,7 +227,8 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
             inputs = 1 + len(nodes) + (retrieve_len if retrieval else 0)
             hits = sum(max(k, o.retrieved) for k, o in zip(topk, basis)) if retrieval else sum(topk)
             expected = 1 + hits / len(basis)
-            out.append(Choice(nodes, retrieval, inputs, expected, expected / latency(inputs)))
+            seconds = chain_only if retrieval and not nodes else latency(inputs)
+            out.append(Choice(nodes, retrieval, inputs, expected, expected / seconds))
     return out
 
 
@@ -268,7 +278,7 @@ def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
     path = _store_path("acceptance", key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([[list(o.ranks), o.retrieved, o.guessed] for o in outcomes]) + "\n")
+        path.write_text(json.dumps([[list(o.ranks), o.retrieved, o.guessed, o.found] for o in outcomes]) + "\n")
     except OSError:
         pass
 
@@ -276,7 +286,7 @@ def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
 def load_outcomes(key: dict) -> list[Outcome]:
     try:
         rows = json.loads(_store_path("acceptance", key).read_text())
-        return [Outcome(tuple(r), int(m), bool(g)) for r, m, g in rows]
+        return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None) for r in rows]
     except (OSError, ValueError, TypeError):
         return []
 

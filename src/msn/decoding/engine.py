@@ -204,44 +204,46 @@ def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Laten
 
 
 @torch.inference_mode()
-def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 128,
-                         repeats: int = 3, graphs: bool = False) -> dict[int, float]:
+def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 100,
+                         repeats: int = 5, graphs: bool = False) -> dict[int, float]:
     """Median wall seconds of one tree step (forward, verification, cache work) with n
     inputs after a ``context``-token prompt, for each n of ``ladder`` that fits.
-    ``graphs``: the fixed-shape step replayed as a CUDA graph (captured before timing)."""
+
+    The ladder is run in rounds, every n once per round on the same growing context (random
+    drafts are rejected, so each step adds one entry), so a passing load on the machine
+    touches every n alike. ``graphs``: the fixed-shape step replayed as a CUDA graph, on the
+    smallest buffers that hold the whole measurement (as a request of this length uses)."""
     import statistics
 
     device = model_device(model)
     limit = context_limit(model) or 1 << 30
     context = max(1, min(context, limit // 4))
-    ladder = [n for n in ladder if context + (repeats + 1) * n < limit] or [1]
+    warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
+    rounds = warm + repeats
+    ladder = [n for n in ladder if context + rounds * len(ladder) + n < limit] or [1]
     vocab = vocab_size(model) or 2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (1, context), generator=g).to(device)
-    seconds = {}
-    for n in ladder:
-        cache = kv.new_cache(model)
-        prefill(model, ids, cache)
-        paths = tuple(chain(n - 1))
-        cand = torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device)
-        length, times = context, []
-        steps = fixed.steps_for(model) if graphs else None
-        if steps is not None:
-            # One buffer size for every n (a request's steps all read buffers of one size).
-            steps.begin(cache, context + (repeats + 2) * max(ladder) + fixed.STEP_ROOM, limit)
-        warm = 1 if steps is None else 2        # replayed: the first step captures, the second warms the replay
-        for _ in range(repeats + warm):
+    cands = {n: torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device) for n in ladder}
+    cache = kv.new_cache(model)
+    prefill(model, ids, cache)
+    steps = fixed.steps_for(model) if graphs else None
+    if steps is not None:
+        steps.begin(cache, context + rounds * len(ladder) + max(ladder), limit)
+    length, times = context, {n: [] for n in ladder}
+    for _ in range(rounds):
+        for n in ladder:
+            paths = tuple(chain(n - 1))
             sync_device(device)
             t0 = time.perf_counter()
             if steps is not None:
-                new, feedback = fixed_step(steps, model, 0, paths, cand)
+                new, feedback = fixed_step(steps, model, 0, paths, cands[n])
             else:
-                new, feedback = tree_step(model, cache, length, 0, paths, cand, limit)
+                new, feedback = tree_step(model, cache, length, 0, paths, cands[n], limit)
             sync_device(device)
-            times.append(time.perf_counter() - t0)
+            times[n].append(time.perf_counter() - t0)
             length += 1 + feedback.accepted
-        seconds[n] = statistics.median(times[warm:])
-    return seconds
+    return {n: statistics.median(t[warm:]) for n, t in times.items()}
 
 
 class _Output:
@@ -534,7 +536,9 @@ def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tok
     t0 = time.perf_counter()
     first = choose(prefill(model, input_ids, cache), sampler, 0)
     if steps is not None:
-        steps.begin(cache, len(prompt) + max_new_tokens + fixed.STEP_ROOM, limit)
+        # The smallest buffers that hold the prompt and one step: attention reads every slot, so
+        # the buffers grow with the context (a step reads about the filled length, not the final).
+        steps.begin(cache, len(prompt) + fixed.STEP_ROOM, limit)
     sync_device(device)
     t1 = time.perf_counter()
     out.add([first])

@@ -27,7 +27,9 @@ from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, 
 from msn.decoding.verify import greedy_verify
 
 MIN_CAPACITY = 256         # positions; buffers are the next power of two past a request's need
-KEEP_BUCKETS = 3           # buffer sizes (each with its captured trees) kept per model, least recently used dropped
+KEEP_BUCKETS = 6           # buffer sizes (each with its captured trees) kept per model, least recently used
+                           # dropped: a request grows through several (256 ... 8192), all kept together
+                           # take under twice the largest
 MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
 STEP_ROOM = 128            # room past prompt + max_new_tokens for one step's inputs (the reference tree has 69)
 
@@ -72,8 +74,9 @@ class StaticSteps:
     One generation at a time (``lock``); a second concurrent one decodes eagerly.
 
     Buffers come in powers of two (``MIN_CAPACITY`` and up): attention reads every slot of
-    the buffers, so a short request uses small ones. Each size keeps its captured trees, so
-    requests of similar length replay without capturing again.
+    the buffers, so a request starts in the smallest that holds its prompt and one step, and
+    moves into the next size when it fills (one copy of its entries). Each size keeps its
+    captured trees, so later requests replay at every size they pass through.
     """
 
     def __init__(self, model, capture: bool, min_capacity: int = MIN_CAPACITY):

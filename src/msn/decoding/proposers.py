@@ -129,6 +129,7 @@ class TreeJacobi(Proposer):
         self.table: torch.Tensor | None = None     # (positions, k) top-K guesses
         self.real_rows = 0                          # leading rows of the table that are guesses, not noise
         self.retrieved: list[int] = []              # the retrieval chain of the last proposal
+        self.found = 0                              # how many of its tokens were retrieved, not noise
 
     def _noise_rows(self, history, rows: int) -> torch.Tensor:
         return torch.tensor(history.noise(rows * self.k), dtype=torch.long,
@@ -142,6 +143,7 @@ class TreeJacobi(Proposer):
             self.table = self._noise_rows(history, self.positions)
         found = find_continuation(history.tokens(), self.ngram, self.retrieve_len,
                                   min_ngram=self.min_ngram, latest=True) if self.retrieve else []
+        self.found = len(found)
         if len(found) < self.retrieve_len:
             found = found + history.noise(self.retrieve_len - len(found))
         self.retrieved = found
@@ -180,7 +182,8 @@ class AutoTreeJacobi(TreeJacobi):
     retrieval chain. The latest scored steps are kept on disk per model, so a new run
     starts from what earlier runs saw. A tree without top-K nodes produces no top-K
     guesses; while a top-K tree is within reach of the current choice, one step in
-    ``explore_every`` runs it, so the choice can come back.
+    ``explore_every`` runs it, so the choice can come back. The retrieval chain alone feeds
+    only the tokens retrieval found: a step with nothing retrieved is a plain one-token step.
     """
 
     START = 4            # top-K nodes of the tree used before anything is known
@@ -215,17 +218,21 @@ class AutoTreeJacobi(TreeJacobi):
     def _use(self, nodes, retrieval: bool) -> None:
         self.active = tuple(nodes) + (tuple(chain(self.retrieve_len, column=self.k)) if retrieval else ())
         self.topk_active = bool(nodes)
+        self.chain_alone = retrieval and not nodes
 
     def propose(self, history):
         from msn.decoding.autotree import StepRecord
 
         _, cand = super().propose(history)
         self._resolve(history)
-        self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved)))
+        self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved),
+                                       found=self.found))
         self._pending_table = (self.table, self.real_rows)
         self.exploring = self.explore and self.steps % self.explore_every == self.explore_every // 2
         if self.exploring:
             return self.explore_paths, cand
+        if self.chain_alone and self.found < self.retrieve_len:
+            return tuple(chain(self.found, column=self.k)), cand     # noise would draft nothing here
         return self.active, cand
 
     def update(self, step, history):
