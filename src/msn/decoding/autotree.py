@@ -26,7 +26,9 @@ from dataclasses import dataclass, field
 
 from msn.decoding.tree import REFERENCE_TREE, Path
 
-LADDER = (1, 2, 4, 8, 12, 16, 24, 32, 48, 69)
+# 6 is the retrieval chain alone (1 + 5): on a 2-core CPU t(4) ~ t(1) but t(6) ~ 1.3 t(1),
+# which interpolating between 4 and 8 hid.
+LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 69)
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 63)
 
 
@@ -74,7 +76,7 @@ def latency_key(model, device, dtype) -> dict:
             "device": name, "dtype": str(dtype).replace("torch.", ""),
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "msn": msn.__version__,
+            "threads": torch.get_num_threads(), "msn": msn.__version__, "ladder": list(LADDER),
             **({"cpu_gemm": cpu.enabled()} if device.type == "cpu" else {})}
 
 
@@ -215,8 +217,8 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
     # prefix of the path's (increasing) indices.
     path_index = {id(o): [index[p] for p in _accepted_path(o.ranks, index)] for o in guessed}
     out = []
-    chain_only = (sum(latency(1 + min(retrieve_len, retrieve_len if o.found is None else o.found)) for o in outcomes)
-                  / len(outcomes) if outcomes else latency(1 + retrieve_len))
+    fed = [retrieve_len if o.found is None else min(o.found, retrieve_len) for o in outcomes] or [retrieve_len]
+    chain_only = sum(latency(1 + n) for n in fed) / len(fed)      # seconds of a step of the chain alone
     for size in sizes:
         nodes = tuple(order[:size])
         basis = guessed if nodes else outcomes
@@ -233,10 +235,12 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
 
 
 def choose(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
-           sizes: tuple[int, ...] = SIZES, margin: float = 0.1) -> Choice:
+           sizes: tuple[int, ...] = SIZES, margin: float = 0.2) -> Choice:
     """The candidate with the most expected tokens per second (ties: the smaller tree).
     A tree replaces the root alone only when it is expected to be ``margin`` faster: the
-    estimate of the winner among many candidates is optimistic, the root's is exact."""
+    estimate of the winner among many candidates is optimistic, the root's is exact, and
+    t(n) itself is noisy (two ladders measured back to back on a 2-core CPU gave t(1) = 94
+    and 77 ms), so a tree that is expected to be only a little faster is often slower."""
     root = Choice((), False, 1, 1.0, 1.0 / latency(1))
     best = root
     for c in candidates(outcomes, latency, retrieve_len, sizes):
