@@ -113,6 +113,7 @@ def test_latency_interpolates_and_extends():
     lat = Latency({1: 1.0, 3: 2.0, 5: 4.0})
     assert lat(2) == pytest.approx(1.5) and lat(4) == pytest.approx(3.0) and lat(7) == pytest.approx(6.0)
     assert lat(0) == 1.0
+    assert Latency({1: 2.0})(69) == 2.0          # one point: flat, for any input count
 
 
 def test_auto_tree_is_lossless_and_reports_its_choice(models):

@@ -46,7 +46,7 @@ class Latency:
 
     def __call__(self, n: int) -> float:
         xs = sorted(self.seconds)
-        if n <= xs[0]:
+        if n <= xs[0] or len(xs) == 1:      # one point (a model too short for the ladder): flat
             return self.seconds[xs[0]]
         if n >= xs[-1]:
             # Past the ladder: extend the last segment's slope.

@@ -220,7 +220,9 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
     context = max(1, min(context, limit // 4))
     warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
     rounds = warm + repeats
-    ladder = [n for n in ladder if context + rounds * len(ladder) + n < limit] or [1]
+    ladder = sorted(ladder)
+    while len(ladder) > 1 and context + rounds * len(ladder) + ladder[-1] >= limit:
+        ladder.pop()                         # a short model: the counts that fit its positions
     vocab = vocab_size(model) or 2
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(vocab, (1, context), generator=g).to(device)
