@@ -31,7 +31,7 @@ KEEP_BUCKETS = 6           # buffer sizes (each with its captured trees) kept pe
                            # dropped: a request grows through several (256 ... 8192), all kept together
                            # take under twice the largest
 MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
-STEP_ROOM = 128            # room past prompt + max_new_tokens for one step's inputs (the reference tree has 69)
+STEP_ROOM = 128            # room past the context for one step's inputs (the reference tree has 69)
 
 
 @dataclass
