@@ -38,12 +38,12 @@ def split_method(name: str) -> tuple[str, str | None]:
 
 
 def check_methods(methods: list[str]) -> None:
-    unknown = [m for m in methods if split_method(m)[0] not in BENCH_METHODS]
+    parts = [(m, *split_method(m)) for m in methods]
+    unknown = [m for m, base, _ in parts if base not in BENCH_METHODS]
     if unknown:
         raise MsnError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)} "
                        f"(tr-jacobi:TREE runs a tree preset of its own, e.g. tr-jacobi:small)")
-    for m in methods:
-        base, tree = split_method(m)
+    for m, base, tree in parts:
         if ":" in m and (base != "tr-jacobi" or tree not in TREE_CHOICES):
             raise MsnError(f"method {m!r}: only tr-jacobi takes a tree, as tr-jacobi:TREE with TREE one of "
                            f"{', '.join(TREE_CHOICES)}")

@@ -291,16 +291,16 @@ class AutoTreeJacobi(TreeJacobi):
 
         self._resolve(history)
         basis = self._basis()
+        options = options if options is not None else candidates(basis, self.latency, self.retrieve_len)
         if self.cap is not None:
-            self.choice = fullest(options if options is not None else candidates(basis, self.latency,
-                                                                                  self.retrieve_len), self.cap)
+            self.choice = fullest(options, self.cap)
             self._use(self.choice.nodes, self.choice.retrieval)
             self.explore = False
             self.choices.append({"step": self.steps, "cap": self.cap, **self.choice.describe()})
             return
-        self.choice = choose(basis, self.latency, self.retrieve_len)
+        self.choice = choose(basis, self.latency, self.retrieve_len, options=options)
         self._use(self.choice.nodes, self.choice.retrieval)
-        with_topk = [c for c in candidates(basis, self.latency, self.retrieve_len) if c.nodes]
+        with_topk = [c for c in options if c.nodes]
         best_topk = max(with_topk, key=lambda c: c.tokens_per_s, default=None)
         # Explore only while a top-K tree could win: its estimate is near the choice's.
         self.explore = not self.choice.nodes and (
