@@ -1,6 +1,7 @@
 """The CPU kernel for a few rows (msn.decoding.cpu): same products up to float rounding,
 only inside its block, only on plain float32 CPU linears, and off with MSN_CPU_GEMM=0."""
 
+import pytest
 import torch
 
 from msn.decoding import cpu
@@ -61,3 +62,72 @@ def test_a_module_whose_forward_is_owned_elsewhere_is_left_alone():
         assert hooked.__dict__["forward"] is owner
         model(input_ids=torch.randint(3, 90, (1, 4)))
     assert hooked.__dict__["forward"] is owner
+
+
+def test_one_row_as_two_rows_where_decided(monkeypatch):
+    """A model decided to compute one row as two: every linear of a one-input forward takes
+    the two-row product (no F.linear), with the same logits up to float rounding; undecided
+    or decided against, a one-input forward swaps nothing."""
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 90, (1, 1))
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        calls = _linear_calls(model, monkeypatch)
+        try:
+            for on in (None, False, True):
+                cpu.set_padded(model, on)
+                calls.clear()
+                with cpu.one_row_linears(model):
+                    assert any("forward" in m.__dict__ for m in model.modules()) is bool(on)
+                    got = model(input_ids=ids).logits
+                assert bool(calls) is not bool(on), on
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            monkeypatch.setenv("MSN_CPU_GEMM", "0")
+            assert not cpu.padded(model)
+        finally:
+            cpu.set_padded(model, None)
+
+
+def test_the_one_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """engine.one_row_kernel times one-token forwards both ways once, keeps the verdict on
+    disk (a new model object of the same config reads it, measuring nothing), and applies it;
+    a bf16 model, or MSN_CPU_GEMM=0, measures nothing and stays with F.linear."""
+    from msn.decoding import engine
+
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
+    measured = []
+    real = engine.measure_one_row
+
+    def faster_padded(model, **kw):
+        measured.append(real(model, repeats=2, **kw))
+        return {"linear": 2.0, "padded": 1.0}
+
+    monkeypatch.setattr(engine, "measure_one_row", faster_padded)
+    first = tiny_model("qwen2").eval()
+    assert engine.one_row_kernel(first) is True and cpu.padded(first)
+    assert len(measured) == 1 and set(measured[0]) == {"linear", "padded"} and all(v > 0 for v in measured[0].values())
+    assert not cpu.padded(tiny_model("llama").eval())            # another model: not decided yet
+    again = tiny_model("qwen2").eval()
+    monkeypatch.setattr(engine, "measure_one_row", lambda *a, **k: pytest.fail("measured again"))
+    assert engine.one_row_kernel(again) is True and len(measured) == 1   # read from disk
+    assert engine.one_row_kernel(tiny_model("qwen2").eval().to(torch.bfloat16)) is False
+    monkeypatch.setenv("MSN_CPU_GEMM", "0")
+    assert engine.one_row_kernel(tiny_model("llama").eval()) is False and not cpu.padded(again)
+
+
+def test_greedy_outputs_with_one_row_as_two_rows(models):
+    """Every method equals transformers' greedy decoding with one row computed as two."""
+    from conftest import hf_greedy
+    from msn.decoding.engine import generate
+
+    for family in ("llama", "gemma"):
+        model = models(family)
+        ids = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(1))
+        want = hf_greedy(model, ids, 24, None)
+        cpu.set_padded(model, True)
+        try:
+            for method in ("ar", "pld", "tr-jacobi", "jacobi"):
+                got = generate(model, ids, method=method, max_new_tokens=24, eos_token_id=[]).tokens
+                assert got == want[: len(got)] and len(got) == 24, (family, method)
+        finally:
+            cpu.set_padded(model, None)

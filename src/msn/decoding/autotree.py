@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import json
 from dataclasses import dataclass, field
 
 from msn.decoding.tree import REFERENCE_TREE, Path
+from msn.paths import read_stored, write_stored
 
 # 6 is the retrieval chain alone (1 + 5): on a 2-core CPU t(4) ~ t(1) but t(6) ~ 1.3 t(1),
 # which interpolating between 4 and 8 hid.
@@ -77,36 +77,19 @@ def latency_key(model, device, dtype) -> dict:
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "msn": msn.__version__, "ladder": list(LADDER),
-            **({"cpu_gemm": cpu.enabled()} if device.type == "cpu" else {})}
+            **({"cpu_gemm": cpu.enabled(), "one_row": cpu.padded(model)} if device.type == "cpu" else {})}
 
 
 def load_latency(key: dict) -> Latency | None:
-    path = _latency_path(key)
+    data = read_stored("latency", key)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
+        return Latency({int(n): float(s) for n, s in data["seconds"].items()}, key)
+    except (TypeError, KeyError, ValueError, AttributeError):
         return None
-    return Latency({int(n): float(s) for n, s in data["seconds"].items()}, key)
 
 
 def save_latency(lat: Latency) -> None:
-    path = _latency_path(lat.key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"seconds": lat.seconds, "key": lat.key}) + "\n")
-    except OSError:
-        pass  # a read-only cache only costs a re-measurement next time
-
-
-def _latency_path(key: dict):
-    return _store_path("latency", key)
-
-
-def _store_path(kind: str, key: dict):
-    from msn.paths import cache_root
-
-    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / kind / f"{digest}.json"
+    write_stored("latency", lat.key, {"seconds": lat.seconds, "key": lat.key})
 
 
 @dataclass
@@ -280,19 +263,14 @@ def batch_width(options: list[list[Choice]], step_seconds, margin: float = 0.1) 
 
 def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
     """Keeps the latest scored steps of a model on disk, so the next run starts from them."""
-    path = _store_path("acceptance", key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps([[list(o.ranks), o.retrieved, o.guessed, o.found] for o in outcomes]) + "\n")
-    except OSError:
-        pass
+    write_stored("acceptance", key, [[list(o.ranks), o.retrieved, o.guessed, o.found] for o in outcomes])
 
 
 def load_outcomes(key: dict) -> list[Outcome]:
     try:
-        rows = json.loads(_store_path("acceptance", key).read_text())
-        return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None) for r in rows]
-    except (OSError, ValueError, TypeError):
+        return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None)
+                for r in read_stored("acceptance", key) or ()]
+    except (ValueError, TypeError, IndexError):
         return []
 
 

@@ -26,7 +26,7 @@ from msn.decoding import cache as kv
 from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
-                                 model_device, prefill, read_verdict, resolve_eos, masked_forward, step_latency,
+                                 model_device, one_row_kernel, prefill, read_verdict, resolve_eos, masked_forward, step_latency,
                                  sync_device, validate_request, verify)
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
@@ -76,6 +76,7 @@ class BatchDecoder:
     def __init__(self, model, method: str = "tr-jacobi", **options):
         DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
+        one_row_kernel(model)      # measured once per model: a one-row step's CPU kernel (and the latency key)
         self.model = model
         self.method = method
         self.options = options

@@ -29,6 +29,7 @@ from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, Pro
 from msn.decoding.tree import attention_bias, chain, compiled_on, tree_positions
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
+from msn.paths import read_stored, write_stored
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 _GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"    # transformers' switch: sdpa's enable_gqa even with a mask
@@ -203,6 +204,58 @@ def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Laten
     return lat
 
 
+_ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % faster (timing noise)
+
+
+def one_row_kernel(model, *, refresh: bool = False) -> bool:
+    """Whether one-input forwards of this float32 CPU model compute their linear layers as
+    two-row products (``msn.decoding.cpu``): decided once per model, from the disk cache or
+    by timing (26 one-token forwards), and applied to every later one-input forward.
+    False, and nothing measured, on other devices and dtypes or with ``MSN_CPU_GEMM=0``."""
+    if not cpu.applies(model):
+        return False
+    if not refresh and cpu.decided(model):
+        return cpu.padded(model)
+    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
+           if k not in ("ladder", "one_row")}
+    stored = None if refresh else read_stored("one-row", key)
+    if not isinstance(stored, dict) or not isinstance(stored.get("padded"), bool):
+        seconds = measure_one_row(model)
+        stored = {"padded": seconds["padded"] < _ONE_ROW_MARGIN * seconds["linear"],
+                  "ms": {k: round(v * 1000, 3) for k, v in seconds.items()}}
+        write_stored("one-row", key, stored)
+    cpu.set_padded(model, stored["padded"])
+    return stored["padded"]
+
+
+@torch.inference_mode()
+def measure_one_row(model, context: int = 100, repeats: int = 12) -> dict[str, float]:
+    """Median wall seconds of a one-token forward after a ``context``-token prompt with the
+    matrix-vector product (``linear``) and with one row computed as two (``padded``), the two
+    alternating on one growing context (the first of each dropped as warm-up; a model with
+    few positions gets fewer repeats, at least one)."""
+    import statistics
+
+    device = model_device(model)
+    limit = context_limit(model) or 1 << 30
+    context = max(1, min(context, limit // 4))
+    repeats = max(1, min(repeats, (limit - context) // 2 - 1))
+    g = torch.Generator().manual_seed(0)
+    cache = kv.new_cache(model)
+    prefill(model, torch.randint(vocab_size(model) or 2, (1, context), generator=g).to(device), cache)
+    times = {False: [], True: []}
+    try:
+        for r in range(1 + repeats):
+            for on in ((False, True) if r % 2 else (True, False)):
+                cpu.set_padded(model, on)
+                t0 = time.perf_counter()
+                decode_one_token(model, 0, cache, device)
+                times[on].append(time.perf_counter() - t0)
+    finally:
+        cpu.set_padded(model, None)
+    return {"linear": statistics.median(times[False][1:]), "padded": statistics.median(times[True][1:])}
+
+
 @torch.inference_mode()
 def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 100,
                          repeats: int = 5, graphs: bool = False) -> dict[int, float]:
@@ -289,7 +342,8 @@ def choose(logits: torch.Tensor, sampler: Sampler | None, position: int) -> int:
 @torch.inference_mode()
 def decode_one_token(model, token: int, cache, device, sampler: Sampler | None = None, position: int = 0) -> int:
     """One plain step (the oracle's rung): greedy, or the draw of output ``position`` when sampling."""
-    out = model(input_ids=torch.tensor([[token]], device=device), **kv.cache_kwargs(model, cache))
+    with cpu.one_row_linears(model):
+        out = model(input_ids=torch.tensor([[token]], device=device), **kv.cache_kwargs(model, cache))
     return choose(out.logits[0, -1], sampler, position)
 
 
@@ -309,7 +363,7 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     """
     device = cand.device
     if not paths:
-        with section(profile, "forward"):
+        with section(profile, "forward"), cpu.one_row_linears(model):
             logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
         with section(profile, "host_sync"):
             token = choose(logits[-1], sampler, out_position)
@@ -531,7 +585,9 @@ def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tok
     out = _Output(max_new_tokens, resolve_eos(model, eos_token_id), on_tokens)
     cache = kv.new_cache(model)
     limit = context_limit(model)
-    # Before the prefill: tree="auto" may measure the step latency once (on the model's fixed buffers).
+    # Before the prefill: measured once per model, the CPU kernel of one-input forwards and,
+    # for tree="auto", the step latency (on the model's fixed buffers).
+    one_row_kernel(model)
     proposer = make_proposer(cfg, model, graphs=steps is not None and steps.capture)
 
     sync_device(device)
