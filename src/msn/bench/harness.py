@@ -16,6 +16,7 @@ from tqdm import tqdm
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
+from msn.decoding import cpu
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig, exactness_contract
 from msn.decoding.engine import generate, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
@@ -189,6 +190,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                "profile": profiles,
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
+                          "cpu_one_row_as_two": cpu.padded(model),
                           "questions_from_earlier_runs": log.resumed,
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
                           ("; shown by tests/test_sampling.py (chi-square against the exact joint). With one "

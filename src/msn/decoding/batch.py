@@ -26,8 +26,8 @@ from msn.decoding import cache as kv
 from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
-                                 model_device, one_row_kernel, prefill, read_verdict, resolve_eos, masked_forward, step_latency,
-                                 sync_device, validate_request, verify)
+                                 masked_forward, model_device, one_row_kernel, prefill, read_verdict, resolve_eos,
+                                 step_latency, sync_device, validate_request, verify)
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
 from msn.decoding.tree import compiled_on, offset_attention_bias

@@ -91,8 +91,9 @@ def _linears(model) -> list:
 @contextlib.contextmanager
 def skinny_linears(model):
     """Within the block, the model's float32 CPU ``nn.Linear`` layers compute 2..MAX_ROWS
-    rows as (W @ x^T)^T, and one row as two where ``padded(model)``. A no-op on other devices and dtypes, or with ``MSN_CPU_GEMM=0``;
-    a layer whose ``forward`` something else has replaced is left alone."""
+    rows as (W @ x^T)^T, and one row as two where ``padded(model)``. A no-op on other devices
+    and dtypes, or with ``MSN_CPU_GEMM=0``; a layer whose ``forward`` something else has
+    replaced is left alone."""
     swapped = []
     for m, fast in _linears(model) if enabled() else ():
         if "forward" not in m.__dict__:
