@@ -6,6 +6,7 @@ import torch
 from msn.bench.harness import BenchConfig, run_bench
 from msn.bench.prompts import load_questions
 from msn.bench.report import summarize
+from msn.decoding import cpu
 from msn.errors import MsnError
 from tiny import tiny_tokenizer, tiny_model
 
@@ -52,7 +53,6 @@ def test_harness_writes_a_well_formed_summary(tiny, questions, tmp_path, capsys)
     assert json.loads(last) == json.loads(json.dumps(summary))
     on_disk = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert set(on_disk["methods"]) == set(METHODS)
-    from msn.decoding import cpu
     assert cpu.decided(model) and on_disk["config"]["cpu_one_row_as_two"] is cpu.padded(model)   # the kernel that ran
     assert set(on_disk["methods"]["ar"]["categories"]) == {"mt_bench", "qa", "translation"}
     for key in ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate"):

@@ -55,6 +55,7 @@ def padded(model) -> bool:
 
 
 def decided(model) -> bool:
+    """Whether ``padded(model)`` was decided (``set_padded``), rather than defaulting to False."""
     return model in _PADDED
 
 
