@@ -204,6 +204,18 @@ def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Laten
     return lat
 
 
+def _timing_prompt(model, context: int):
+    """Where a timing starts: a new cache prefilled with ``context`` seeded random tokens (at
+    most a quarter of the model's positions). Returns (cache, context, the position limit,
+    the generator of the timing's further random tokens)."""
+    limit = context_limit(model) or 1 << 30
+    context = max(1, min(context, limit // 4))
+    g = torch.Generator().manual_seed(0)
+    cache = kv.new_cache(model)
+    prefill(model, torch.randint(vocab_size(model) or 2, (1, context), generator=g).to(model_device(model)), cache)
+    return cache, context, limit, g
+
+
 _ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % faster (timing noise)
 
 
@@ -237,12 +249,8 @@ def measure_one_row(model, context: int = 100, repeats: int = 12) -> dict[str, f
     import statistics
 
     device = model_device(model)
-    limit = context_limit(model) or 1 << 30
-    context = max(1, min(context, limit // 4))
+    cache, context, limit, _ = _timing_prompt(model, context)
     repeats = max(1, min(repeats, (limit - context) // 2 - 1))
-    g = torch.Generator().manual_seed(0)
-    cache = kv.new_cache(model)
-    prefill(model, torch.randint(vocab_size(model) or 2, (1, context), generator=g).to(device), cache)
     times = {False: [], True: []}
     try:
         for r in range(1 + repeats):
@@ -269,19 +277,14 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
     import statistics
 
     device = model_device(model)
-    limit = context_limit(model) or 1 << 30
-    context = max(1, min(context, limit // 4))
+    cache, context, limit, g = _timing_prompt(model, context)
     warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
     rounds = warm + repeats
     ladder = sorted(ladder)
     while len(ladder) > 1 and context + rounds * len(ladder) + ladder[-1] >= limit:
         ladder.pop()                         # a short model: the counts that fit its positions
     vocab = vocab_size(model) or 2
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(vocab, (1, context), generator=g).to(device)
     cands = {n: torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device) for n in ladder}
-    cache = kv.new_cache(model)
-    prefill(model, ids, cache)
     steps = fixed.steps_for(model) if graphs else None
     if steps is not None:
         steps.begin(cache, context + rounds * len(ladder) + max(ladder), limit)
