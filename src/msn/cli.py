@@ -5,12 +5,31 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 
 from msn.errors import MsnError
 
 EXIT_USAGE = 2        # a mistake the user can fix: one "msn: error:" line
 EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one ``msn: error:`` line, like every other."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"msn: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+def _finite(text: str) -> float:
+    """A float flag: NaN and infinities are mistakes, not values."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def _refuse_unused(a, reason: str, applies: bool, **flags) -> None:
@@ -153,9 +172,9 @@ def _graphs_flag(p) -> None:
 def _sampling_flags(parser) -> None:
     g = parser.add_argument_group("sampling (exact: distributed as one-token sampling)")
     g.add_argument("--do-sample", action="store_true", help="sample (at temperature 1 unless given)")
-    g.add_argument("--temperature", type=float, help="> 0 samples, 0 is greedy; turns sampling on")
+    g.add_argument("--temperature", type=_finite, help="> 0 samples, 0 is greedy; turns sampling on")
     g.add_argument("--top-k", type=int, help="keep the k most likely tokens; turns sampling on (no default filter)")
-    g.add_argument("--top-p", type=float, help="nucleus in (0, 1]; turns sampling on")
+    g.add_argument("--top-p", type=_finite, help="nucleus in (0, 1]; turns sampling on")
     g.add_argument("--sample-drafts", action="store_true",
                    help="draft from the processed distribution instead of the raw argmax/top-K")
 
@@ -173,9 +192,16 @@ def _read_prompt(a) -> str:
         except UnicodeDecodeError:
             raise MsnError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
     elif a.prompt == "-":
-        prompt = sys.stdin.read()
+        try:
+            prompt = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
+        except UnicodeDecodeError:
+            raise MsnError("--prompt -: standard input is not UTF-8 text") from None
     else:
         prompt = a.prompt
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:      # bytes that are not UTF-8 reach argv as surrogates
+            raise MsnError("--prompt is not valid UTF-8 text; pass it from a UTF-8 file with --prompt-file") from None
     if not prompt or not prompt.strip():
         raise MsnError("empty prompt: pass --prompt TEXT, --prompt - (read standard input) or --prompt-file PATH")
     return prompt
@@ -238,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     import msn
     from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig
 
-    p = argparse.ArgumentParser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
+    p = _Parser(prog="msn", description="Make Some Noise: noisy fine-tuning plus TR-Jacobi "
                                 "decoding (several tokens per step, output identical to greedy decoding).",
                                 epilog="Exit status: 0 on success, 2 for a usage error (one 'msn: error:' line), "
                                 "130 when interrupted (Ctrl-C).")
@@ -272,11 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-source", choices=["ahead", "uniform"], help="noise tokens: ahead (default) or uniform")
     g.add_argument("--no-noise", action="store_true", help="plain SFT through the same pipeline")
     g = t.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=float, help="epochs (default 1)")
+    g.add_argument("--epochs", type=_finite, help="epochs (default 1)")
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
-    g.add_argument("--lr", type=float, help="learning rate (default 2e-5)")
+    g.add_argument("--lr", type=_finite, help="learning rate (default 2e-5)")
     g.add_argument("--scheduler", help="transformers scheduler name (default cosine)")
-    g.add_argument("--warmup", type=float, help="warmup: fraction of steps if < 1, else steps (default 0.03)")
+    g.add_argument("--warmup", type=_finite, help="warmup: fraction of steps if < 1, else steps (default 0.03)")
     g.add_argument("--batch-size", type=int, help="per-process batch size (default 4)")
     g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
     g.add_argument("--max-length", type=int, help="tokens per sample; longer ones are cut at the end (default 1024)")
@@ -286,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_argument_group("LoRA (peft)")
     g.add_argument("--lora-r", type=int, help="LoRA rank; 0 (default) trains all weights")
     g.add_argument("--lora-alpha", type=int, help="default 16")
-    g.add_argument("--lora-dropout", type=float, help="default 0.05")
+    g.add_argument("--lora-dropout", type=_finite, help="default 0.05")
     g.add_argument("--lora-targets", help="comma-separated module names or all-linear (default)")
     g.add_argument("--merge-lora", action="store_true", help="save merged full weights instead of an adapter")
     g = t.add_argument_group("checkpoints and logging")

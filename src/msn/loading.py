@@ -19,13 +19,55 @@ def load_tokenizer(path: str):
     return tok
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection quickly."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _corrupt_weights(path: str) -> str | None:
+    """The first ``*.safetensors`` file of a checkpoint folder that cannot be opened, with why."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for f in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt") as st:
+                st.keys()
+        except Exception as e:      # safetensors raises its own error type for truncated or corrupt files
+            return f"{f} is truncated or corrupt ({str(e).splitlines()[0]})"
+    return None
+
+
 def load_model(path: str, dtype=None, **kwargs):
-    """Loads a causal LM, turning a wrong path into one clear error."""
+    """Loads a causal LM, turning a wrong path, an unreachable hub or a corrupt file into one clear error."""
     from transformers import AutoModelForCausalLM
 
     local = os.path.isdir(path)
     if not local and (path.startswith((os.sep, ".", "~")) or os.path.exists(path)):
         raise MsnError(f"model path {path} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
+    if not local and not _hub_reachable():
+        from huggingface_hub import snapshot_download
+
+        try:        # a hub id already in the local Hugging Face cache loads without the network
+            path, local = snapshot_download(path, local_files_only=True), True
+        except Exception:       # not cached (huggingface_hub raises its own error types)
+            raise MsnError(f"model {path!r} is not a local folder, not in the Hugging Face cache, and the hub "
+                           "cannot be reached; give a checkpoint folder (`msn fetch smollm2-135m-instruct` "
+                           "prints one)") from None
+    bad = _corrupt_weights(path) if local else None
+    if bad:
+        raise MsnError(f"cannot load model {path!r}: {bad}; save or copy the checkpoint again")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:

@@ -18,7 +18,7 @@ from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding import cpu
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig, exactness_contract
-from msn.decoding.engine import generate, resolve_eos, sync_device
+from msn.decoding.engine import context_limit, generate, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
 from msn.paths import ensure_output_dir
@@ -160,7 +160,9 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     options.update(cfg.sampling_options())
     if cfg.graphs != "auto":
         options["graphs"] = cfg.graphs
-    r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, **options)
+    # A long prompt's turn is cut to the context (every method alike) rather than failing the bench.
+    r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, fit_context=True,
+                 **options)
     # One forward per step plus the prefill (a replayed CUDA graph calls no forward hook).
     return Run(r.tokens, r.steps, r.accept_lengths, r.steps + 1, r.info)
 
@@ -176,6 +178,10 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     if model is None:
         model, tokenizer = load_for_inference(cfg.model, cfg.device, cfg.dtype)
     ensure_chat_template(tokenizer)
+    limit = context_limit(model)
+    if limit is not None and cfg.max_new_tokens >= limit:
+        raise MsnError(f"--max-new-tokens {cfg.max_new_tokens} leaves no room for a prompt in the model's context "
+                       f"of {limit} positions; give at most {limit - 1} (longer prompts are cut to fit)")
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
     log = Progress(out / PROGRESS, cfg)

@@ -33,28 +33,40 @@ def default_questions_path() -> Path:
     raise MsnError(f"no Spec-Bench question file found at {candidates[0]}; {SPEC_BENCH_HINT}")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
+    """Question records, one JSON object per line; every bad line is named by its number."""
     if not path.exists():
         raise MsnError(f"question file {path} does not exist")
+    if not path.is_file():
+        raise MsnError(f"question file {path} is a folder, not a file")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise MsnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise MsnError(f"{path}:{lineno}: not UTF-8 text (re-save the file as UTF-8)") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MsnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise MsnError(f"{path}:{lineno}: expected a JSON object with \"turns\" or \"prompt\", "
+                               f"got {type(row).__name__}")
+            rows.append((lineno, row))
     if not rows:
         raise MsnError(f"{path}: no questions")
     return rows
 
 
-def _from_rows(rows: list[dict], path: Path, mt_as_one: bool) -> list[Question]:
+def _from_rows(rows: list[tuple[int, dict]], path: Path, mt_as_one: bool) -> list[Question]:
     out = []
-    for i, r in enumerate(rows):
+    for i, (lineno, r) in enumerate(rows):
         turns = r.get("turns") or ([r["prompt"]] if isinstance(r.get("prompt"), str) else None)
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
-            raise MsnError(f"{path}:{i + 1}: expected \"turns\": [str, ...] or \"prompt\": str")
+            raise MsnError(f"{path}:{lineno}: expected \"turns\": [str, ...] or \"prompt\": str")
         cat = r.get("category", "all")
         if mt_as_one and cat in MT_BENCH_CATEGORIES:
             cat = "mt_bench"

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 from msn.errors import MsnError
 
 DEFAULT_MAX_NEW_TOKENS = 128  # msn.generate, msn generate and msn bench
+# What ``torch.Generator.manual_seed`` takes: a signed or unsigned 64-bit integer.
+SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
+# Upper bounds of the draft sizes: a step feeds at most a few hundred inputs (the reference tree
+# has 69), so larger values are mistakes that would only exhaust memory.
+SIZE_LIMITS = {"window": 256, "retrieve_len": 256, "retrieve_ngram": 64, "pld_tokens": 256, "pld_ngram": 64,
+               "lookahead_window": 64, "lookahead_ngram": 16, "lookahead_guesses": 64}
 
 
 def is_int(x) -> bool:
@@ -15,8 +22,15 @@ def is_int(x) -> bool:
 
 
 def is_number(x) -> bool:
-    """An int or float that is not a bool."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+    """A finite int or float that is not a bool (NaN and infinities do not pass)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_seed(seed, name: str = "seed") -> None:
+    """A seed must be an integer that ``torch.Generator`` takes (64 bits)."""
+    low, high = SEED_RANGE
+    if not is_int(seed) or not low <= seed <= high:
+        raise MsnError(f"{name} must be an integer in [-2^63, 2^64 - 1], got {seed!r}")
 
 
 def exactness_contract(dtype: str, sampling: bool) -> str:
@@ -51,7 +65,8 @@ class DecodeConfig:
             the retrieval chain, 69 inputs); ``medium``, ``small`` and ``chain`` are fixed
             smaller trees. A list of paths over top-K ranks (e.g. ``[(0,), (1,), (0, 0)]``)
             gives a custom tree.
-        retrieve_len: length of TR-Jacobi's retrieval chain.
+        retrieve_len: length of TR-Jacobi's retrieval chain. Every draft size has an upper
+            bound (``SIZE_LIMITS``, 256 drafts at most).
         retrieve_ngram: n-gram size matched for retrieval (falls back to shorter ones).
         retrieve: False fills TR-Jacobi's retrieval chain with noise instead of a retrieved
             continuation (an ablation: what the tree alone accepts); fixed trees only.
@@ -63,8 +78,9 @@ class DecodeConfig:
         do_sample: sample instead of decoding greedily. Every method then returns tokens
             distributed exactly as one-token sampling with the same processing.
         temperature / top_k / top_p: transformers' logits processing, in transformers'
-            order (temperature, top-k, top-p); only with ``do_sample``. Temperature 0 is
-            greedy. No top-k filter unless given (transformers' ``generate`` uses 50).
+            order (temperature, top-k, top-p); only with ``do_sample``. A temperature
+            below ``MIN_TEMPERATURE`` (1e-5, as vLLM) is greedy: there the scaled logits
+            overflow float32, and the distribution is the argmax's anyway. No top-k filter unless given (transformers' ``generate`` uses 50).
         sample_drafts: with ``do_sample``, build drafts from the processed distribution
             (Jacobi drafts are the step's draws, top-K rows are drawn without replacement)
             instead of the raw logits' argmax and top-K. Outputs are exact either way.
@@ -96,8 +112,7 @@ class DecodeConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise MsnError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        for name in ("window", "retrieve_len", "retrieve_ngram", "pld_tokens", "pld_ngram",
-                     "lookahead_window", "lookahead_ngram", "lookahead_guesses", "seed"):
+        for name in (*SIZE_LIMITS, "seed"):
             value = getattr(self, name)
             if not is_int(value):
                 raise MsnError(f"{name} must be an integer, got {value!r}")
@@ -105,6 +120,10 @@ class DecodeConfig:
                      "lookahead_window", "lookahead_guesses"):
             if getattr(self, name) <= 0:
                 raise MsnError(f"{name} must be positive, got {getattr(self, name)}")
+        for name, most in SIZE_LIMITS.items():
+            if getattr(self, name) > most:
+                raise MsnError(f"{name} must be at most {most}, got {getattr(self, name)}")
+        check_seed(self.seed)
         if isinstance(self.tree, str):
             if self.tree not in TREE_CHOICES:
                 raise MsnError(f"unknown tree preset {self.tree!r}; choose one of {', '.join(TREE_CHOICES)}")

@@ -33,12 +33,17 @@ from msn.decoding.config import is_int, is_number
 from msn.errors import MsnError
 
 
+# Below this temperature sampling is greedy (vLLM's threshold too): logits / T overflows
+# float32 for T ~ 1e-38, and long before that the processed distribution is one-hot.
+MIN_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings; ``temperature == 0`` is greedy.
+    """Sampling settings; a temperature below ``MIN_TEMPERATURE`` (1e-5) is greedy.
 
     Attributes:
-        temperature: > 0 samples, 0 decodes greedily.
+        temperature: >= 1e-5 samples; 0 (or anything below 1e-5) decodes greedily.
         top_k: keep the k most likely tokens (None: no top-k filter; note that
             transformers' ``generate`` applies top_k=50 when none is given).
         top_p: keep the smallest set of tokens whose probability reaches top_p (None or 1: off).
@@ -50,7 +55,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < MIN_TEMPERATURE
 
     def validate(self) -> "SamplingParams":
         if not is_number(self.temperature) or self.temperature < 0:
@@ -59,6 +64,8 @@ class SamplingParams:
             raise MsnError(f"top_k must be an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (not is_number(self.top_p) or not 0 < self.top_p <= 1):
             raise MsnError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.temperature > 1e6:
+            raise MsnError(f"temperature must be at most 1e6, got {self.temperature!r}")
         return self
 
 
