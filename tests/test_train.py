@@ -44,7 +44,7 @@ def test_training_lowers_loss_and_saves_a_loadable_model(setup, tmp_path):
                               logging_steps=4, save_steps=100), callbacks=[Record()])
     assert losses[-1] < 0.5 * losses[0]
     # The default noise: up to 4 spans of 5 per sample, so more than one span on average.
-    noised, samples = summary["noise_stats"]["noised_positions"], summary["noise_stats"]["samples"]
+    noised, samples = summary["noise_stats"]["noised_positions"], summary["noise_stats"]["samples_collated"]
     assert noised % 5 == 0 and 5 * samples < noised <= 20 * samples
     assert summary["eval_loss"] < losses[0]
     AutoModelForCausalLM.from_pretrained(out)
@@ -56,7 +56,7 @@ def test_training_lowers_loss_and_saves_a_loadable_model(setup, tmp_path):
 def test_no_noise_is_the_same_pipeline_without_corruption(setup, tmp_path):
     summary = run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path),
                               max_steps=4, noise=NoiseConfig(enabled=False), save_steps=100))
-    assert summary["noise_stats"]["samples"] >= 16 and summary["noise_stats"]["noised_positions"] == 0
+    assert summary["noise_stats"]["samples_collated"] >= 16 and summary["noise_stats"]["noised_positions"] == 0
 
 
 def test_lora_adapter_and_merge(setup, tmp_path):

@@ -86,7 +86,7 @@ def cmd_train(a) -> int:
         precision=a.precision, lora_r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
         lora_targets=a.lora_targets, merge_lora=a.merge_lora or None, save_steps=a.save_steps,
         save_total_limit=a.save_total_limit, eval_steps=a.eval_steps, logging_steps=a.logging_steps,
-        resume=a.resume or None,
+        resume=a.resume or None, overwrite=a.overwrite or None,
         gradient_checkpointing=a.gradient_checkpointing or None, seed=a.seed))
     summary = run(cfg)
     print(json.dumps(summary))
@@ -302,7 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-steps", type=int, help="optimizer steps; overrides --epochs")
     g.add_argument("--lr", type=_finite, help="learning rate (default 2e-5)")
     g.add_argument("--scheduler", help="transformers scheduler name (default cosine)")
-    g.add_argument("--warmup", type=_finite, help="warmup: fraction of steps if < 1, else steps (default 0.03)")
+    g.add_argument("--warmup", type=_finite, help="warmup: fraction of steps if < 1, else steps (default 0.03). transformers' "
+                   "warmup starts at rate 0, so with warmup the first optimizer step changes nothing; 0 starts "
+                   "at the full rate")
     g.add_argument("--batch-size", type=int, help="per-process batch size (default 4)")
     g.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
     g.add_argument("--max-length", type=int, help="tokens per sample; longer ones are cut at the end (default 1024)")
@@ -321,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-steps", type=int, help="evaluate every N steps (needs --eval-data)")
     g.add_argument("--logging-steps", type=int, help="log loss every N steps (default 10)")
     g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    g.add_argument("--overwrite", action="store_true", help="delete an earlier run's checkpoints and model in "
+                   "--output-dir and train from scratch (without it, or --resume, such a folder is refused)")
     t.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="decode one prompt, streaming the text")

@@ -59,3 +59,76 @@ def write_stored(kind: str, key: dict, data) -> None:
         path.write_text(json.dumps(data) + "\n")
     except OSError:
         pass
+
+
+class FolderLock:
+    """One writer per folder: a lock file naming the process that holds it.
+
+    ``acquire`` creates ``path/name`` exclusively, holding this host and pid; a lock whose
+    process no longer runs on this host is stale and taken over. ``what`` names the command
+    in the error (e.g. ``msn train``).
+    """
+
+    def __init__(self, folder: Path, what: str, name: str = ".msn.lock"):
+        self.path, self.what = Path(folder) / name, what
+        self.held = False
+
+    @staticmethod
+    def _alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:         # it exists, under another user
+            return True
+        return True
+
+    def acquire(self) -> "FolderLock":
+        import socket
+
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = json.loads(self.path.read_text() or "{}")
+                except (OSError, ValueError):
+                    other = {}
+                pid, host = other.get("pid"), other.get("host")
+                if isinstance(pid, int) and (host != me["host"] or self._alive(pid)):
+                    where = f"pid {pid}" + ("" if host == me["host"] else f" on {host}")
+                    raise MsnError(f"another {self.what} ({where}) is writing into {self.path.parent}; wait for "
+                                   f"it or choose another folder (if it is gone, delete {self.path})") from None
+                self.path.unlink(missing_ok=True)       # stale: its process has ended
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            self.held = True
+            return self
+        raise MsnError(f"cannot take the lock {self.path}; delete it if no {self.what} is running")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def replace_folder_files(staged: Path, target: Path, last: str | None = None) -> None:
+    """Moves every file of ``staged`` into ``target`` by atomic renames (same file system),
+    ``last`` (a file name) after all the others, then removes ``staged``. A kill at any moment
+    leaves each file either old or new, never half written."""
+    files = sorted((p for p in staged.rglob("*") if p.is_file()), key=lambda p: p.name == last)
+    for f in files:
+        dest = target / f.relative_to(staged)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(f, dest)
+    import shutil
+
+    shutil.rmtree(staged, ignore_errors=True)

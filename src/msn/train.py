@@ -20,6 +20,7 @@ from msn.noise import NoiseConfig
 
 log = logging.getLogger("msn.train")
 PRECISIONS = ("fp32", "bf16", "fp16")
+STAGING = ".final-partial"       # the final model is written here, then renamed into place
 
 
 @dataclass
@@ -43,6 +44,9 @@ class TrainConfig:
             lora_targets configure peft; merge_lora saves merged full weights.
         save_steps / eval_steps / logging_steps / save_total_limit: Trainer cadence.
         resume: continue from the newest checkpoint in ``output_dir``.
+        overwrite: train from scratch into an ``output_dir`` that holds an earlier run
+            (its checkpoints and final model are deleted first). Without it, or
+            ``resume``, such a folder is refused.
         gradient_checkpointing: trade compute for memory.
         seed: seed of data order, noise and initialisation of LoRA weights.
     """
@@ -71,12 +75,24 @@ class TrainConfig:
     logging_steps: int = 10
     save_total_limit: int | None = 2
     resume: bool = False
+    overwrite: bool = False
     gradient_checkpointing: bool = False
     seed: int = 42
 
     def __post_init__(self):
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
+        from msn.decoding.config import is_int, is_number
+
+        for name in ("epochs", "lr", "warmup", "lora_dropout"):
+            if not is_number(getattr(self, name)):
+                raise MsnError(f"{name} must be a finite number, got {getattr(self, name)!r}")
+        if not is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise MsnError(f"seed must be an integer in [0, 2^32 - 1] (numpy's range), got {self.seed!r}")
+        if not 0 <= self.lora_dropout < 1:
+            raise MsnError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.resume and self.overwrite:
+            raise MsnError("--resume and --overwrite exclude each other: continue the run, or start it again")
         if self.precision not in PRECISIONS:
             raise MsnError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         for name in ("max_length", "batch_size", "grad_accum", "save_steps", "logging_steps"):
@@ -158,12 +174,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
 
     ``callbacks``: extra transformers ``TrainerCallback`` objects.
     """
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from msn.data.collate import MsnCollator, epoch_callback
-    from msn.data.records import ensure_chat_template
-    from msn.paths import ensure_output_dir
+    from msn.paths import FolderLock, ensure_output_dir
 
     if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
         raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
@@ -171,17 +182,59 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         raise MsnError(f"data file {cfg.data} does not exist")
     if cfg.eval_data and not os.path.exists(cfg.eval_data):
         raise MsnError(f"eval data file {cfg.eval_data} does not exist")
-    ensure_output_dir(cfg.output_dir, "--output-dir")
+    out = ensure_output_dir(cfg.output_dir, "--output-dir").resolve()
+    model_dir = Path(cfg.model).expanduser()
+    if model_dir.is_dir() and (out == model_dir.resolve() or out in model_dir.resolve().parents):
+        raise MsnError(f"--output-dir {cfg.output_dir} is (or holds) the input model's folder {cfg.model}; "
+                       "training there would overwrite the model it starts from: choose another folder")
+    lock = FolderLock(out, "msn train", ".msn-train.lock")
+    if int(os.environ.get("RANK", "0")) == 0:       # one process of a distributed run holds it
+        lock.acquire()
+    try:
+        return _run_locked(cfg, callbacks)
+    finally:
+        lock.release()
+
+
+def _earlier_run(output_dir: Path) -> str | None:
+    """What an earlier run left in ``output_dir`` (a final model, checkpoints), or None."""
+    if (output_dir / "msn_config.json").exists():
+        return "a finished run (msn_config.json)"
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    return f"an earlier run's checkpoints ({', '.join(checkpoints[:3])})" if checkpoints else None
+
+
+def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
+    import shutil
+
+    import torch
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from msn.data.collate import MsnCollator, epoch_callback
+    from msn.data.records import ensure_chat_template
+
+    out = Path(cfg.output_dir)
+    shutil.rmtree(out / STAGING, ignore_errors=True)      # a final save that was killed midway
+    earlier = _earlier_run(out)
+    if earlier and not cfg.resume:
+        if not cfg.overwrite:
+            raise MsnError(f"--output-dir {cfg.output_dir} holds {earlier}; pass --resume to continue it, "
+                           "--overwrite to delete it and train from scratch, or choose another folder")
+        log.warning("--overwrite: deleting %s in %s", earlier, out)
+        for p in out.glob("checkpoint-*"):
+            shutil.rmtree(p, ignore_errors=True)
+        (out / "msn_config.json").unlink(missing_ok=True)
     latest = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and latest is None:
         raise MsnError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
     if latest is not None and _finished(cfg, latest):
         final = Path(cfg.output_dir) / "msn_config.json"
-        if not final.exists():
-            raise MsnError(f"{latest} already reached the requested steps but the final model was not saved; "
-                           f"load {latest} directly, or raise --max-steps to train on")
-        log.warning("the run in %s is finished (%s); nothing to do", cfg.output_dir, Path(latest).name)
-        return {**json.loads(final.read_text())["summary"], "nothing_to_do": True}
+        if final.exists():
+            log.warning("the run in %s is finished (%s); nothing to do", cfg.output_dir, Path(latest).name)
+            return {**json.loads(final.read_text())["summary"], "nothing_to_do": True}
+        # Killed during the final save: the newest checkpoint holds the final weights.
+        log.warning("%s reached the requested steps but the final model was not saved; saving it now", latest)
+        return _save_from_checkpoint(cfg, latest)
     model = load_model(cfg.model, dtype=torch.float32)
     tokenizer = load_tokenizer(cfg.model)
     if ensure_chat_template(tokenizer):
@@ -265,21 +318,46 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     if collator.too_short:
         log.warning("%d sample(s) had a response too short for a noise span and stayed clean", collator.too_short)
     if trainer.is_world_process_zero():
-        save_final(trainer, tokenizer, cfg, summary)
+        save_final(trainer.model, tokenizer, cfg, summary)
     return summary
 
 
-def save_final(trainer, tokenizer, cfg: TrainConfig, summary: dict) -> None:
+def _save_from_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
+    """The final model of a finished run, saved again from its last checkpoint."""
+    import torch
+
+    if cfg.lora_r > 0:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(cfg.model, dtype=torch.float32), checkpoint)
+    else:
+        model = load_model(checkpoint, dtype=torch.float32)
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    losses = [e["loss"] for e in state.get("log_history", []) if "loss" in e]
+    summary = {"train_loss": losses[-1] if losses else None, "global_step": state.get("global_step"),
+               "resumed_from": checkpoint, "final_saved_from_checkpoint": True}
+    save_final(model, load_tokenizer(checkpoint if (Path(checkpoint) / "tokenizer_config.json").exists()
+                                     else cfg.model), cfg, summary)
+    return summary
+
+
+def save_final(model, tokenizer, cfg: TrainConfig, summary: dict) -> None:
     import transformers
 
     import msn
 
+    from msn.paths import replace_folder_files
+
     out = Path(cfg.output_dir)
-    model = trainer.model
+    staged = out / STAGING
     if cfg.lora_r > 0 and cfg.merge_lora:
         model = model.merge_and_unload()
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    # Written beside the folder, then renamed in, msn_config.json last: a kill at any moment
+    # leaves complete files only, and msn_config.json marks a complete final model.
+    model.save_pretrained(staged)
+    tokenizer.save_pretrained(staged)
     record = {"msn_version": msn.__version__, "transformers_version": transformers.__version__,
               "config": cfg.to_dict(), "summary": summary}
-    (out / "msn_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    (staged / "msn_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / "msn_config.json").unlink(missing_ok=True)
+    replace_folder_files(staged, out, last="msn_config.json")

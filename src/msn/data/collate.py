@@ -94,7 +94,8 @@ class MsnCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
     def stats(self) -> dict:
-        return {"samples": self.samples, "too_short_for_a_span": self.too_short,
+        # Samples the data loader collated: it may read a batch beyond the last optimizer step.
+        return {"samples_collated": self.samples, "too_short_for_a_span": self.too_short,
                 "noised_positions": self.noised_positions, "tokens": self.tokens,
                 "response_tokens": self.response_tokens}
 

@@ -61,8 +61,8 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
                     max_length=cfg.max_length, lr=cfg.lr, save_steps=cfg.eval_every,
                     save_total_limit=cfg.steps // cfg.eval_every + 1)
         stats = json.loads((target / "msn_config.json").read_text())["summary"]["noise_stats"]
-        if stats.get("samples"):
-            tokens_per_step = stats["tokens"] / stats["samples"] * cfg.batch_size
+        if stats.get("samples_collated"):
+            tokens_per_step = stats["tokens"] / stats["samples_collated"] * cfg.batch_size
         for step in range(cfg.eval_every, cfg.steps + 1, cfg.eval_every):
             final = step == cfg.steps
             path = target if final else target / f"checkpoint-{step}"
