@@ -79,15 +79,18 @@ def test_chat_streaming_and_not_equal_msn_generate(server, max_tokens):
     assert r.usage.completion_tokens == len(tokens)
     assert r.usage.prompt_tokens == encode_prompt(server.tok, chat(1)).shape[1]
     assert r.usage.model_extra["msn"]["steps"] == server.last_steps     # the same steps as alone
-    parts, final = [], None
+    parts, final, chunks = [], None, []
     for chunk in server.client.chat.completions.create(model=NAME, messages=chat(1), max_tokens=max_tokens,
-                                                       stream=True):
-        if chunk.choices[0].delta.content:
+                                                       stream=True, stream_options={"include_usage": True}):
+        chunks.append(chunk)
+        if chunk.choices and chunk.choices[0].delta.content:
             parts.append(chunk.choices[0].delta.content)
-        if chunk.choices[0].finish_reason:
+        if chunk.choices and chunk.choices[0].finish_reason:
             final = chunk
     assert "".join(parts) == text
-    assert final.choices[0].finish_reason == reason and final.usage.completion_tokens == len(tokens)
+    assert final.choices[0].finish_reason == reason and final.usage is None
+    # OpenAI's include_usage: one last chunk with empty choices carries the usage.
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(tokens)
 
 
 def test_completions_streaming_and_not(server):
@@ -150,7 +153,9 @@ BAD = [
     ({"model": NAME, "messages": []}, 400, "messages"),
     ({"model": NAME, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ({"model": NAME, "messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
-    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_completion_tokens"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0}, 400,
+     "max_completion_tokens"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 10 ** 9}, 400, "max_tokens"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "n"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),

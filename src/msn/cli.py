@@ -233,7 +233,7 @@ def cmd_serve(a) -> int:
 
     _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
     serve(a.model, method=a.method, host=a.host, port=a.port, max_batch=a.max_batch, name=a.name,
-          device=a.device, dtype=a.dtype, **_set({}, tree=a.tree))
+          device=a.device, dtype=a.dtype, api_key=a.api_key, max_body_mb=a.max_body_mb, **_set({}, tree=a.tree))
     return 0
 
 
@@ -392,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default 8)")
     s.add_argument("--name", help="model name clients send (default: the folder's name)")
+    s.add_argument("--api-key", help="require Authorization: Bearer KEY on every /v1 route (default: $MSN_API_KEY; "
+                   "none: open)")
+    s.add_argument("--max-body-mb", type=_finite, default=8.0, help="largest request body in MiB (default 8; "
+                   "larger ones get 413)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (float32 keeps outputs "
                    "identical to ar)")

@@ -6,17 +6,29 @@ FastAPI + uvicorn serve ``/v1/chat/completions``, ``/v1/completions``, ``/v1/mod
 batched steps and hands each row's new tokens to its request's asyncio queue. A client
 that disconnects has its row cancelled at the next step.
 
-Requests decode greedily unless they give ``temperature`` > 0 (then ``top_p``, ``top_k``
+Requests decode greedily unless they give ``temperature`` >= 1e-5 (then ``top_p``, ``top_k``
 and ``seed`` apply): the default is msn's, greedy and identical to ``msn generate``.
+
+Protection, as ``vllm serve`` and the OpenAI API: every request is validated whole before it
+joins the batch; a row whose own decoding raises fails alone (its client gets an error, the
+other rows go on); ``--api-key`` (or ``MSN_API_KEY``) guards every ``/v1`` route; a body is
+refused above ``--max-body-mb`` (413) or nested deeper than ``MAX_JSON_DEPTH`` (400) before it
+is parsed; prompts are tokenized off the event loop; SIGINT/SIGTERM end every stream with a
+final error event and exit 0; ``/metrics`` speaks Prometheus.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import hmac
+import itertools
 import json
 import logging
+import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -30,8 +42,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from msn.decoding.batch import BatchDecoder, Finished
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, is_int, is_number
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, check_seed, is_int, is_number
 from msn.decoding.engine import DecodeResult, context_limit, resolve_eos, validate_request
+from msn.decoding.sampling import MIN_TEMPERATURE
 from msn.errors import MsnError
 
 log = logging.getLogger(__name__)
@@ -47,6 +60,9 @@ COMMON = {"model", "stream", "max_tokens", "temperature", "top_p", "top_k", "see
 CHAT_FIELDS = COMMON | {"messages", "max_completion_tokens"}
 COMPLETION_FIELDS = COMMON | {"prompt"}
 ROLES = {"system", "user", "assistant", "developer"}
+MAX_BODY_MB = 8          # default request-size limit (--max-body-mb)
+MAX_JSON_DEPTH = 64      # deeper JSON is refused before parsing (OpenAI bodies nest 4-5 levels)
+SHUTDOWN_S = 5           # a stopping server ends its streams and closes within about this long
 
 
 class ApiError(Exception):
@@ -83,8 +99,9 @@ class Job:
 class Scheduler:
     """The one thread that touches the model: admits jobs, steps the batch, cancels rows."""
 
-    def __init__(self, model, method: str, max_batch: int, eos: set[int], **options):
+    def __init__(self, model, method: str, max_batch: int, eos: set[int], metrics=None, **options):
         self.decoder = BatchDecoder(model, method, **options)
+        self.metrics = metrics
         self.model = model
         self.max_batch = max_batch
         self.eos = sorted(eos)
@@ -102,6 +119,21 @@ class Scheduler:
         self.pending.put(None)
         self.thread.join(timeout=10)
 
+    def shutdown(self, reason: str = "the server is shutting down") -> None:
+        """Ends every queued and running request with an error event, then stops the thread."""
+        self.stopped.set()
+        error = ApiError(503, reason, kind="server_error", code="shutdown")
+        for job in list(self.jobs.values()):
+            job.send("error", error)
+        while True:
+            try:
+                job = self.pending.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.send("error", error)
+        self.pending.put(None)
+
     @property
     def active(self) -> int:
         return len(self.decoder)
@@ -118,6 +150,11 @@ class Scheduler:
         except MsnError as e:
             job.send("error", ApiError(400, str(e)))
             return
+        except Exception as e:      # noqa: BLE001 - this request's prefill failed: it alone fails
+            log.exception("prefill failed")
+            job.send("error", ApiError(500, f"decoding this request failed: {type(e).__name__}: {e}",
+                                       kind="server_error"))
+            return
         if isinstance(added, Finished):
             self._done(job, added.result)
         else:
@@ -125,6 +162,8 @@ class Scheduler:
 
     def _done(self, job: Job, result: DecodeResult) -> None:
         self.served += 1
+        if self.metrics is not None:
+            self.metrics.finished(result)
         job.send("done", result)
 
     def _run(self) -> None:
@@ -145,13 +184,78 @@ class Scheduler:
                         self.decoder.cancel(rid)
                         del self.jobs[rid]
                 for fin in self.decoder.step():
-                    self._done(self.jobs.pop(fin.rid), fin.result)
+                    job = self.jobs.pop(fin.rid)
+                    if fin.error is not None:       # this row's own decoding raised: it fails alone
+                        log.error("request failed alone: %s: %s", type(fin.error).__name__, fin.error)
+                        job.send("error", ApiError(500, f"decoding this request failed: "
+                                                        f"{type(fin.error).__name__}: {fin.error}",
+                                                   kind="server_error"))
+                    else:
+                        self._done(job, fin.result)
+                if self.metrics is not None:
+                    self.metrics.queue(self.pending.qsize(), len(self.decoder))
             except Exception as e:          # keep serving: fail the rows in flight, start a fresh batch
                 log.exception("decoding step failed")
                 for job in self.jobs.values():
                     job.send("error", ApiError(500, f"decoding failed: {type(e).__name__}: {e}", kind="server_error"))
                 self.jobs.clear()
                 self.decoder = BatchDecoder(self.model, self.decoder.method, **self.decoder.options)
+
+
+_STRING = re.compile(rb'"(?:[^"\\\\]|\\\\.)*"')
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether JSON text nests deeper than ``limit``, found without parsing it (strings are
+    skipped, then the brackets counted)."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
+    steps = (1 if b in (0x5B, 0x7B) else -1 for b in brackets)
+    return max(itertools.accumulate(steps), default=0) > limit
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number (every number must be finite)")
+
+
+class Metrics:
+    """The server's Prometheus metrics (``prometheus-client``), in a registry of its own."""
+
+    def __init__(self, method: str):
+        from prometheus_client import CollectorRegistry, Counter, Gauge
+
+        self.registry = CollectorRegistry()
+        self.requests = Counter("msn_requests", "Requests admitted to decoding", registry=self.registry)
+        self.completed = Counter("msn_requests_completed", "Requests decoded to the end", registry=self.registry)
+        self.tokens = Counter("msn_generated_tokens", "Tokens generated", registry=self.registry)
+        self.steps = Counter("msn_decoding_steps", "Decoding steps of finished requests", registry=self.registry)
+        self.accepted = Gauge("msn_mean_accepted_tokens", "Mean tokens per step over finished requests",
+                              registry=self.registry)
+        self.queued = Gauge("msn_queue_length", "Requests waiting to join the batch", registry=self.registry)
+        self.running = Gauge("msn_running_requests", "Rows in the batch", registry=self.registry)
+        self.lock = threading.Lock()
+        self.total_tokens = self.total_steps = 0
+
+    def finished(self, result: DecodeResult) -> None:
+        with self.lock:
+            self.completed.inc()
+            self.tokens.inc(len(result.tokens))
+            self.steps.inc(result.steps)
+            self.total_tokens += len(result.tokens)
+            self.total_steps += result.steps
+            if self.total_steps:
+                self.accepted.set(self.total_tokens / self.total_steps)
+
+    def queue(self, queued: int, running: int) -> None:
+        self.queued.set(queued)
+        self.running.set(running)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
 def _check_off(body: dict) -> None:
@@ -166,7 +270,8 @@ def _sampling(body: dict) -> dict:
     """msn sampling options from OpenAI fields; greedy unless temperature > 0."""
     t = body.get("temperature")
     if t is not None and (not is_number(t) or t < 0 or t > 2):
-        raise ApiError(400, f"temperature must be a number in [0, 2], got {t!r}", "temperature")
+        raise ApiError(400, f"temperature must be a number in [0, 2] (below {MIN_TEMPERATURE:g} it is greedy), "
+                            f"got {t!r}", "temperature")
     top_p, top_k, seed = body.get("top_p"), body.get("top_k"), body.get("seed")
     if top_p is not None and (not is_number(top_p) or not 0 < top_p <= 1):
         raise ApiError(400, f"top_p must be a number in (0, 1], got {top_p!r}", "top_p")
@@ -174,9 +279,12 @@ def _sampling(body: dict) -> dict:
         if top_k not in (-1, 0):         # vLLM's "off"
             raise ApiError(400, f"top_k must be an integer >= 1, got {top_k!r}", "top_k")
         top_k = None
-    if seed is not None and not is_int(seed):
-        raise ApiError(400, f"seed must be an integer, got {seed!r}", "seed")
-    if not t:
+    if seed is not None:
+        try:
+            check_seed(seed)
+        except MsnError as e:
+            raise ApiError(400, str(e), "seed") from None
+    if t is None or t < MIN_TEMPERATURE:
         return {}
     out = {"do_sample": True, "temperature": float(t)}
     if top_p is not None and top_p < 1:
@@ -212,16 +320,24 @@ class Server:
     """The FastAPI application and its scheduler for one model."""
 
     def __init__(self, model, tokenizer, *, name: str, method: str = "tr-jacobi", max_batch: int = 8,
-                 **options):
+                 api_key: str | None = None, max_body_mb: float = MAX_BODY_MB, **options):
         from msn.data.records import ensure_chat_template
 
         if not is_int(max_batch) or max_batch < 1:
             raise MsnError(f"--max-batch must be a positive integer, got {max_batch!r}")
+        if not is_number(max_body_mb) or max_body_mb <= 0:
+            raise MsnError(f"--max-body-mb must be a positive number, got {max_body_mb!r}")
+        if api_key is not None and (not isinstance(api_key, str) or not api_key.strip()):
+            raise MsnError("--api-key (or MSN_API_KEY) must be a non-empty string")
         DecodeConfig.from_options(method, options)
         ensure_chat_template(tokenizer)
         self.model, self.tokenizer, self.name, self.method = model, tokenizer, name, method
+        self.api_key, self.max_body = api_key, int(max_body_mb * 2**20)
         self.eos = resolve_eos(model, None) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
-        self.scheduler = Scheduler(model, method, max_batch, self.eos, **options)
+        self.metrics = Metrics(method)
+        self.scheduler = Scheduler(model, method, max_batch, self.eos, metrics=self.metrics, **options)
+        # One thread tokenizes, off the event loop: a long prompt never blocks /health or a stream.
+        self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="msn-tokenize")
         self.created = int(time.time())
         self.app = self._build()
 
@@ -232,15 +348,19 @@ class Server:
         if unknown:
             raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", unknown[0], "unsupported_parameter")
         model = body.get("model")
+        if model is None:
+            raise ApiError(400, f"model is required; this server serves {self.name!r}", "model")
         if model != self.name:
             raise ApiError(404, f"the model {model!r} does not exist; this server serves {self.name!r}", "model",
                            "model_not_found")
         if not isinstance(body.get("stream", False), bool):
             raise ApiError(400, "stream must be true or false", "stream")
         _check_off(body)
-        max_tokens = body.get(max_field, body.get("max_tokens"))
+        given = max_field if body.get(max_field) is not None else "max_tokens"
+        max_tokens = body.get(given)
         if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
-            raise ApiError(400, f"{max_field} must be a positive integer, got {max_tokens!r}", max_field)
+            raise ApiError(400, f"{given} must be a positive integer, got {max_tokens!r}", given)
+        self.max_param = given
         return max_tokens, _sampling(body)
 
     def _job(self, ids: torch.Tensor, max_tokens: int | None, sampling: dict, param: str) -> Job:
@@ -249,12 +369,45 @@ class Server:
             max_tokens = DEFAULT_MAX_NEW_TOKENS
             if limit is not None:
                 max_tokens = max(1, min(max_tokens, limit - ids.shape[1]))
+        prompt = ids.shape[1]
+        if limit is not None and prompt < limit and prompt + max_tokens > limit:
+            raise ApiError(400, f"the prompt ({prompt} tokens) plus {param} ({max_tokens}) exceeds the model's "
+                                f"context of {limit} tokens; lower {param} to {limit - prompt} or shorten the "
+                                "prompt", param)
         try:
             validate_request(self.model, ids, max_tokens)
             DecodeConfig.from_options(self.method, {**self.scheduler.decoder.options, **sampling})
         except MsnError as e:
             raise ApiError(400, str(e), param) from None
         return Job(ids, max_tokens, sampling, asyncio.get_running_loop())
+
+    def _authorize(self, request: Request) -> None:
+        """``Authorization: Bearer KEY`` on every /v1 route when the server has a key."""
+        if self.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, key = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "a valid API key is required: send Authorization: Bearer KEY", code="invalid_api_key",
+                           kind="authentication_error")
+
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to exceed the limit."""
+        length = request.headers.get("content-length")
+        too_big = ApiError(413, f"the request body exceeds {self.max_body // 2**20} MiB (--max-body-mb)",
+                           code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            raise too_big
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.max_body:
+                raise too_big
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _off_loop(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, lambda: fn(*args, **kwargs))
 
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)
@@ -277,7 +430,9 @@ class Server:
         async def lifespan(app):
             self.scheduler.start()
             yield
+            self.scheduler.shutdown()
             self.scheduler.stop()
+            self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
         app = FastAPI(title="msn", lifespan=lifespan)
 
@@ -301,13 +456,26 @@ class Server:
                                 status_code=500)
 
         async def read_json(request: Request) -> dict:
+            self._authorize(request)
+            raw = await self._read_body(request)
+            deep = json_depth_exceeds(raw, MAX_JSON_DEPTH)
+            if deep:
+                raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels")
             try:
-                body = json.loads(await request.body())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                body = json.loads(raw, parse_constant=_refuse_constant)
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError, RecursionError) as e:
                 raise ApiError(400, f"the request body is not valid JSON: {e}") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the request body must be a JSON object")
             return body
+
+        @app.get("/metrics")
+        async def metrics():
+            from fastapi.responses import Response
+
+            self.metrics.queue(self.scheduler.pending.qsize(), self.scheduler.active)
+            body, content_type = self.metrics.render()
+            return Response(body, media_type=content_type)
 
         @app.get("/health")
         async def health():
@@ -315,7 +483,8 @@ class Server:
                     "queued": self.scheduler.pending.qsize(), "served": self.scheduler.served}
 
         @app.get("/v1/models")
-        async def models():
+        async def models(request: Request):
+            self._authorize(request)
             return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
                                                 "owned_by": "msn"}]}
 
@@ -325,14 +494,15 @@ class Server:
 
             body = await read_json(request)
             max_tokens, sampling = self._common(body, CHAT_FIELDS, "max_completion_tokens")
+            messages = _messages(body)
             try:
-                ids = encode_prompt(self.tokenizer, _messages(body))
+                ids = await self._off_loop(encode_prompt, self.tokenizer, messages)
             except ApiError:
                 raise
             except Exception as e:      # a template that refuses the conversation (e.g. roles out of order)
                 raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from None
-            job = self._job(ids, max_tokens, sampling, "max_tokens")
-            return await self._respond(request, job, ids.shape[1], body.get("stream", False), chat=True)
+            job = self._job(ids, max_tokens, sampling, self.max_param)
+            return await self._respond(request, job, ids.shape[1], body, chat=True)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -344,21 +514,27 @@ class Server:
             if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
                 ids = torch.tensor([prompt], dtype=torch.long)
             elif isinstance(prompt, str) and prompt:
-                ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+                ids = (await self._off_loop(self.tokenizer, prompt, return_tensors="pt"))["input_ids"]
             else:
                 raise ApiError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
-            job = self._job(ids, max_tokens, sampling, "max_tokens")
-            return await self._respond(request, job, ids.shape[1], body.get("stream", False), chat=False)
+            job = self._job(ids, max_tokens, sampling, self.max_param)
+            return await self._respond(request, job, ids.shape[1], body, chat=False)
 
         return app
 
-    async def _respond(self, request, job: Job, prompt_tokens: int, stream: bool, chat: bool):
+    async def _respond(self, request, job: Job, prompt_tokens: int, body: dict, chat: bool):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": self.name}
+        if self.scheduler.stopped.is_set():
+            raise ApiError(503, "the server is shutting down", kind="server_error", code="shutdown")
+        self.metrics.requests.inc()
         self.scheduler.submit(job)
-        if stream:
-            return StreamingResponse(self._events(request, job, head, prompt_tokens, chat), media_type="text/event-stream")
+        if body.get("stream", False):
+            options = body.get("stream_options") or {}
+            usage = isinstance(options, dict) and options.get("include_usage") is True
+            return StreamingResponse(self._events(request, job, head, prompt_tokens, chat, usage),
+                                     media_type="text/event-stream")
         watch = asyncio.create_task(self._watch(request, job))
         tokens: list[int] = []
         try:
@@ -386,7 +562,7 @@ class Server:
             if await request.is_disconnected():
                 job.cancelled = True
 
-    async def _events(self, request, job: Job, head: dict, prompt_tokens: int, chat: bool):
+    async def _events(self, request, job: Job, head: dict, prompt_tokens: int, chat: bool, include_usage: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta: str | None, reason=None, usage=None, role: bool = False) -> str:
@@ -407,8 +583,9 @@ class Server:
                 yield chunk(None, role=True)
             while True:
                 kind, value = await job.events.get()
-                if kind == "error":
+                if kind == "error":        # the final event of a failed or stopped stream
                     yield f"data: {json.dumps(value.body())}\n\n"
+                    yield "data: [DONE]\n\n"
                     return
                 if kind == "tokens":
                     tokens += value
@@ -422,7 +599,9 @@ class Server:
                 text = self._text(value.tokens)
                 if len(text) > len(sent):
                     yield chunk(text[len(sent):])
-                yield chunk(None, self._finish_reason(value), self._usage(prompt_tokens, value))
+                yield chunk(None, self._finish_reason(value))
+                if include_usage:        # OpenAI: a last chunk with empty choices carries the usage
+                    yield f"data: {json.dumps({**head, 'object': obj, 'choices': [], 'usage': self._usage(prompt_tokens, value)})}\n\n"
                 yield "data: [DONE]\n\n"
                 return
         finally:
@@ -430,8 +609,10 @@ class Server:
 
 
 def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1", port: int = 8000,
-          max_batch: int = 8, name: str | None = None, device: str = "auto", dtype: str = "auto", **options) -> None:
-    """Loads a checkpoint and serves it until interrupted."""
+          max_batch: int = 8, name: str | None = None, device: str = "auto", dtype: str = "auto",
+          api_key: str | None = None, max_body_mb: float = MAX_BODY_MB, **options) -> None:
+    """Loads a checkpoint and serves it until SIGINT or SIGTERM, which end every stream and
+    return within about ``SHUTDOWN_S`` seconds. ``api_key`` defaults to ``$MSN_API_KEY``."""
     from pathlib import Path
 
     import uvicorn
@@ -443,6 +624,10 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
     if not is_int(max_batch) or max_batch < 1:
         raise MsnError(f"--max-batch must be a positive integer, got {max_batch!r}")
     DecodeConfig.from_options(method, options)
+    if api_key is None:
+        api_key = os.environ.get("MSN_API_KEY") or None
+    if not is_number(max_body_mb) or max_body_mb <= 0:
+        raise MsnError(f"--max-body-mb must be a positive number, got {max_body_mb!r}")
     import socket
 
     try:
@@ -451,15 +636,20 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
     except OSError as e:
         raise MsnError(f"cannot listen on {host}:{port}: {e.strerror or e}; choose another --port or --host") from None
     model, tok = load_for_inference(model_path, device, dtype)
-    server = Server(model, tok, name=name or Path(model_path).name, method=method, max_batch=max_batch, **options)
+    server = Server(model, tok, name=name or Path(model_path).name, method=method, max_batch=max_batch,
+                    api_key=api_key, max_body_mb=max_body_mb, **options)
 
     class Quiet(uvicorn.Server):
-        """Ctrl-C or SIGTERM stops serving and returns, without re-raising the signal."""
+        """Ctrl-C or SIGTERM: stop accepting, end every stream with a final error event, and
+        return (exit 0) without re-raising the signal; a second signal exits at once."""
 
         @contextlib.contextmanager
         def capture_signals(self):
             def stop(*_):
+                if self.should_exit:
+                    self.force_exit = True
                 self.should_exit = True
+                server.scheduler.shutdown()
 
             previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
             try:
@@ -468,4 +658,5 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    Quiet(uvicorn.Config(server.app, host=host, port=port, log_level="info")).run()
+    Quiet(uvicorn.Config(server.app, host=host, port=port, log_level="info",
+                         timeout_graceful_shutdown=SHUTDOWN_S)).run()

@@ -14,6 +14,7 @@ every row returns exactly what ``msn.generate`` returns for it alone: the greedy
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import statistics
 import time
@@ -52,11 +53,13 @@ class _Row:
 
 @dataclass
 class Finished:
-    """A row that left the batch: its id, its result and whether it was cancelled."""
+    """A row that left the batch: its id, its result, whether it was cancelled, and the
+    exception that failed it alone (its own drafting, verification or callback raised)."""
 
     rid: int
     result: DecodeResult
     cancelled: bool = False
+    error: Exception | None = None
 
 
 class BatchDecoder:
@@ -232,8 +235,17 @@ class BatchDecoder:
         device, rows = self.device, self.rows
         self._size_trees()
         started = time.perf_counter()
+        # A row whose own work raises (drafting, verification, its callback) fails alone: it
+        # leaves the batch with its error and every other row goes on as if it were not there.
+        failed: dict[int, Exception] = {}
         # This step's drafts: (paths, candidate table) per row; ``ar`` rows draft nothing.
-        drafts = [row.proposer.propose(row.history) if row.proposer is not None else ((), None) for row in rows]
+        drafts = []
+        for r, row in enumerate(rows):
+            try:
+                drafts.append(row.proposer.propose(row.history) if row.proposer is not None else ((), None))
+            except Exception as e:          # noqa: BLE001 - any fault of this row's own
+                failed[r] = e
+                drafts.append(((), None))
         trees = [compiled_on(paths, str(device)) for paths, _ in drafts]
         width = max(t.num_inputs for t in trees)
         past = kv.cache_length(self.cache)
@@ -260,7 +272,14 @@ class BatchDecoder:
         packed, preds = [], []
         for r, (row, tree) in enumerate(zip(rows, trees)):
             n = tree.num_inputs
-            p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts, len(row.out.tokens))
+            try:
+                if r in failed:
+                    raise failed[r]
+                p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts,
+                                 len(row.out.tokens))
+            except Exception as e:          # noqa: BLE001
+                failed[r] = e
+                p, pred = torch.zeros(0, dtype=torch.long, device=device), None
             packed.append(p)
             preds.append(pred)
         host = torch.cat(packed).tolist()          # the step's one sync
@@ -270,29 +289,44 @@ class BatchDecoder:
         keeps, done, offset = [], [], 0
         for r, (row, tree) in enumerate(zip(rows, trees)):
             size = packed[r].numel()
-            new, feedback = read_verdict(host[offset : offset + size], drafts[r][0], logits[r, : tree.num_inputs],
-                                         preds[r], row.sampler if row.sample_drafts else None)
             offset += size
-            keeps.append([0] + feedback.path[: feedback.accepted])
-            kept = row.out.add(new)
-            row.result.steps += 1
-            row.result.accept_lengths.append(len(kept))
-            if row.out.done:
-                done.append(r)
+            if r in failed:
+                keeps.append([0])
                 continue
-            row.root = new[-1]
-            if row.proposer is not None:
-                row.history.extend(new)
-                row.proposer.update(feedback, row.history)
+            try:
+                new, feedback = read_verdict(host[offset - size : offset], drafts[r][0],
+                                             logits[r, : tree.num_inputs], preds[r],
+                                             row.sampler if row.sample_drafts else None)
+                keeps.append([0] + feedback.path[: feedback.accepted])
+                kept = row.out.add(new)
+                row.result.steps += 1
+                row.result.accept_lengths.append(len(kept))
+                if row.out.done:
+                    done.append(r)
+                    continue
+                row.root = new[-1]
+                if row.proposer is not None:
+                    row.history.extend(new)
+                    row.proposer.update(feedback, row.history)
+            except Exception as e:          # noqa: BLE001
+                failed[r] = e
+                if len(keeps) == r:
+                    keeps.append([0])
         if self.width is not None:
             self.realized.setdefault(self.width, collections.deque(maxlen=16)).append(
                 (sum(len(k) for k in keeps), time.perf_counter() - started))
         kv.keep_paths(self.cache, [row.length for row in rows], keeps)
         for row, keep in zip(rows, keeps):
             row.length += len(keep)
-        finished = [self._finish(rows[r]) for r in done]
-        if done:
-            self._drop(done)
+        finished = [self._finish(rows[r]) for r in done if r not in failed]
+        for r, e in failed.items():
+            if rows[r].proposer is not None:
+                with contextlib.suppress(Exception):
+                    rows[r].proposer.close()
+            finished.append(Finished(rows[r].rid, rows[r].result, error=e))
+        gone = sorted(set(done) | set(failed))
+        if gone:
+            self._drop(gone)
         return finished
 
 
@@ -324,6 +358,8 @@ def generate_batch(model, prompts, *, method: str = "tr-jacobi", max_new_tokens:
             else:
                 order[added] = index
         for fin in decoder.step():
+            if fin.error is not None:
+                raise fin.error
             results[order[fin.rid]] = fin.result
     return [results[i] for i in range(len(results))]
 
