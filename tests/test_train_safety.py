@@ -114,22 +114,30 @@ def _loadable_or_resumable(setup, out: Path, args: list) -> str:
 
 @pytest.mark.slow
 def test_kill_9_during_checkpoint_and_final_saves(setup, tmp_path):
-    """20 runs killed at random moments around their saves (checkpoint every step, 6 steps):
-    each leaves a loadable final model or a folder that resumes to the end."""
+    """20 runs killed at random moments of their saves (a checkpoint every step, then the final
+    model): each leaves a loadable final model or a folder that resumes to the end."""
     rng = random.Random(0)
-    seen = []
-    for i in range(20):
-        out = tmp_path / f"run{i}"
+
+    def start(out):
         args = ["train", "--model", str(setup / "model"), "--data", str(setup / "data.jsonl"), "--output-dir",
                 str(out), "--max-steps", "6", "--save-steps", "1", "--batch-size", "2", "--logging-steps", "1"]
         proc = subprocess.Popen([str(BIN / "msn"), *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
-        # Wait for the first checkpoint (the process has started saving), then kill at a random moment.
         while not any(out.glob("checkpoint-*")) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 1.5))
+            time.sleep(0.002)
+        return proc, args, time.time()
+
+    # How long saving lasts: from the first checkpoint folder to the end of an uninterrupted run.
+    proc, _, t0 = start(tmp_path / "timed")
+    proc.wait()
+    span = time.time() - t0
+    seen = []
+    for i in range(20):
+        out = tmp_path / f"run{i}"
+        proc, args, _ = start(out)
+        time.sleep(rng.uniform(0, span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen.append(_loadable_or_resumable(setup, out, args))
-    print("kill -9 outcomes:", {k: seen.count(k) for k in set(seen)})
+    print(f"saving lasts {span:.2f} s; kill -9 outcomes:", {k: seen.count(k) for k in set(seen)})
     assert "no checkpoint yet" not in seen
