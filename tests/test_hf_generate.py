@@ -54,3 +54,17 @@ def test_custom_generate_streams_and_refuses_what_it_cannot_do(setup):
     assert text == tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     with pytest.raises(MsnError, match="num_beams"):
         model.generate(**enc, custom_generate=folder, trust_remote_code=True, num_beams=2, max_new_tokens=4)
+
+
+def test_custom_generate_takes_the_lengths_plain_generate_takes(setup):
+    model, tok, folder = setup
+    enc = tok(["def add(a, b):"], return_tensors="pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = model.generate(**enc, do_sample=False)            # neither length given: max_length 20
+        out = model.generate(**enc, custom_generate=folder, trust_remote_code=True)
+    assert torch.equal(out, plain)
+    short = model.generate(**enc, custom_generate=folder, trust_remote_code=True, max_length=enc["input_ids"].shape[1] + 2)
+    assert short.shape[1] <= enc["input_ids"].shape[1] + 2
+    with pytest.raises(MsnError, match="max_length=2 leaves no room after the"):
+        model.generate(**enc, custom_generate=folder, trust_remote_code=True, max_length=2)

@@ -31,6 +31,7 @@ def generate(model, *args, **kwargs):
     return run(model, *args, **kwargs)
 '''
 
+HF_DEFAULT_NEW_TOKENS = 20     # what transformers' generate adds when neither length is set
 # Generation settings msn's decoders do not implement: refused unless at transformers' default.
 _UNSUPPORTED_CONFIG = ("num_beams", "num_return_sequences", "repetition_penalty", "no_repeat_ngram_size",
                        "min_length", "min_new_tokens", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens",
@@ -81,7 +82,19 @@ def run(model, inputs: torch.Tensor | None = None, generation_config=None, strea
     if changed:
         raise MsnError(f"msn's custom_generate decodes greedily or samples; it does not implement "
                        f"{', '.join(f'{n}={getattr(config, n)!r}' for n in changed)}")
-    new = config.max_new_tokens if config.max_new_tokens is not None else config.max_length - ids.shape[1]
+    # As plain generate: max_new_tokens wins; a given max_length counts the prompt; with neither,
+    # 20 new tokens, cut to the model's context.
+    fit = config.max_new_tokens is None and config.max_length is None
+    if config.max_new_tokens is not None:
+        new = config.max_new_tokens
+    elif config.max_length is not None:
+        new = config.max_length - ids.shape[1]
+        if new <= 0:
+            raise MsnError(f"max_length={config.max_length} leaves no room after the {ids.shape[1]}-token prompt; "
+                           "raise max_length or give max_new_tokens")
+    else:
+        new = HF_DEFAULT_NEW_TOKENS
+    options["fit_context"] = fit
     if config.do_sample:
         options.update(do_sample=True, temperature=config.temperature, top_k=config.top_k,
                        top_p=config.top_p if config.top_p is not None and config.top_p < 1 else None)
