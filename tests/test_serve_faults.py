@@ -3,7 +3,6 @@ raises, an API key, size and depth limits, metrics, and SIGINT with streams in f
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import httpx2 as httpx
 import openai
-import pytest
 
 from msn.serve import Server
 from test_serve import NAME, chat, free_port, reference  # noqa: F401 - the shared fixture's helpers

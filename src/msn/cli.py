@@ -133,6 +133,12 @@ def cmd_generate(a) -> int:
         shown["text"] = text
 
     result = msn.generate(model, ids, on_tokens=None if a.json else stream, **request)
+    from msn.decoding.sampling import MIN_TEMPERATURE
+
+    sampled = bool(request.get("do_sample")) and (request.get("temperature") is None
+                                                  or request["temperature"] >= MIN_TEMPERATURE)
+    contract = (f"ar is the reference itself: one token per step, {'sampled' if sampled else 'greedy'}"
+                if a.method == "ar" else exactness_contract(dtype, sampled))
     if a.json:
         print(json.dumps({
             "method": a.method, "tokens": result.tokens,
@@ -140,7 +146,7 @@ def cmd_generate(a) -> int:
             "sampling": {k: v for k, v in request.items() if k in ("do_sample", "temperature", "top_k", "top_p",
                                                                     "seed", "sample_drafts")} or None,
             "dtype": dtype,
-            "contract": exactness_contract(dtype, bool(request.get("do_sample")) and request.get("temperature") != 0),
+            "contract": contract,
             "steps": result.steps, "mean_accepted_tokens": round(result.mean_accepted_tokens, 4),
             "tokens_per_s": round(result.tokens_per_s, 2), "prefill_s": round(result.prefill_s, 4),
             "decode_s": round(result.decode_s, 4), "decoder": result.info}))

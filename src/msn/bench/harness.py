@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
@@ -186,7 +187,9 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     counter = ForwardCounter(model)
     log = Progress(out / PROGRESS, cfg)
     try:
-        records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress, log)
+        with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
+            records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress,
+                                                  log)
     finally:
         counter.handle.remove()
     with open(out / "records.jsonl", "w") as f:

@@ -63,15 +63,18 @@ def table(methods_summary: dict) -> str:
     """A plain-text table: one row per method, overall then per category speedups."""
     methods = list(methods_summary)
     cats = list(next(iter(methods_summary.values()))["categories"]) if methods else []
-    head = f"{'method':<11}{'speedup':>8}{'accepted':>9}{'tok/fwd':>8}{'tok/s':>8}{'match':>7}  " + \
-        "  ".join(f"{c[:12]:>12}" for c in cats)
+    name = max([11, *(len(m) + 1 for m in methods)])
+    width = {c: max(8, len(c)) for c in cats}      # whole category names, never cut
+    head = f"{'method':<{name}}{'speedup':>8}{'accepted':>9}{'tok/fwd':>8}{'tok/s':>8}{'match':>7}  " + \
+        "  ".join(f"{c:>{width[c]}}" for c in cats)
     lines = [head, "-" * len(head)]
     for m in methods:
         o = methods_summary[m]["overall"]
         acc = f"{o['mean_accepted_tokens']:.2f}" if o["mean_accepted_tokens"] is not None else "-"
-        cells = "  ".join(f"{methods_summary[m]['categories'].get(c, {}).get('speedup', 0):>11.2f}x" for c in cats)
+        cells = "  ".join(f"{methods_summary[m]['categories'].get(c, {}).get('speedup', 0):>{width[c] - 1}.2f}x"
+                          for c in cats)
         match = f"{o['match_rate']:.2f}" if o["match_rate"] is not None else "-"
-        lines.append(f"{m:<11}{o['speedup']:>7.2f}x{acc:>9}{o['tokens_per_forward']:>8.2f}{o['tokens_per_s']:>8.1f}"
+        lines.append(f"{m:<{name}}{o['speedup']:>7.2f}x{acc:>9}{o['tokens_per_forward']:>8.2f}{o['tokens_per_s']:>8.1f}"
                      f"{match:>7}  {cells}")
     lines.append("(speedup over ar per category on the right; accepted = mean accepted tokens per step)")
     return "\n".join(lines)
