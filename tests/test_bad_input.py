@@ -73,6 +73,39 @@ CLI_CASES = [
     (["bench", "--model", "{ckpt}", "--out", "{good}", "--bench", "{good}"], "is a file, not a folder"),
     (["data", "stdlib-code", "--out", "{good}/x"], "which is a file"),
     (["fetch", "no-such-model"], "unknown model"),
+    # Numbers that are not numbers, and seeds beyond 64 bits.
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "nan"], "--temperature: expected a finite"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--top-p", "nan"], "--top-p: expected a finite number"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "abc"], "--temperature: expected a number"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "0.5", "--seed", str(2**64)],
+     "seed must be an integer in [-2^63, 2^64 - 1]"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--lr", "nan"], "--lr: expected a finite"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--epochs", "nan"], "--epochs: expected"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--epochs", "inf"], "--epochs: expected"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--warmup", "-inf"], "--warmup: expected"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--seed", str(2**64)],
+     "seed must be an integer in [0, 2^32 - 1]"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--lora-r", "4", "--lora-dropout", "1"],
+     "lora_dropout must be in [0, 1)"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--max-steps", "x"], "--max-steps: invalid int"),
+    # Files that are not what they should be.
+    (["generate", "--model", "{ckpt}", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8"),
+    (["generate", "--model", "{trunc}", "--prompt", "hi"], "model.safetensors is truncated or corrupt"),
+    (["train", "--model", "{trunc}", "--data", "{good}", "--output-dir", "o"], "model.safetensors is truncated"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--bench", "{arrays}"], "arrays.jsonl:1: expected a JSON object"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--bench", "{strings}"], "strings.jsonl:2: expected a JSON object"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "{latin1q}"], "latin1q.jsonl:2: not UTF-8"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "{folder}"], "is a folder, not a file"),
+    (["bench", "--model", "{ckpt}", "--out", "o", "--bench", "{good}", "--max-new-tokens", "100000"],
+     "--max-new-tokens 100000 leaves no room for a prompt"),
+    # Folders that must not be written into.
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "{ckpt}"], "is (or holds) the input model's"),
+    (["train", "--model", "{ckpt}", "--data", "{good}", "--output-dir", "o", "--resume", "--overwrite"],
+     "--resume and --overwrite exclude each other"),
+    (["serve", "--model", "{ckpt}", "--max-body-mb", "0"], "--max-body-mb must be a positive number"),
+    (["serve", "--model", "{ckpt}", "--api-key", " "], "--api-key must be a non-empty string"),
+    (["generate", "--model", "HuggingFaceTB/NoSuchModel-135M", "--prompt", "hi"], "msn fetch"),
+    (["generate", "--model", "{ckpt}", "--prompt", "hi", "--method", "nope"], "--method: invalid choice"),
 ]
 if not torch.cuda.is_available():
     CLI_CASES.append((["generate", "--model", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "no CUDA device"))
@@ -91,7 +124,19 @@ def files(tmp_path, ckpt):
     (tmp_path / "good.jsonl").write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"prompt": "a", "response": "b"}).encode() + b"\n"
                                             + '{"prompt": "caf\xe9", "response": "b"}\n'.encode("latin-1"))
-    return {"{ckpt}": str(ckpt), "{empty}": str(tmp_path / "empty.jsonl"), "{badschema}": str(tmp_path / "bad.jsonl"),
+    import shutil
+
+    trunc = tmp_path / "trunc"
+    shutil.copytree(ckpt, trunc)
+    weights = (trunc / "model.safetensors").read_bytes()
+    (trunc / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    (tmp_path / "arrays.jsonl").write_text('["turns", "hi"]\n')
+    (tmp_path / "strings.jsonl").write_text('{"prompt": "hi"}\n"just a string"\n')
+    (tmp_path / "latin1q.jsonl").write_bytes(b'{"prompt": "a"}\n' + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    (tmp_path / "folder").mkdir()
+    return {"{ckpt}": str(ckpt), "{trunc}": str(trunc), "{arrays}": str(tmp_path / "arrays.jsonl"),
+            "{strings}": str(tmp_path / "strings.jsonl"), "{latin1q}": str(tmp_path / "latin1q.jsonl"),
+            "{folder}": str(tmp_path / "folder"), "{empty}": str(tmp_path / "empty.jsonl"), "{badschema}": str(tmp_path / "bad.jsonl"),
             "{badtype}": str(tmp_path / "badtype.jsonl"), "{good}": str(tmp_path / "good.jsonl"),
             "{latin1}": str(tmp_path / "latin1.jsonl")}
 
@@ -144,6 +189,12 @@ API_CASES = [
     (dict(tree=[(0,), 1]), "malformed tree: each path is a sequence"),
     (dict(eos_token_id="</s>"), "eos_token_id must be a token id or a list of token ids"),
     (dict(eos_token_id=[2, "x"]), "eos_token_id must be"),
+    (dict(retrieve_len=100000), "retrieve_len must be at most 256"),
+    (dict(method="jacobi", window=10**6), "window must be at most 256"),
+    (dict(method="pld", pld_tokens=5000), "pld_tokens must be at most 256"),
+    (dict(method="lookahead", lookahead_ngram=100), "lookahead_ngram must be at most 16"),
+    (dict(seed=2**64), r"seed must be an integer in \[-2\^63, 2\^64 - 1\]"),
+    (dict(seed=-2**63 - 1), r"seed must be an integer in"),
 ]
 
 
@@ -194,7 +245,23 @@ SAMPLING_CASES = [
     (dict(do_sample="yes"), "do_sample must be True or False"),
     (dict(generator=torch.Generator()), "a generator needs do_sample=True"),
     (dict(do_sample=True, generator=42), "generator must be a torch.Generator"),
+    (dict(do_sample=True, temperature=float("nan")), "temperature must be a number >= 0"),
+    (dict(do_sample=True, temperature=float("inf")), "temperature must be a number >= 0"),
+    (dict(do_sample=True, temperature=1e300), "temperature must be at most 1e6"),
+    (dict(do_sample=True, top_p=float("nan")), r"top_p must be in \(0, 1\]"),
+    (dict(do_sample=True, temperature=0.5, seed=2**64), "seed must be an integer in"),
 ]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1e-45, 1e-30, 9e-6])
+def test_a_temperature_below_1e5_is_greedy(model, temperature):
+    """Below MIN_TEMPERATURE sampling is greedy by definition (logits / T overflows float32)."""
+    ids = torch.tensor([[3, 4, 5, 6, 7, 3, 4]])
+    greedy = msn.generate(model, ids, method="ar", max_new_tokens=12).tokens
+    for method in ("ar", "tr-jacobi"):
+        got = msn.generate(model, ids, method=method, max_new_tokens=12, do_sample=True, temperature=temperature,
+                           seed=3)
+        assert got.tokens == greedy
 
 
 @pytest.mark.parametrize("kwargs, match", SAMPLING_CASES, ids=[str(k)[:40] for k, _ in SAMPLING_CASES])

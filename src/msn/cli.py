@@ -436,7 +436,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:        # a usage mistake (its one line is printed): return its status
+        if e.code in (0, None):    # --help, --version
+            raise
+        return e.code
     try:
         return args.func(args)
     except MsnError as e:

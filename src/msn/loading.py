@@ -71,7 +71,7 @@ def load_model(path: str, dtype=None, **kwargs):
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:
-        where = "" if local else " (not a local folder, and not loadable from the hub)"
+        where = "" if local else " (not a local folder, and not loadable from the hub; `msn fetch` prints a folder)"
         raise MsnError(f"cannot load model {path!r}{where}: {str(e).splitlines()[0]}") from None
 
 

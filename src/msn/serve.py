@@ -626,6 +626,8 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
     DecodeConfig.from_options(method, options)
     if api_key is None:
         api_key = os.environ.get("MSN_API_KEY") or None
+    elif not api_key.strip():
+        raise MsnError("--api-key must be a non-empty string (or leave it out: no key)")
     if not is_number(max_body_mb) or max_body_mb <= 0:
         raise MsnError(f"--max-body-mb must be a positive number, got {max_body_mb!r}")
     import socket
