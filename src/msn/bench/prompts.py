@@ -3,10 +3,10 @@ or a user's JSONL file of ``{"turns": [...]}`` / ``{"prompt": ...}`` records."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from msn.data.records import jsonl_lines
 from msn.errors import MsnError
 
 # The eight MT-bench categories that open Spec-Bench; Spec-Bench reports them as one.
@@ -40,22 +40,11 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
     if not path.is_file():
         raise MsnError(f"question file {path} is a folder, not a file")
     rows = []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise MsnError(f"{path}:{lineno}: not UTF-8 text (re-save the file as UTF-8)") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MsnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise MsnError(f"{path}:{lineno}: expected a JSON object with \"turns\" or \"prompt\", "
-                               f"got {type(row).__name__}")
-            rows.append((lineno, row))
+    for lineno, row in jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise MsnError(f"{path}:{lineno}: expected a JSON object with \"turns\" or \"prompt\", "
+                           f"got {type(row).__name__}")
+        rows.append((lineno, row))
     if not rows:
         raise MsnError(f"{path}: no questions")
     return rows

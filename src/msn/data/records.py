@@ -50,6 +50,24 @@ def _check_record(rec, where: str) -> list[dict]:
                    f"got keys {sorted(rec)}")
 
 
+def jsonl_lines(path: Path):
+    """(line number, parsed value) for each non-blank line of a JSONL file; a line that is not
+    UTF-8 or not JSON is one clear error naming the file and line."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise MsnError(f"{path}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); "
+                               "save the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MsnError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+
+
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     """Reads records from a JSONL file (line-numbered errors) or anything ``datasets``
     loads (a .json/.csv/.parquet file or a saved dataset folder)."""
@@ -58,20 +76,8 @@ def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
         raise MsnError(f"data file {p} does not exist")
     out = []
     if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
-        with open(p, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise MsnError(f"{p}:{lineno}: not UTF-8 text (byte {e.start + 1} of the line); "
-                                   "save the file as UTF-8") from None
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MsnError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-                out.append(_check_record(rec, f"{p}:{lineno}"))
+        for lineno, rec in jsonl_lines(p):
+            out.append(_check_record(rec, f"{p}:{lineno}"))
     else:
         import datasets
 
