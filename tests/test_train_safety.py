@@ -127,19 +127,26 @@ def test_kill_9_during_checkpoint_and_final_saves(setup, tmp_path):
             time.sleep(0.002)
         return proc, args, time.time()
 
-    # How long saving lasts: from the first checkpoint folder to the complete final model.
-    proc, _, t0 = start(tmp_path / "timed")
-    while not (tmp_path / "timed" / "msn_config.json").exists() and proc.poll() is None:
-        time.sleep(0.002)
+    # When saving happens: from the first checkpoint folder, the final save's start (its staging
+    # folder appears) and end (msn_config.json appears), in an uninterrupted run.
+    timed = tmp_path / "timed"
+    proc, _, t0 = start(timed)
+    stage = None
+    while not (timed / "msn_config.json").exists() and proc.poll() is None:
+        if stage is None and (timed / STAGING).exists():
+            stage = time.time() - t0
+        time.sleep(0.001)
     span = time.time() - t0
+    stage = stage or 0.8 * span
     proc.wait()
     seen = []
     for i in range(20):
         out = tmp_path / f"run{i}"
         proc, args, _ = start(out)
-        time.sleep(rng.uniform(0, 1.05 * span))
+        # Even runs die during the checkpoint saves, odd ones during the final save.
+        time.sleep(rng.uniform(0, stage) if i % 2 == 0 else rng.uniform(stage, 1.02 * span))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         seen.append(_loadable_or_resumable(setup, out, args))
-    print(f"saving lasts {span:.2f} s; kill -9 outcomes:", {k: seen.count(k) for k in set(seen)})
+    print(f"final save starts {stage:.3f} s and ends {span:.3f} s after the first checkpoint; kill -9 outcomes:", {k: seen.count(k) for k in set(seen)})
     assert "no checkpoint yet" not in seen
