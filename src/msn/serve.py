@@ -336,6 +336,11 @@ class Server:
         self.eos = resolve_eos(model, None) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
         self.metrics = Metrics(method)
         self.scheduler = Scheduler(model, method, max_batch, self.eos, metrics=self.metrics, **options)
+        # A prompt longer than the context times the longest token (in characters) cannot fit:
+        # it is refused before tokenizing, which holds the interpreter for seconds on megabytes.
+        limit = context_limit(model)
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=0)
+        self.max_prompt_chars = limit * longest if limit and longest else None
         # One thread tokenizes, off the event loop: a long prompt never blocks /health or a stream.
         self.tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="msn-tokenize")
         self.created = int(time.time())
@@ -405,6 +410,11 @@ class Server:
                 raise too_big
             parts.append(part)
         return b"".join(parts)
+
+    def _fits(self, chars: int, param: str) -> None:
+        if self.max_prompt_chars is not None and chars > self.max_prompt_chars:
+            raise ApiError(400, f"the {param} ({chars} characters) cannot fit the model's context of "
+                                f"{context_limit(self.model)} tokens; shorten it", param)
 
     async def _off_loop(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, lambda: fn(*args, **kwargs))
@@ -495,6 +505,7 @@ class Server:
             body = await read_json(request)
             max_tokens, sampling = self._common(body, CHAT_FIELDS, "max_completion_tokens")
             messages = _messages(body)
+            self._fits(sum(len(m["content"]) for m in messages), "messages")
             try:
                 ids = await self._off_loop(encode_prompt, self.tokenizer, messages)
             except ApiError:
@@ -514,6 +525,7 @@ class Server:
             if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
                 ids = torch.tensor([prompt], dtype=torch.long)
             elif isinstance(prompt, str) and prompt:
+                self._fits(len(prompt), "prompt")
                 ids = (await self._off_loop(self.tokenizer, prompt, return_tensors="pt"))["input_ids"]
             else:
                 raise ApiError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
