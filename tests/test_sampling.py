@@ -108,7 +108,7 @@ def check(family, method, setting_name, n):
 
 # The default suite: every method once, the three settings and three families in turn.
 QUICK = [("ar", "T1", "llama"), ("jacobi", "T0.7-k5", "qwen2"), ("tr-jacobi", "T1-p0.8", "gpt2"),
-         ("pld", "T1", "qwen2"), ("lookahead", "T0.7-k5", "gpt2"), ("tr-jacobi", "T0.7-k5", "llama")]
+         ("pld", "T1", "qwen2"), ("lookahead", "T0.7-k5", "gpt2")]    # the slow grid holds every pairing
 
 
 @pytest.mark.parametrize("method, setting, family", QUICK)
