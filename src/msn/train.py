@@ -200,7 +200,8 @@ def _earlier_run(output_dir: Path) -> str | None:
     """What an earlier run left in ``output_dir`` (a final model, checkpoints), or None."""
     if (output_dir / "msn_config.json").exists():
         return "a finished run (msn_config.json)"
-    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*"))
+    # Complete checkpoints only: one killed before its trainer state holds nothing to resume.
+    checkpoints = sorted(p.name for p in output_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists())
     return f"an earlier run's checkpoints ({', '.join(checkpoints[:3])})" if checkpoints else None
 
 
