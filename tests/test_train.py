@@ -111,6 +111,7 @@ def test_killed_run_resumes_at_its_last_checkpoint(setup, tmp_path):
     assert resumed == steps[-1] and resumed >= 40
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process(setup, tmp_path):
     """DDP on 2 CPU processes (gloo): both ranks end with identical weights, equal within
     tolerance to one process with the same global batch."""
