@@ -348,7 +348,8 @@ class Server:
 
     # -- requests ------------------------------------------------------------------------
 
-    def _common(self, body: dict, fields: set[str], max_field: str = "max_tokens") -> tuple[int | None, dict]:
+    def _common(self, body: dict, fields: set[str], max_field: str = "max_tokens") -> tuple[int | None, dict, str]:
+        """(max_tokens or None, sampling options, the name of the length field the client sent)."""
         unknown = sorted(set(body) - fields)
         if unknown:
             raise ApiError(400, f"unsupported parameter(s): {', '.join(unknown)}", unknown[0], "unsupported_parameter")
@@ -365,8 +366,7 @@ class Server:
         max_tokens = body.get(given)
         if max_tokens is not None and (not is_int(max_tokens) or max_tokens < 1):
             raise ApiError(400, f"{given} must be a positive integer, got {max_tokens!r}", given)
-        self.max_param = given
-        return max_tokens, _sampling(body)
+        return max_tokens, _sampling(body), given
 
     def _job(self, ids: torch.Tensor, max_tokens: int | None, sampling: dict, param: str) -> Job:
         limit = context_limit(self.model)
@@ -503,7 +503,7 @@ class Server:
             from msn.data.records import encode_prompt
 
             body = await read_json(request)
-            max_tokens, sampling = self._common(body, CHAT_FIELDS, "max_completion_tokens")
+            max_tokens, sampling, param = self._common(body, CHAT_FIELDS, "max_completion_tokens")
             messages = _messages(body)
             self._fits(sum(len(m["content"]) for m in messages), "messages")
             try:
@@ -512,13 +512,13 @@ class Server:
                 raise
             except Exception as e:      # a template that refuses the conversation (e.g. roles out of order)
                 raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from None
-            job = self._job(ids, max_tokens, sampling, self.max_param)
+            job = self._job(ids, max_tokens, sampling, param)
             return await self._respond(request, job, ids.shape[1], body, chat=True)
 
         @app.post("/v1/completions")
         async def completions(request: Request):
             body = await read_json(request)
-            max_tokens, sampling = self._common(body, COMPLETION_FIELDS)
+            max_tokens, sampling, param = self._common(body, COMPLETION_FIELDS)
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
                 prompt = prompt[0]
@@ -529,7 +529,7 @@ class Server:
                 ids = (await self._off_loop(self.tokenizer, prompt, return_tensors="pt"))["input_ids"]
             else:
                 raise ApiError(400, "prompt must be a non-empty string (or a list of token ids)", "prompt")
-            job = self._job(ids, max_tokens, sampling, self.max_param)
+            job = self._job(ids, max_tokens, sampling, param)
             return await self._respond(request, job, ids.shape[1], body, chat=False)
 
         return app
