@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from msn.noise import NoiseConfig
-from tiny import tiny_checkpoint
+from tiny import tiny_training_folder
 from msn.train import TrainConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,13 +20,9 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("train")
-    tiny_checkpoint(d / "model")
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(48):
-            f.write(json.dumps({"prompt": f"Write add number {i}",
-                                "response": "def add(a, b):\n    return a + b  # " + "x" * (i % 7)}) + "\n")
-    return d
+    return tiny_training_folder(tmp_path_factory.mktemp("train"), [
+        {"prompt": f"Write add number {i}", "response": "def add(a, b):\n    return a + b  # " + "x" * (i % 7)}
+        for i in range(48)])
 
 
 def test_training_lowers_loss_and_saves_a_loadable_model(setup, tmp_path):

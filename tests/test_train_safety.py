@@ -14,19 +14,15 @@ import pytest
 
 from msn.cli import EXIT_USAGE, main
 from msn.train import STAGING, TrainConfig, run
-from tiny import tiny_checkpoint
+from tiny import tiny_training_folder
 
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("safety")
-    tiny_checkpoint(d / "model")
-    with open(d / "data.jsonl", "w") as f:
-        for i in range(16):
-            f.write(json.dumps({"prompt": f"add {i}", "response": "def add(a, b):\n    return a + b"}) + "\n")
-    return d
+    return tiny_training_folder(tmp_path_factory.mktemp("safety"), [
+        {"prompt": f"add {i}", "response": "def add(a, b):\n    return a + b"} for i in range(16)])
 
 
 def _cfg(setup, out, **kw):

@@ -78,3 +78,14 @@ def tiny_checkpoint(path, family: str = "llama", seed: int = 0):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def tiny_training_folder(folder, records: list[dict]):
+    """``folder/model`` (a tiny checkpoint) and ``folder/data.jsonl`` holding ``records``; returns ``folder``."""
+    import json
+
+    tiny_checkpoint(folder / "model")
+    with open(folder / "data.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return folder
