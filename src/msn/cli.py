@@ -133,10 +133,9 @@ def cmd_generate(a) -> int:
         shown["text"] = text
 
     result = msn.generate(model, ids, on_tokens=None if a.json else stream, **request)
-    from msn.decoding.sampling import MIN_TEMPERATURE
+    from msn.decoding.config import DecodeConfig
 
-    sampled = bool(request.get("do_sample")) and (request.get("temperature") is None
-                                                  or request["temperature"] >= MIN_TEMPERATURE)
+    sampled = DecodeConfig.from_options(a.method, options).sampling_params() is not None
     contract = (f"ar is the reference itself: one token per step, {'sampled' if sampled else 'greedy'}"
                 if a.method == "ar" else exactness_contract(dtype, sampled))
     if a.json:

@@ -65,12 +65,14 @@ def load_model(path: str, dtype=None, **kwargs):
             raise MsnError(f"model {path!r} is not a local folder, not in the Hugging Face cache, and the hub "
                            "cannot be reached; give a checkpoint folder (`msn fetch smollm2-135m-instruct` "
                            "prints one)") from None
-    bad = _corrupt_weights(path) if local else None
-    if bad:
-        raise MsnError(f"cannot load model {path!r}: {bad}; save or copy the checkpoint again")
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    except (OSError, ValueError) as e:
+    except Exception as e:
+        bad = _corrupt_weights(path) if local else None      # safetensors raises its own error type
+        if bad:
+            raise MsnError(f"cannot load model {path!r}: {bad}; save or copy the checkpoint again") from None
+        if not isinstance(e, (OSError, ValueError)):
+            raise
         where = "" if local else " (not a local folder, and not loadable from the hub; `msn fetch` prints a folder)"
         raise MsnError(f"cannot load model {path!r}{where}: {str(e).splitlines()[0]}") from None
 

@@ -113,12 +113,6 @@ class FolderLock:
             self.path.unlink(missing_ok=True)
             self.held = False
 
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 def replace_folder_files(staged: Path, target: Path, last: str | None = None) -> None:
     """Moves every file of ``staged`` into ``target`` by atomic renames (same file system),

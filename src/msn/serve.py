@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hmac
 import itertools
 import json
@@ -192,8 +193,6 @@ class Scheduler:
                                                    kind="server_error"))
                     else:
                         self._done(job, fin.result)
-                if self.metrics is not None:
-                    self.metrics.queue(self.pending.qsize(), len(self.decoder))
             except Exception as e:          # keep serving: fail the rows in flight, start a fresh batch
                 log.exception("decoding step failed")
                 for job in self.jobs.values():
@@ -284,7 +283,7 @@ def _sampling(body: dict) -> dict:
             check_seed(seed)
         except MsnError as e:
             raise ApiError(400, str(e), "seed") from None
-    if t is None or t < MIN_TEMPERATURE:
+    if not t:
         return {}
     out = {"do_sample": True, "temperature": float(t)}
     if top_p is not None and top_p < 1:
@@ -374,13 +373,8 @@ class Server:
             max_tokens = DEFAULT_MAX_NEW_TOKENS
             if limit is not None:
                 max_tokens = max(1, min(max_tokens, limit - ids.shape[1]))
-        prompt = ids.shape[1]
-        if limit is not None and prompt < limit and prompt + max_tokens > limit:
-            raise ApiError(400, f"the prompt ({prompt} tokens) plus {param} ({max_tokens}) exceeds the model's "
-                                f"context of {limit} tokens; lower {param} to {limit - prompt} or shorten the "
-                                "prompt", param)
         try:
-            validate_request(self.model, ids, max_tokens)
+            validate_request(self.model, ids, max_tokens, name=param, fit_hint="or shorten the prompt")
             DecodeConfig.from_options(self.method, {**self.scheduler.decoder.options, **sampling})
         except MsnError as e:
             raise ApiError(400, str(e), param) from None
@@ -417,7 +411,8 @@ class Server:
                                 f"{context_limit(self.model)} tokens; shorten it", param)
 
     async def _off_loop(self, fn, *args, **kwargs):
-        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool, lambda: fn(*args, **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(self.tokenize_pool,
+                                                                functools.partial(fn, *args, **kwargs))
 
     def _text(self, tokens: list[int]) -> str:
         return self.tokenizer.decode([t for t in tokens if t not in self.eos], skip_special_tokens=True)

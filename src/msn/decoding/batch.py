@@ -226,6 +226,20 @@ class BatchDecoder:
             row.result.info = row.proposer.describe()
         return Finished(row.rid, row.result, cancelled)
 
+    @staticmethod
+    def _advance(row: _Row, new: list[int], feedback) -> bool:
+        """Row ``row`` takes this step's accepted tokens; True when its output is complete."""
+        kept = row.out.add(new)
+        row.result.steps += 1
+        row.result.accept_lengths.append(len(kept))
+        if row.out.done:
+            return True
+        row.root = new[-1]
+        if row.proposer is not None:
+            row.history.extend(new)
+            row.proposer.update(feedback, row.history)
+        return False
+
     @torch.inference_mode()
     def step(self) -> list[Finished]:
         """One batched forward for every row; returns the rows that finished in it."""
@@ -272,14 +286,13 @@ class BatchDecoder:
         packed, preds = [], []
         for r, (row, tree) in enumerate(zip(rows, trees)):
             n = tree.num_inputs
-            try:
-                if r in failed:
-                    raise failed[r]
-                p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts,
-                                 len(row.out.tokens))
-            except Exception as e:          # noqa: BLE001
-                failed[r] = e
-                p, pred = torch.zeros(0, dtype=torch.long, device=device), None
+            p, pred = torch.zeros(0, dtype=torch.long, device=device), None
+            if r not in failed:
+                try:
+                    p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts,
+                                     len(row.out.tokens))
+                except Exception as e:          # noqa: BLE001
+                    failed[r] = e
             packed.append(p)
             preds.append(pred)
         host = torch.cat(packed).tolist()          # the step's one sync
@@ -290,28 +303,18 @@ class BatchDecoder:
         for r, (row, tree) in enumerate(zip(rows, trees)):
             size = packed[r].numel()
             offset += size
-            if r in failed:
-                keeps.append([0])
-                continue
-            try:
-                new, feedback = read_verdict(host[offset - size : offset], drafts[r][0],
-                                             logits[r, : tree.num_inputs], preds[r],
-                                             row.sampler if row.sample_drafts else None)
-                keeps.append([0] + feedback.path[: feedback.accepted])
-                kept = row.out.add(new)
-                row.result.steps += 1
-                row.result.accept_lengths.append(len(kept))
-                if row.out.done:
-                    done.append(r)
-                    continue
-                row.root = new[-1]
-                if row.proposer is not None:
-                    row.history.extend(new)
-                    row.proposer.update(feedback, row.history)
-            except Exception as e:          # noqa: BLE001
-                failed[r] = e
-                if len(keeps) == r:
-                    keeps.append([0])
+            keep = [0]              # a failed row keeps its root only; it leaves the batch below
+            if r not in failed:
+                try:
+                    new, feedback = read_verdict(host[offset - size : offset], drafts[r][0],
+                                                 logits[r, : tree.num_inputs], preds[r],
+                                                 row.sampler if row.sample_drafts else None)
+                    keep = [0] + feedback.path[: feedback.accepted]
+                    if self._advance(row, new, feedback):
+                        done.append(r)
+                except Exception as e:          # noqa: BLE001
+                    failed[r] = e
+            keeps.append(keep)
         if self.width is not None:
             self.realized.setdefault(self.width, collections.deque(maxlen=16)).append(
                 (sum(len(k) for k in keeps), time.perf_counter() - started))

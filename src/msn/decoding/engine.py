@@ -459,10 +459,11 @@ FIT_HINT = "or allow the cut (fit_context=True in Python, --fit-context in msn g
 
 
 def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_context: bool = False,
-                     fit_hint: str = FIT_HINT) -> int:
+                     name: str = "max_new_tokens", fit_hint: str = FIT_HINT) -> int:
     """Checks one request; returns the ``max_new_tokens`` to use (cut to the context with
-    ``fit_context``). ``fit_hint`` ends the too-long message with the way the caller's
-    interface allows the cut (the server and bench name their own)."""
+    ``fit_context``). ``name`` is the length's name in the caller's interface and
+    ``fit_hint`` ends the too-long message with the way it allows the cut (the server
+    names its own)."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise MsnError("input_ids must be a tensor of shape (1, T) for one prompt, (B, T) for a batch")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -485,8 +486,8 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
         raise MsnError(f"prompt of {prompt} tokens does not fit the model's context of {limit} tokens; shorten it")
     if limit is not None and prompt + max_new_tokens > limit:
         if not fit_context:
-            raise MsnError(f"prompt ({prompt} tokens) plus max_new_tokens ({max_new_tokens}) exceeds the model's "
-                           f"context of {limit} positions; lower max_new_tokens to {limit - prompt} {fit_hint}")
+            raise MsnError(f"prompt ({prompt} tokens) plus {name} ({max_new_tokens}) exceeds the model's "
+                           f"context of {limit} positions; lower {name} to {limit - prompt} {fit_hint}")
         max_new_tokens = limit - prompt
     window = getattr(model.config, "sliding_window", None)
     if window and getattr(model.config, "use_sliding_window", True) and prompt + max_new_tokens > window:
