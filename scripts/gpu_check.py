@@ -10,8 +10,10 @@ Parts (``--parts``, in this order by default):
    bfloat16, and with graphs after 1,000 tokens (larger buffers)
    (``--config DIR``: a model of that config with random weights, which costs the same);
    profile: where a 69-input step's time goes, eager and replayed (torch.profiler);
-3. bench: msn bench on Spec-Bench with ar, hf-generate, pld, jacobi, tr-jacobi (auto) and
-   tr-jacobi:reference (the reference tree) in one run, graphs on (the default on CUDA);
+3. bench: msn bench on Spec-Bench with ar, hf-generate, pld, jacobi, recycle, tr-jacobi:paper
+   (the paper's drafts, auto size), tr-jacobi (merged drafts, auto size) and
+   tr-jacobi:reference (merged drafts at the reference size) in one run, the recycled
+   candidate table started cold, graphs on (the default on CUDA);
 4. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
    differ, and the per-step agreement of the tree's argmax with a one-token forward;
 5. hf_static: ar against transformers' generate with a static cache (it may compile; last).
@@ -51,9 +53,10 @@ def lossless(device: str) -> dict:
             x = unit.repeat(8)[: 8 + 2 * i][None].to(device)
             want = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[], graphs="off").tokens
             sampled = msn.generate(model, x, method="ar", max_new_tokens=32, eos_token_id=[], do_sample=True, seed=i)
-            for m in ("ar", "jacobi", "tr-jacobi", "pld", "lookahead"):
-                for tree in (("auto", "reference") if m == "tr-jacobi" else (None,)):
-                    opts = {"tree": tree} if tree else {}
+            for m in ("ar", "jacobi", "tr-jacobi", "pld", "lookahead", "recycle"):
+                for tree, drafts in ((("auto", None), ("reference", None), ("reference", "paper"))
+                                     if m == "tr-jacobi" else ((None, None),)):
+                    opts = {k: v for k, v in (("tree", tree), ("drafts", drafts)) if v}
                     for graphs in graph_modes:
                         r = msn.generate(model, x, method=m, max_new_tokens=32, eos_token_id=[], graphs=graphs,
                                          **opts)
@@ -214,8 +217,10 @@ def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categ
 
     common = dict(model=path, bench="spec-bench", questions=questions, limit=limit, max_new_tokens=max_new, device=device,
                   dtype="float32", warmup=2, categories=categories)
-    main = run_bench(BenchConfig(out=str(out_dir / "bench"), methods=["ar", "hf-generate", "pld", "jacobi",
-                                                                        "tr-jacobi", "tr-jacobi:reference"], **common))
+    main = run_bench(BenchConfig(out=str(out_dir / "bench"), methods=["ar", "hf-generate", "pld", "jacobi", "recycle",
+                                                                        "tr-jacobi:paper", "tr-jacobi",
+                                                                        "tr-jacobi:reference"], reset_recycle=True,
+                                 **common))
     pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
     rows = {m: {k: v["overall"][k] for k in pick} for m, v in main["methods"].items()}
     return {"methods": rows, "auto_tree": main["auto_tree"]}

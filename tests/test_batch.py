@@ -8,7 +8,7 @@ import msn
 from msn.decoding.batch import BatchDecoder, Finished
 from msn.errors import MsnError
 
-METHODS = ["ar", "jacobi", "tr-jacobi", "pld", "lookahead"]
+METHODS = ["ar", "jacobi", "tr-jacobi", "pld", "lookahead", "recycle"]
 NEW = 20
 
 

@@ -9,7 +9,7 @@ import msn
 from conftest import FAMILIES, hf_greedy
 from tiny import tiny_model
 
-FAST = ["jacobi", "tr-jacobi", "pld", "lookahead"]
+FAST = ["jacobi", "tr-jacobi", "pld", "lookahead", "recycle"]
 PROMPTS = 50
 
 
@@ -45,14 +45,16 @@ def test_fast_decoders_equal_greedy(family, models):
         assert sum(got_ar.accept_lengths) + 1 == len(want)
         for m in FAST:
             # tr-jacobi: the measured tree (which may be the root alone) and, on the repetitive
-            # prompts, the paper's tree, whose drafts get accepted.
-            opts = {"tree": "reference"} if m == "tr-jacobi" and i % 2 else {}
+            # prompts, the reference size with merged drafts and the paper's tree, whose drafts get accepted.
+            opts = {}
+            if m == "tr-jacobi" and i % 2:
+                opts = {"tree": "reference", "drafts": "paper" if i % 4 == 3 else "merged"}
             r = msn.generate(model, x, method=m, max_new_tokens=max_new, eos_token_id=eos, **opts)
             assert r.tokens == want, (family, i, m)
             assert sum(r.accept_lengths) + 1 == len(r.tokens) and r.steps == len(r.accept_lengths)
             accepted_more[m] += any(a > 1 for a in r.accept_lengths)
     # Drafts are really verified: on repetitive prompts, steps accept several tokens.
-    assert accepted_more["tr-jacobi"] > 0 and accepted_more["pld"] > 0
+    assert accepted_more["tr-jacobi"] > 0 and accepted_more["pld"] > 0 and accepted_more["recycle"] > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -69,14 +71,16 @@ def test_eos_given_as_several_ids_and_from_generation_config(family, models):
     assert msn.generate(model, x, method="tr-jacobi", max_new_tokens=30).tokens == default
 
 
+@pytest.mark.parametrize("drafts", ["merged", "paper"])
 @pytest.mark.parametrize("tree", ["auto", "reference", "medium", "small", "chain",
                                   [(0,), (1,), (0, 0), (0, 1), (0, 0, 0)]])
-def test_every_tree_preset_is_lossless(tree, models):
+def test_every_tree_preset_is_lossless(tree, drafts, models):
     model = models("qwen2")
     for ids in prompts(7)[:12]:
         x = torch.tensor([ids])
         want = msn.generate(model, x, method="ar", max_new_tokens=25, eos_token_id=[]).tokens
-        got = msn.generate(model, x, method="tr-jacobi", tree=tree, max_new_tokens=25, eos_token_id=[])
+        got = msn.generate(model, x, method="tr-jacobi", tree=tree, drafts=drafts, max_new_tokens=25,
+                           eos_token_id=[])
         assert got.tokens == want
 
 

@@ -16,7 +16,7 @@ import torch
 import msn
 from tiny import tiny_model
 
-METHODS = ["ar", "jacobi", "tr-jacobi", "pld", "lookahead"]
+METHODS = ["ar", "jacobi", "tr-jacobi", "pld", "lookahead", "recycle", "tr-jacobi:paper"]
 SETTINGS = {"T1": dict(temperature=1.0), "T0.7-k5": dict(temperature=0.7, top_k=5),
             "T1-p0.8": dict(temperature=1.0, top_p=0.8)}
 VOCAB = 8
@@ -87,12 +87,22 @@ def chi_square_p(counts: dict, joint: dict, n: int) -> float:
                                          torch.tensor(stat / 2, dtype=torch.float64)))
 
 
+def method_options(name):
+    """``tr-jacobi:reference:paper`` -> ("tr-jacobi", {"tree": "reference", "drafts": "paper"})."""
+    from msn.bench.harness import split_method
+
+    method, tree, drafts = split_method(name)
+    return method, {k: v for k, v in dict(tree=tree, drafts=drafts).items() if v is not None}
+
+
 def samples(model, method, setting, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     counts = {}
+    method, opts = method_options(method)
     for _ in range(n):
+        # recycle and merged tr-jacobi: the candidate table carries over from sample to sample.
         seq = tuple(msn.generate(model, PROMPT, method=method, max_new_tokens=NEW, eos_token_id=[],
-                                 do_sample=True, generator=g, **setting).tokens)
+                                 do_sample=True, generator=g, **opts, **setting).tokens)
         counts[seq] = counts.get(seq, 0) + 1
     return counts
 
@@ -109,7 +119,8 @@ def check(family, method, setting_name, n):
 
 # The default suite: every method once, the three settings and three families in turn.
 QUICK = [("ar", "T1", "llama"), ("jacobi", "T0.7-k5", "qwen2"), ("tr-jacobi", "T1-p0.8", "gpt2"),
-         ("pld", "T1", "qwen2"), ("lookahead", "T0.7-k5", "gpt2")]    # the slow grid holds every pairing
+         ("pld", "T1", "qwen2"), ("lookahead", "T0.7-k5", "gpt2"), ("recycle", "T1", "qwen2"),
+         ("tr-jacobi:reference", "T0.7-k5", "llama")]    # the slow grid holds every pairing
 
 
 @pytest.mark.parametrize("method, setting, family", QUICK)
@@ -126,7 +137,8 @@ def test_every_decoder_samples_exactly_20000(family, method, setting):
 
 
 @pytest.mark.parametrize("method", ["tr-jacobi", pytest.param("jacobi", marks=pytest.mark.slow),
-                                    pytest.param("pld", marks=pytest.mark.slow)])
+                                    pytest.param("pld", marks=pytest.mark.slow),
+                                    pytest.param("recycle", marks=pytest.mark.slow)])
 def test_a_verifier_that_accepts_every_draft_fails(method, monkeypatch):
     from msn.decoding import engine, verify
 
@@ -171,8 +183,10 @@ def test_a_seed_gives_ar_sampled_tokens_with_every_method_and_tree(family):
     for seed in range(5):
         setting = dict(do_sample=True, temperature=0.9, top_p=0.95, seed=seed)
         want = msn.generate(model, PROMPT, method="ar", max_new_tokens=30, eos_token_id=[], **setting).tokens
-        for m in METHODS[1:]:
-            assert msn.generate(model, PROMPT, method=m, max_new_tokens=30, eos_token_id=[], **setting).tokens == want
+        for name in METHODS[1:]:
+            m, opts = method_options(name)
+            assert msn.generate(model, PROMPT, method=m, max_new_tokens=30, eos_token_id=[], **opts,
+                                **setting).tokens == want
         for tree in ("auto", "reference", "chain"):
             got = msn.generate(model, PROMPT, method="tr-jacobi", tree=tree, max_new_tokens=30, eos_token_id=[],
                                sample_drafts=True, **setting).tokens
@@ -185,6 +199,7 @@ def test_seed_reproduces_and_greedy_is_the_zero_temperature_case():
                          seed=7).tokens for _ in range(2)]
     assert runs[0] == runs[1]
     greedy = msn.generate(model, PROMPT, method="ar", max_new_tokens=20, eos_token_id=[]).tokens
-    for m in METHODS:
+    for name in METHODS:
+        m, opts = method_options(name)
         assert msn.generate(model, PROMPT, method=m, max_new_tokens=20, eos_token_id=[], do_sample=True,
-                            temperature=0).tokens == greedy
+                            temperature=0, **opts).tokens == greedy

@@ -101,7 +101,7 @@ def cmd_generate(a) -> int:
 
     if a.warmup < 0:
         raise MsnError(f"--warmup must be >= 0, got {a.warmup}")
-    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
+    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree", drafts="--drafts")
     _refuse_unused(a, "--method jacobi", a.method != "jacobi", window="--window")
     _refuse_unused(a, "a drafting method or sampling", a.method == "ar" and not _sampling(a), seed="--seed")
     prompt = _read_prompt(a)
@@ -118,7 +118,7 @@ def cmd_generate(a) -> int:
         ids = encode_prompt(tok, [{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    options = _set({}, tree=a.tree, window=a.window, seed=a.seed, graphs=a.graphs, **_sampling(a))
+    options = _set({}, tree=a.tree, drafts=a.drafts, window=a.window, seed=a.seed, graphs=a.graphs, **_sampling(a))
     request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
     for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
         msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
@@ -164,6 +164,14 @@ def _sampling(a) -> dict:
             raise MsnError("--sample-drafts needs sampling (--do-sample, --temperature, --top-k or --top-p)")
         return {}
     return {"do_sample": True, **given, **({"sample_drafts": True} if a.sample_drafts else {})}
+
+
+def _drafts_flag(p) -> None:
+    from msn.decoding.config import DRAFT_CHOICES
+
+    p.add_argument("--drafts", choices=DRAFT_CHOICES, help="TR-Jacobi's draft sources: merged (default: the Jacobi "
+                   "trajectory, retrieval and the recycled candidate table, ranked by measured acceptance) or "
+                   "paper (the paper's trajectory and retrieval chain exactly)")
 
 
 def _graphs_flag(p) -> None:
@@ -218,17 +226,30 @@ def cmd_bench(a) -> int:
     from msn.bench.harness import BenchConfig, run_bench
 
     methods = a.methods.split(",") if a.methods else None
-    _refuse_unused(a, "tr-jacobi in --methods", methods is not None and "tr-jacobi" not in methods, tree="--tree")
+    _refuse_unused(a, "tr-jacobi in --methods", methods is not None and "tr-jacobi" not in methods, tree="--tree",
+                   drafts="--drafts")
 
     cfg = BenchConfig(**_set(dict(model=a.model, out=a.out), bench=a.bench,
                              methods=methods,
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
-                             repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree,
+                             repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree, drafts=a.drafts,
+                             reset_recycle=a.reset_recycle or None,
                              warmup=a.warmup, seed=a.seed, profile=a.profile or None, graphs=a.graphs,
                              **_sampling(a)))
     run_bench(cfg)
     return 0
+
+
+def cmd_demo(a) -> int:
+    from msn.bench.demo import main
+
+    if a.repeats <= 0:
+        raise MsnError(f"--repeats must be positive, got {a.repeats}")
+    if a.max_new_tokens <= 0:
+        raise MsnError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
+    return main(a.model, method=a.method, max_new_tokens=a.max_new_tokens, repeats=a.repeats, device=a.device,
+                dtype=a.dtype, out=a.out)
 
 
 # -- reproduce ---------------------------------------------------------------------------
@@ -236,9 +257,10 @@ def cmd_bench(a) -> int:
 def cmd_serve(a) -> int:
     from msn.serve import serve
 
-    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree")
+    _refuse_unused(a, "--method tr-jacobi", a.method != "tr-jacobi", tree="--tree", drafts="--drafts")
     serve(a.model, method=a.method, host=a.host, port=a.port, max_batch=a.max_batch, name=a.name,
-          device=a.device, dtype=a.dtype, api_key=a.api_key, max_body_mb=a.max_body_mb, **_set({}, tree=a.tree))
+          device=a.device, dtype=a.dtype, api_key=a.api_key, max_body_mb=a.max_body_mb,
+          **_set({}, tree=a.tree, drafts=a.drafts))
     return 0
 
 
@@ -348,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "(the first forwards of a process are slow)")
     gen.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree}: sized by "
                      "the measured step latency and acceptance; or a fixed preset, reference = the paper's)")
+    _drafts_flag(gen)
     gen.add_argument("--window", type=int, help=f"Jacobi window (default {DecodeConfig.window})")
     gen.add_argument("--seed", type=int, help="seed of the noise in empty draft slots and of sampling")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -362,10 +385,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="speedup and mean accepted tokens per category, all methods in one run")
     b.add_argument("--model", required=True)
     b.add_argument("--bench", help="spec-bench (default), mt-bench, humaneval or a JSONL file")
-    b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); baselines: "
-                   "hf-generate (transformers' generate), hf-static (its static cache), hf-pld (its prompt lookup); "
-                   "tr-jacobi:TREE runs a tree preset of its own (e.g. tr-jacobi:auto,tr-jacobi:chain compares "
-                   "trees on the same prompts)")
+    b.add_argument("--methods", help="comma-separated (default ar,pld,lookahead,jacobi,tr-jacobi); also recycle "
+                   "(Token Recycling); baselines: hf-generate (transformers' generate), hf-static (its static cache), "
+                   "hf-pld (its prompt lookup); tr-jacobi:TREE runs a tree preset of its own and tr-jacobi:paper "
+                   "(or tr-jacobi:TREE:paper) the paper's draft sources (e.g. tr-jacobi,tr-jacobi:paper,"
+                   "tr-jacobi:reference compares them on the same prompts)")
     b.add_argument("--max-new-tokens", type=int, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     b.add_argument("--out", required=True, help="output folder (records.jsonl, summary.json, plots); every "
                    "finished question is kept in OUT/progress.jsonl, so the same command resumes an interrupted bench")
@@ -375,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, help="timed repeats per prompt and method; medians reported (default 1)")
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
     b.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
+    _drafts_flag(b)
+    b.add_argument("--reset-recycle", action="store_true", help="empty the model's recycled candidate table "
+                   "(~/.cache/msn/recycle) first, so recycle and tr-jacobi start cold; summary.json records "
+                   "recycle_table: cold or warm")
     b.add_argument("--seed", type=int, help="seed of every generation's sampling stream (default 0)")
     b.add_argument("--profile", action="store_true", help="split each step's time into forward, inputs, "
                    "verification, host sync, cache and proposer (adds device syncs)")
@@ -385,6 +413,21 @@ def build_parser() -> argparse.ArgumentParser:
                    "match_rate reports agreement with ar in that dtype")
     b.set_defaults(func=cmd_bench)
 
+    d = sub.add_parser("demo", help="a copy, a code and an open-question prompt: ar against a fast method, "
+                       "paired runs, tokens per step and speedups", description="Decodes three prompts of "
+                       "different kinds with ar and --method on one model, in alternating order after a warm-up, "
+                       "and prints per prompt the tokens per step, the median speedup over ar and whether the "
+                       "outputs are identical, then the geometric mean. The recycled candidate table starts empty.")
+    d.add_argument("--model", required=True, help="checkpoint folder (e.g. from msn fetch)")
+    d.add_argument("--method", default=DecodeConfig.method, choices=[m for m in METHODS if m != "ar"],
+                   help=f"the fast method (default {DecodeConfig.method})")
+    d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
+    d.add_argument("--repeats", type=int, default=3, help="paired runs per prompt (default 3; medians)")
+    d.add_argument("--out", help="write the full report (every wall time) to this JSON file")
+    d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    d.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")
+    d.set_defaults(func=cmd_demo)
+
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, streaming) over batched "
                        "decoding", description="Serves /v1/chat/completions, /v1/completions, /v1/models and /health. "
                        "Concurrent requests decode together, up to --max-batch rows, joining between steps. Requests "
@@ -393,6 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default=DecodeConfig.method, choices=METHODS,
                    help=f"decoder for every request (default {DecodeConfig.method})")
     s.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
+    _drafts_flag(s)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     s.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default 8)")

@@ -18,7 +18,8 @@ from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding import cpu
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, METHODS, TREE_CHOICES, DecodeConfig, exactness_contract
+from msn.decoding.config import (DEFAULT_MAX_NEW_TOKENS, DRAFT_CHOICES, METHODS, TREE_CHOICES, DecodeConfig,
+                                exactness_contract)
 from msn.decoding.engine import context_limit, generate, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
@@ -32,23 +33,28 @@ DEFAULT_METHODS = ("ar", "pld", "lookahead", "jacobi", "tr-jacobi")
 PLD = DecodeConfig(method="pld")  # prompt-lookup settings shared by pld and hf-pld
 
 
-def split_method(name: str) -> tuple[str, str | None]:
-    """``tr-jacobi:small`` -> (``tr-jacobi``, ``small``): a method run with a tree preset of
-    its own, so several trees are compared on the same prompts in one run."""
-    base, _, tree = name.partition(":")
-    return base, tree or None
+def split_method(name: str) -> tuple[str, str | None, str | None]:
+    """``tr-jacobi:small`` -> (``tr-jacobi``, ``small``, None): a method run with a tree preset
+    of its own, so several trees are compared on the same prompts in one run; a drafts name
+    (``tr-jacobi:paper``, ``tr-jacobi:reference:paper``) picks TR-Jacobi's draft sources."""
+    base, *parts = name.split(":")
+    tree = next((p for p in parts if p in TREE_CHOICES), None)
+    drafts = next((p for p in parts if p in DRAFT_CHOICES), None)
+    return base, tree, drafts
 
 
 def check_methods(methods: list[str]) -> None:
-    parts = [(m, *split_method(m)) for m in methods]
-    unknown = [m for m, base, _ in parts if base not in BENCH_METHODS]
+    unknown = [m for m in methods if split_method(m)[0] not in BENCH_METHODS]
     if unknown:
         raise MsnError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(BENCH_METHODS)} "
                        f"(tr-jacobi:TREE runs a tree preset of its own, e.g. tr-jacobi:small)")
-    for m, base, tree in parts:
-        if ":" in m and (base != "tr-jacobi" or tree not in TREE_CHOICES):
-            raise MsnError(f"method {m!r}: only tr-jacobi takes a tree, as tr-jacobi:TREE with TREE one of "
-                           f"{', '.join(TREE_CHOICES)}")
+    for m in methods:
+        base, tree, drafts = split_method(m)
+        parts = m.split(":")[1:]
+        if parts and (base != "tr-jacobi" or len(parts) != (tree is not None) + (drafts is not None)):
+            raise MsnError(f"method {m!r}: only tr-jacobi takes options, as tr-jacobi:TREE, tr-jacobi:DRAFTS or "
+                           f"tr-jacobi:TREE:DRAFTS with TREE one of {', '.join(TREE_CHOICES)} and DRAFTS one of "
+                           f"{', '.join(DRAFT_CHOICES)}")
 
 
 @dataclass
@@ -68,6 +74,13 @@ class BenchConfig:
         warmup: untimed generations of every method before timing starts.
         tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
             settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
+        drafts: TR-Jacobi's draft sources (None: ``DecodeConfig``'s default, merged).
+        reset_recycle: empty the model's recycled candidate table (in memory and on disk)
+            before the run, so it starts cold; ``summary.json`` records how it started. Each
+            method keeps a table of its own through the run, started from the same state
+            (no method sees another's updates, and every repeat and the warm-up start from
+            where that method was); at the end the table of ``tr-jacobi`` (else the first
+            method that used one) is kept on disk.
         do_sample / temperature / top_k / top_p / sample_drafts / seed: sampling (``DecodeConfig``'s
             meaning). Every generation starts its own stream seeded with ``seed``, so drafting
             methods usually draw ``ar``'s tokens; match_rate is that agreement.
@@ -88,6 +101,8 @@ class BenchConfig:
     repeats: int = 1
     warmup: int = 2
     tree: str | None = None
+    drafts: str | None = None
+    reset_recycle: bool = False
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -155,9 +170,11 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
                              pad_token_id=model.generation_config.pad_token_id, **extra)
         forwards = counter.calls - before
         return Run(out[0, ids.shape[1]:].tolist(), forwards, None, forwards)
-    method, tree = split_method(method)
+    method, tree, drafts = split_method(method)
     tree = tree or cfg.tree
     options = {"tree": tree} if method == "tr-jacobi" and tree is not None else {}
+    if method == "tr-jacobi" and (drafts or cfg.drafts):
+        options["drafts"] = drafts or cfg.drafts
     options.update(cfg.sampling_options())
     if cfg.graphs != "auto":
         options["graphs"] = cfg.graphs
@@ -186,12 +203,14 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
     log = Progress(out / PROGRESS, cfg)
+    tables = MethodTables(model, cfg)
     try:
         with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
             records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress,
-                                                  log)
+                                                  log, tables)
     finally:
         counter.handle.remove()
+        tables.keep()
     with open(out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -200,6 +219,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
                           "cpu_one_row_as_two": cpu.padded(model),
+                          "recycle_table": tables.started,
                           "questions_from_earlier_runs": log.resumed,
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
                           ("; shown by tests/test_sampling.py (chi-square against the exact joint). With one "
@@ -278,8 +298,48 @@ class Progress:
             f.write(json.dumps(entry) + "\n")
 
 
+class MethodTables:
+    """The model's recycled candidate table, one state per method through a bench: each
+    method's generations start from its own state, so a method never drafts from what
+    another one (or an earlier repeat of the same prompt) learnt from the prompt at hand."""
+
+    def __init__(self, model, cfg: BenchConfig):
+        from msn.decoding import recycle
+        from msn.decoding.engine import model_device, vocab_size
+
+        if cfg.reset_recycle:
+            recycle.reset_tables(model)
+        self.table = recycle.table_for(model, vocab_size(model) or 1, model_device(model))
+        self.started = "cold" if self.table.cold else "warm"
+        self.start = self.table.ids.clone()
+        self.states: dict[str, torch.Tensor] = {}
+        self.methods = cfg.methods
+
+    def before(self, method: str) -> None:
+        self.table.ids.copy_(self.states.get(method, self.start))
+
+    def after(self, method: str) -> None:
+        if not torch.equal(self.table.ids, self.states.get(method, self.start)):
+            self.states[method] = self.table.ids.clone()
+
+    def reset(self) -> None:
+        """Back to the state the bench started from (after the warm-up)."""
+        self.table.ids.copy_(self.start)
+
+    def keep(self) -> None:
+        """Leaves the table of ``tr-jacobi`` (else the first method that changed one) in memory and on disk."""
+        used = [m for m in self.methods if m in self.states]
+        if not used:
+            self.reset()
+            return
+        main = "tr-jacobi" if "tr-jacobi" in used else used[0]
+        self.table.ids.copy_(self.states[main])
+        self.table.dirty = True
+        self.table.save(force=True)
+
+
 def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, counter, clock, device, progress,
-             log: Progress):
+             log: Progress, tables: MethodTables):
     per_method: dict[tuple[str, str], dict] = {}
     latency: dict[str, dict] = {}
     profiles: dict[str, StepProfile] = {}
@@ -305,6 +365,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
         for _ in range(cfg.warmup):
             for m in cfg.methods:
                 run_method(model, first, m, warm, counter)
+        tables.reset()        # the warm-up drafted from the first question: nothing of it is kept
     for q in todo:
         before = {m: (p.steps, dict(p.seconds)) for m, p in profiles.items()}
         conversation: list[dict] = []
@@ -316,8 +377,10 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                 walls = []
                 for _ in range(cfg.repeats):
                     prof = profiles.setdefault(m, StepProfile(device)) if cfg.profile and m not in HF_METHODS else None
+                    tables.before(m)
                     run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter, prof), device, clock)
                     walls.append(wall)
+                tables.after(m)
                 if m == "ar":
                     reference = run.tokens
                 rec = per_method.setdefault((q.qid, m), {

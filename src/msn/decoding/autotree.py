@@ -30,6 +30,7 @@ from msn.paths import read_stored, write_stored
 # which interpolating between 4 and 8 hid.
 LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 69)
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 63)
+MERGED_SIZES = (80, 100, 120)      # merged drafts: 63 trajectory + 80 recycled nodes at most
 
 
 @dataclass
@@ -101,12 +102,14 @@ class StepRecord:
         table: (P, K) host list of lists, the top-K candidates per future position.
         retrieved: the retrieval chain's tokens (noise-padded as proposed).
         found: how many of them were retrieved (the rest is noise).
+        recycled: the recycled tree's tokens per depth and column (merged drafts only).
     """
 
     start: int
     table: list[list[int]]
     retrieved: list[int]
     found: int | None = None
+    recycled: list[list[int]] | None = None   # the recycled tree's tokens (depth x column), merged drafts
 
 
 @dataclass
@@ -114,12 +117,15 @@ class Outcome:
     """One step scored against the truth: ``ranks[d]`` is the rank of the true token in
     row d of the table (None when it is not there); ``retrieved`` counts right retrieved
     tokens from the start of the chain; ``guessed`` says whether the table held guesses;
-    ``found`` how many tokens retrieval found (None: unknown, taken as a full chain)."""
+    ``found`` how many tokens retrieval found (None: unknown, taken as a full chain);
+    ``recycled`` the columns, depth by depth, of the recycled nodes that were right
+    (``RecycleTree.accepted``; empty without merged drafts)."""
 
     ranks: tuple[int | None, ...]
     retrieved: int
     guessed: bool = False     # the step had top-K guesses (a table of noise tells nothing)
     found: int | None = None
+    recycled: tuple[int, ...] = ()
 
 
 def score(record: StepRecord, truth: list[int]) -> Outcome:
@@ -154,16 +160,61 @@ def accepted(outcome: Outcome, nodes: frozenset[Path], retrieval: bool) -> int:
     return max(len(_accepted_path(outcome.ranks, nodes)), outcome.retrieved if retrieval else 0)
 
 
-def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_TREE) -> list[Path]:
-    """The reference nodes ordered by how often they would have been accepted (most first;
-    ties keep the reference order). Every prefix of the result is prefix-closed, because a
-    node is never accepted more often than its parent and the reference lists parents first."""
-    counts = {p: 0 for p in reference}
-    for o in outcomes:
-        for path in _accepted_path(o.ranks, counts):
-            counts[path] += 1
-    index = {p: i for i, p in enumerate(reference)}
-    return sorted(reference, key=lambda p: (-counts[p], index[p]))
+def _accepted_paths(outcome: Outcome, reference: frozenset[Path], offset: int | None) -> tuple[list[Path], list[Path]]:
+    """The nodes the whole trajectory tree and the whole recycled tree (its columns start at
+    ``offset``; None: no recycled tree) would have accepted in a scored step, root side first."""
+    recycled = [] if offset is None else [tuple(offset + c for c in outcome.recycled[:d])
+                                          for d in range(1, len(outcome.recycled) + 1)]
+    return _accepted_path(outcome.ranks, reference), recycled
+
+
+def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_TREE,
+               recycled: tuple[tuple[Path, ...], int] | None = None) -> list[Path]:
+    """The draft nodes ordered by how many more tokens each would have accepted, most first,
+    greedily: a node joins once its parent has, and it counts a scored step only where it
+    lengthens what the nodes before it accepted there (the longer of the trajectory's and
+    the recycled tree's accepted paths). Every prefix of the result is prefix-closed. Nodes
+    that add nothing follow in their given order (the reference's, then the recycled
+    tree's). ``recycled``: the recycled tree's node paths and their first column.
+
+    With the trajectory alone this is the nodes sorted by how often each would have been
+    accepted (ties in the reference order): a node is never accepted more often than its parent."""
+    extra, offset = recycled if recycled is not None else ((), None)
+    nodes = list(reference) + list(extra)
+    index = {p: i for i, p in enumerate(nodes)}
+    ref = frozenset(reference)
+    paths = [_accepted_paths(o, ref, offset) for o in outcomes]
+    have = [[0, 0] for _ in outcomes]        # nodes chosen along each step's two accepted paths
+    best = [0] * len(outcomes)               # what the chosen nodes accept in each step
+    waiting: dict[Path, list[tuple[int, int]]] = {}    # node -> (step, source) it would lengthen next
+    for i, pair in enumerate(paths):
+        for src, path in enumerate(pair):
+            if path:
+                waiting.setdefault(path[0], []).append((i, src))
+    children: dict[Path, list[Path]] = {}
+    for p in nodes:
+        children.setdefault(p[:-1], []).append(p)
+    frontier = set(children.get((), []))
+    order: list[Path] = []
+    while frontier:
+        pick, gain = None, 0
+        for node in frontier:
+            g = sum(1 for i, src in waiting.get(node, ()) if have[i][src] == best[i])
+            if g > gain or (g == gain and g > 0 and index[node] < index[pick]):
+                pick, gain = node, g
+        if pick is None:
+            break
+        order.append(pick)
+        frontier.remove(pick)
+        frontier.update(children.get(pick, []))
+        for i, src in waiting.pop(pick, []):
+            have[i][src] += 1
+            best[i] = max(best[i], have[i][src])
+            path = paths[i][src]
+            if have[i][src] < len(path):
+                waiting.setdefault(path[have[i][src]], []).append((i, src))
+    chosen = set(order)
+    return order + [p for p in nodes if p not in chosen]
 
 
 @dataclass(frozen=True)
@@ -175,45 +226,58 @@ class Choice:
     inputs: int
     expected_tokens: float
     tokens_per_s: float
+    recycled: int = 0          # how many of ``nodes`` are recycled-tree nodes
 
     def describe(self) -> dict:
-        return {"topk_nodes": len(self.nodes), "retrieval": self.retrieval, "inputs": self.inputs,
+        return {"topk_nodes": len(self.nodes) - self.recycled, "recycled_nodes": self.recycled,
+                "retrieval": self.retrieval, "inputs": self.inputs,
                 "expected_tokens_per_step": round(self.expected_tokens, 3),
                 "expected_tokens_per_s": round(self.tokens_per_s, 2)}
 
 
 def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
-               sizes: tuple[int, ...] = SIZES) -> list[Choice]:
+               sizes: tuple[int, ...] = SIZES, recycled: tuple[tuple[Path, ...], int] | None = None) -> list[Choice]:
     """Every candidate with its expected tokens per step and per second.
 
-    Trees with top-K nodes are scored on the steps that had top-K guesses; the root alone
-    and the retrieval chain alone on every step (retrieval is proposed at every step).
-    The retrieval chain alone feeds only the tokens retrieval found (none: a one-token
-    step), so its time is the mean of t(1 + found) over the scored steps; a chain beside
-    top-K nodes is always fed whole (its noise-filled part drafts the next step's guesses).
+    Trees with top-K nodes are scored on the steps that had top-K guesses; the root alone,
+    the retrieval chain alone and trees of recycled nodes alone on every step (retrieval
+    and the recycled tree are proposed at every step). The retrieval chain alone feeds only
+    the tokens retrieval found (none: a one-token step), so its time is the mean of
+    t(1 + found) over the scored steps; a chain beside other nodes is always fed whole (its
+    noise-filled part drafts the next step's guesses). ``recycled``: the recycled tree's
+    nodes and first column (merged drafts; the family then reaches every node of both trees).
     """
     guessed = [o for o in outcomes if o.guessed]
-    order = node_order(guessed)
+    order = node_order(outcomes, REFERENCE_TREE, recycled)
     index = {p: i for i, p in enumerate(order)}
+    reference = frozenset(REFERENCE_TREE)
+    offset = recycled[1] if recycled is not None else None
+    if recycled is not None:
+        sizes = tuple(sorted({*sizes, *MERGED_SIZES, len(order)}))
     # A parent precedes its children in the order, so the nodes among the first ``size`` that
-    # a step would have accepted are its accepted path's nodes with index below ``size``: a
-    # prefix of the path's (increasing) indices.
-    path_index = {id(o): [index[p] for p in _accepted_path(o.ranks, index)] for o in guessed}
+    # a step would have accepted are, in each tree, its accepted path's nodes with index below
+    # ``size``: a prefix of the path's (increasing) indices.
+    path_index = {id(o): [[index[p] for p in path] for path in _accepted_paths(o, reference, offset)]
+                  for o in outcomes}
     out = []
     fed = [retrieve_len if o.found is None else min(o.found, retrieve_len) for o in outcomes] or [retrieve_len]
     chain_only = sum(latency(1 + n) for n in fed) / len(fed)      # seconds of a step of the chain alone
     for size in sizes:
         nodes = tuple(order[:size])
-        basis = guessed if nodes else outcomes
+        if len(nodes) < size and size != sizes[0]:
+            continue
+        top = sum(p in reference for p in nodes)
+        basis = guessed if top else outcomes
         if not basis:
             continue
-        topk = [bisect.bisect_left(path_index[id(o)], size) if nodes else 0 for o in basis]
+        drafts = [max(bisect.bisect_left(path_index[id(o)][0], size), bisect.bisect_left(path_index[id(o)][1], size))
+                  if nodes else 0 for o in basis]
         for retrieval in (False, True):
             inputs = 1 + len(nodes) + (retrieve_len if retrieval else 0)
-            hits = sum(max(k, o.retrieved) for k, o in zip(topk, basis)) if retrieval else sum(topk)
+            hits = sum(max(k, o.retrieved) for k, o in zip(drafts, basis)) if retrieval else sum(drafts)
             expected = 1 + hits / len(basis)
             seconds = chain_only if retrieval and not nodes else latency(inputs)
-            out.append(Choice(nodes, retrieval, inputs, expected, expected / seconds))
+            out.append(Choice(nodes, retrieval, inputs, expected, expected / seconds, len(nodes) - top))
     return out
 
 
@@ -263,20 +327,23 @@ def batch_width(options: list[list[Choice]], step_seconds, margin: float = 0.1) 
 
 def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
     """Keeps the latest scored steps of a model on disk, so the next run starts from them."""
-    write_stored("acceptance", key, [[list(o.ranks), o.retrieved, o.guessed, o.found] for o in outcomes])
+    write_stored("acceptance", key, [[list(o.ranks), o.retrieved, o.guessed, o.found, list(o.recycled)]
+                                     for o in outcomes])
 
 
 def load_outcomes(key: dict) -> list[Outcome]:
     try:
-        return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None)
+        return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None,
+                        tuple(int(c) for c in r[4]) if len(r) > 4 else ())
                 for r in read_stored("acceptance", key) or ()]
     except (ValueError, TypeError, IndexError):
         return []
 
 
-def acceptance_key(model, retrieve_len: int, retrieve_ngram: int) -> dict:
+def acceptance_key(model, retrieve_len: int, retrieve_ngram: int, drafts: str = "paper") -> dict:
     """Acceptance depends on the weights (named by the checkpoint path) and the drafting."""
     cfg = model.config.to_json_string(use_diff=False)
     return {"model": getattr(model.config, "_name_or_path", "") or "",
             "config": hashlib.sha1(cfg.encode()).hexdigest()[:16],
-            "retrieve_len": retrieve_len, "retrieve_ngram": retrieve_ngram}
+            "retrieve_len": retrieve_len, "retrieve_ngram": retrieve_ngram,
+            **({"drafts": drafts} if drafts != "paper" else {})}

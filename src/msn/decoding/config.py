@@ -42,7 +42,8 @@ def exactness_contract(dtype: str, sampling: bool) -> str:
     return (f"may differ from ar in {dtype} at floating-point near-ties (a tree step computes the same "
             "logits in another order); measured on SmolLM2-135M on CPU in bfloat16: 0-17 % of Spec-Bench "
             "outputs identical to ar's; use float32 for identical outputs")
-METHODS = ("ar", "jacobi", "tr-jacobi", "pld", "lookahead")
+METHODS = ("ar", "jacobi", "tr-jacobi", "pld", "lookahead", "recycle")
+DRAFT_CHOICES = ("merged", "paper")
 # Names of tree.TREE_PRESETS (kept here so the CLI parser needs no torch import).
 TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
 GRAPH_CHOICES = ("auto", "on", "off")
@@ -54,7 +55,9 @@ class DecodeConfig:
 
     Attributes:
         method: ``ar`` (greedy, one token per step: the oracle), ``jacobi``,
-            ``tr-jacobi``, ``pld`` (prompt lookup) or ``lookahead``.
+            ``tr-jacobi``, ``pld`` (prompt lookup), ``lookahead`` or ``recycle`` (Token
+            Recycling: the anchor's static 80-node tree over the model's recycled candidate
+            table, ``msn.decoding.recycle``).
         window: Jacobi window (drafts per step) for ``jacobi``.
         tree: TR-Jacobi tree. ``auto`` (default) chooses by measurement: the step latency
             t(n) measured once per model, device and dtype (cached on disk), and how often
@@ -65,6 +68,13 @@ class DecodeConfig:
             the retrieval chain, 69 inputs); ``medium``, ``small`` and ``chain`` are fixed
             smaller trees. A list of paths over top-K ranks (e.g. ``[(0,), (1,), (0, 0)]``)
             gives a custom tree.
+        drafts: where TR-Jacobi's nodes take their tokens. ``merged`` (default): the Jacobi
+            trajectory, the retrieval chain and the model's recycled candidate table (a
+            subtree of its own), nodes of both trees ranked together by measured acceptance;
+            a preset tree name then fixes the size (its input count) and the measurement
+            picks the nodes. ``paper``: the paper's sources exactly (trajectory top-K and the
+            retrieval chain; presets are the paper's fixed trees). A list of paths and
+            ``retrieve=False`` always use the paper's sources.
         retrieve_len: length of TR-Jacobi's retrieval chain. Every draft size has an upper
             bound (``SIZE_LIMITS``, 256 drafts at most).
         retrieve_ngram: n-gram size matched for retrieval (falls back to shorter ones).
@@ -93,6 +103,7 @@ class DecodeConfig:
     method: str = "tr-jacobi"
     window: int = 5
     tree: str | list = "auto"
+    drafts: str = "merged"
     retrieve_len: int = 5
     retrieve_ngram: int = 3
     retrieve: bool = True
@@ -133,6 +144,8 @@ class DecodeConfig:
             if not self.tree:
                 raise MsnError("malformed tree: it has no node; give at least one path, e.g. [(0,)]")
             self.tree = [tuple(p) for p in validate_paths(self.tree)]
+        if self.drafts not in DRAFT_CHOICES:
+            raise MsnError(f"unknown drafts {self.drafts!r}; choose one of {', '.join(DRAFT_CHOICES)}")
         if not isinstance(self.retrieve, bool):
             raise MsnError(f"retrieve must be True or False, got {self.retrieve!r}")
         if not self.retrieve and self.method == "tr-jacobi" and self.tree == "auto":

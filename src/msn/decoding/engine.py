@@ -24,9 +24,10 @@ from msn.decoding.history import TokenHistory
 from msn.decoding.profile import StepProfile, section
 from msn.decoding.sampling import Sampler, check_generator, first_siblings
 from msn.decoding.autotree import LADDER, Latency, acceptance_key, latency_key, load_latency, save_latency
-from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, StepFeedback,
-                                    TreeJacobi)
-from msn.decoding.tree import attention_bias, chain, compiled_on, tree_positions
+from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, Recycle,
+                                    StepFeedback, TreeJacobi)
+from msn.decoding.recycle import table_for
+from msn.decoding.tree import attention_bias, chain, compiled_on, preset_paths, tree_positions
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
 from msn.paths import read_stored, write_stored
@@ -160,14 +161,22 @@ def make_proposer(cfg: DecodeConfig, model, graphs: bool = False) -> Proposer | 
         return None
     if cfg.method == "jacobi":
         return JacobiWindow(device, window=cfg.window)
+    if cfg.method == "recycle":
+        return Recycle(device, table=table_for(model, vocab_size(model) or 1, device))
     if cfg.method == "tr-jacobi":
         if not isinstance(cfg.tree, str):
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
                               retrieve_ngram=cfg.retrieve_ngram, retrieve=cfg.retrieve)
-        if cfg.tree == "auto":
+        merged = cfg.drafts == "merged" and cfg.retrieve
+        if cfg.tree == "auto" or merged:
+            # Merged drafts with a preset: that preset's size (its input count), nodes chosen by measurement.
+            fixed = None if cfg.tree == "auto" else len(preset_paths(cfg.tree)[0]) + cfg.retrieve_len + 1
+            drafts = "merged" if merged else "paper"
             return AutoTreeJacobi(device, latency=step_latency(model, graphs=graphs), retrieve_len=cfg.retrieve_len,
                                   retrieve_ngram=cfg.retrieve_ngram,
-                                  store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram))
+                                  store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram, drafts),
+                                  recycle=table_for(model, vocab_size(model) or 1, device) if merged else None,
+                                  fixed_inputs=fixed)
         return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram,
                           retrieve=cfg.retrieve)
     if cfg.method == "pld":

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from msn.decoding.history import TokenHistory, find_continuation
-from msn.decoding.tree import Path, chain, compile_tree, preset_paths
+from msn.decoding.recycle import RecycleTable, RecycleTree
+from msn.decoding.tree import Path, chain, compile_tree, compiled_on, preset_paths
 
 
 @dataclass
@@ -82,6 +83,46 @@ def _jacobi_next(step: StepFeedback, history: TokenHistory, width: int, device) 
         pad = torch.tensor(history.noise(width - len(future)), dtype=torch.long, device=device)
         guess = torch.cat([guess, pad])
     return guess
+
+
+def fed_ids(paths, cand: torch.Tensor | None, root: int, device) -> torch.Tensor:
+    """The inputs of a step that fed ``root`` plus the tree ``paths`` drafted from ``cand``: (n + 1,)."""
+    head = torch.tensor([root], dtype=torch.long, device=device)
+    if not paths:
+        return head
+    tree = compiled_on(tuple(paths), str(device))
+    return torch.cat([head, cand[tree.node_pos, tree.node_col]])
+
+
+class Recycle(Proposer):
+    """Token Recycling (Luo et al., ACL 2025): the static 80-node tree over the ranks of the
+    model's candidate table (``recycle``), filled breadth-first from the root token every
+    step; after the step the top-k of every input's logits overwrite the table rows of the
+    step's inputs. The table is the model's, shared across generations (hot start)."""
+
+    def __init__(self, device, *, table: RecycleTable, tree: RecycleTree | None = None):
+        super().__init__(device)
+        self.table = table
+        self.tree = tree or RecycleTree()
+        self.paths = self.tree.paths
+        self.started_cold = table.cold
+        self._fed = None
+
+    def propose(self, history):
+        root = int(history.buf[history.length - 1])
+        cand = self.table.fill(self.tree, root)
+        self._fed = (root, cand)
+        return self.paths, cand
+
+    def update(self, step, history):
+        root, cand = self._fed
+        self.table.update(fed_ids(self.paths, cand, root, self.device), step.logits)
+
+    def close(self):
+        self.table.save()
+
+    def describe(self):
+        return {"recycle_table": "cold" if self.started_cold else "warm"}
 
 
 class JacobiWindow(Proposer):
@@ -176,14 +217,23 @@ class AutoTreeJacobi(TreeJacobi):
     """TR-Jacobi with the tree chosen by measurement (``autotree``).
 
     Every step is scored afterwards against the truth for every node of the reference
-    tree and for the retrieval chain. Every ``reselect_every`` steps the candidate with
-    the most expected tokens per second under the measured step latency takes over, from
-    the root alone (a plain one-token step) up to the whole reference tree plus the
-    retrieval chain. The latest scored steps are kept on disk per model, so a new run
-    starts from what earlier runs saw. A tree without top-K nodes produces no top-K
-    guesses; while a top-K tree is within reach of the current choice, one step in
-    ``explore_every`` runs it, so the choice can come back. The retrieval chain alone feeds
-    only the tokens retrieval found: a step with nothing retrieved is a plain one-token step.
+    tree, for the retrieval chain and (``recycle``: merged drafts) for every node of the
+    recycled tree. Every ``reselect_every`` steps the candidate with the most expected
+    tokens per second under the measured step latency takes over, from the root alone (a
+    plain one-token step) up to every node plus the retrieval chain; ``fixed_inputs`` pins
+    the size instead (the most expected tokens within that many inputs). The latest scored
+    steps are kept on disk per model, so a new run starts from what earlier runs saw. A
+    tree without draft nodes produces no top-K guesses; while a tree with nodes is within
+    reach of the current choice, one step in ``explore_every`` runs it, so the choice can
+    come back. The retrieval chain alone feeds only the tokens retrieval found: a step with
+    nothing retrieved is a plain one-token step.
+
+    With ``recycle`` each node takes its token from one of three sources: the Jacobi
+    trajectory (top-K columns), the retrieval chain, or the model's recycled candidate table
+    (its own subtree from the root, filled breadth-first, ``msn.decoding.recycle``); the
+    nodes of the trajectory and recycled trees are ranked together by how many more tokens
+    each would have accepted (``autotree.node_order``). The recycled tree is filled and
+    scored at every step, so it still guesses after a step that drafted nothing.
     """
 
     START = 4            # top-K nodes of the tree used before anything is known
@@ -191,7 +241,8 @@ class AutoTreeJacobi(TreeJacobi):
     OWN = 12             # scored steps of this generation that outweigh earlier runs'
 
     def __init__(self, device, *, latency, retrieve_len: int, retrieve_ngram: int, store_key: dict | None = None,
-                 reselect_every: int = 16, explore_every: int = 32):
+                 reselect_every: int = 16, explore_every: int = 32, recycle: RecycleTable | None = None,
+                 fixed_inputs: int | None = None):
         from msn.decoding.autotree import load_outcomes
         from msn.decoding.tree import REFERENCE_TREE
 
@@ -201,6 +252,12 @@ class AutoTreeJacobi(TreeJacobi):
         self.reselect_every = reselect_every
         self.explore_every = explore_every
         self.store_key = store_key
+        self.recycle = recycle
+        self.rtree = RecycleTree(offset=self.k + 1) if recycle is not None else None
+        self.recycle_started = None if recycle is None else ("cold" if recycle.cold else "warm")
+        # Future positions a step is scored on (the recycled tree reaches deeper than the table).
+        self.horizon = max(self.positions, self.rtree.depth if self.rtree is not None else 0)
+        self.fixed = fixed_inputs
         self.pending: list = []       # autotree.StepRecord awaiting their truth
         self.prior = load_outcomes(store_key) if store_key is not None else []   # earlier generations
         self.outcomes: list = []                                                # this generation
@@ -210,10 +267,12 @@ class AutoTreeJacobi(TreeJacobi):
         self.exploring = False
         self.choices: list[dict] = []
         self.cap: int | None = None   # in a batch: the most inputs this row may use (batch_width)
-        if self.prior:
+        self._fed = None
+        if self.prior or self.fixed is not None:
             self._reselect(None)
         else:
-            self._use(REFERENCE_TREE[: self.START], True)
+            start = REFERENCE_TREE[: self.START] + (self.rtree.paths[: self.START] if self.rtree else ())
+            self._use(start, True)
 
     def _use(self, nodes, retrieval: bool) -> None:
         self.active = tuple(nodes) + (tuple(chain(self.retrieve_len, column=self.k)) if retrieval else ())
@@ -224,22 +283,38 @@ class AutoTreeJacobi(TreeJacobi):
         from msn.decoding.autotree import StepRecord
 
         _, cand = super().propose(history)
+        recycled = None
+        if self.rtree is not None:
+            root = int(history.buf[history.length - 1])
+            recycled = self.recycle.fill(self.rtree, root)                 # (depth, offset + width)
+            rows = max(cand.shape[0], recycled.shape[0])
+            merged = torch.nn.functional.pad(recycled, (0, 0, 0, rows - recycled.shape[0]))
+            merged[: cand.shape[0], : cand.shape[1]] = cand
+            cand = merged
         self._resolve(history)
         self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved),
                                        found=self.found))
-        self._pending_table = (self.table, self.real_rows)
+        self._pending_table = (self.table, self.real_rows, recycled)
         self.exploring = self.explore and self.steps % self.explore_every == self.explore_every // 2
         if self.exploring:
-            return self.explore_paths, cand
-        if self.chain_alone and self.found < self.retrieve_len:
-            return tuple(chain(self.found, column=self.k)), cand     # noise would draft nothing here
-        return self.active, cand
+            paths = self.explore_paths
+        elif self.chain_alone and self.found < self.retrieve_len:
+            paths = tuple(chain(self.found, column=self.k))     # noise would draft nothing here
+        else:
+            paths = self.active
+        self._fed = (paths, cand, int(history.buf[history.length - 1]))
+        return paths, cand
 
     def update(self, step, history):
-        table, real = self._pending_table
-        # The table's host copy is read after the step's one sync, not before the forward.
+        table, real, recycled = self._pending_table
+        # The tables' host copies are read after the step's one sync, not before the forward.
         rows = table[:real].tolist() if real else []
-        self.pending[-1].table = rows + [[] for _ in range(self.positions - real)]
+        record = self.pending[-1]
+        record.table = rows + [[] for _ in range(self.positions - real)]
+        if recycled is not None:
+            record.recycled = recycled[:, self.rtree.offset:].tolist()
+            paths, cand, root = self._fed
+            self.recycle.update(fed_ids(paths, cand, root, self.device), step.logits)
         if self.topk_active or self.exploring or self.real_rows:
             super().update(step, history)     # top-K rows from this step's logits
         self.steps += 1
@@ -251,9 +326,12 @@ class AutoTreeJacobi(TreeJacobi):
 
         still = []
         for rec in self.pending:
-            if history is not None and rec.table is not None and history.length >= rec.start + self.positions:
-                truth = history.tokens()[rec.start : rec.start + self.positions].tolist()
-                self.outcomes.append(score(rec, truth))
+            if history is not None and rec.table is not None and history.length >= rec.start + self.horizon:
+                truth = history.tokens()[rec.start : rec.start + self.horizon].tolist()
+                outcome = score(rec, truth[: self.positions])
+                if rec.recycled is not None:
+                    outcome.recycled = self.rtree.accepted(rec.recycled, truth)
+                self.outcomes.append(outcome)
             else:
                 still.append(rec)
         self.pending = still
@@ -277,7 +355,11 @@ class AutoTreeJacobi(TreeJacobi):
         """This row's candidate trees (``autotree.Choice``) under what it has scored so far."""
         from msn.decoding.autotree import candidates
 
-        return candidates(self._basis(), self.latency, self.retrieve_len)
+        return candidates(self._basis(), self.latency, self.retrieve_len, recycled=self._recycled())
+
+    def _recycled(self):
+        """The recycled tree's nodes and their first column (for ``autotree``), or None."""
+        return None if self.rtree is None else (self.rtree.paths, self.rtree.offset)
 
     def set_cap(self, inputs: int, options: list | None = None) -> None:
         """In a batch whose steps are ``inputs`` wide: from now on run the candidate with the
@@ -291,12 +373,14 @@ class AutoTreeJacobi(TreeJacobi):
 
         self._resolve(history)
         basis = self._basis()
-        options = options if options is not None else candidates(basis, self.latency, self.retrieve_len)
-        if self.cap is not None:
-            self.choice = fullest(options, self.cap)
+        options = options if options is not None else candidates(basis, self.latency, self.retrieve_len,
+                                                                 recycled=self._recycled())
+        caps = [c for c in (self.cap, self.fixed) if c is not None]
+        if caps:
+            self.choice = fullest(options, min(caps))
             self._use(self.choice.nodes, self.choice.retrieval)
             self.explore = False
-            self.choices.append({"step": self.steps, "cap": self.cap, **self.choice.describe()})
+            self.choices.append({"step": self.steps, "cap": min(caps), **self.choice.describe()})
             return
         self.choice = choose(basis, self.latency, self.retrieve_len, options=options)
         self._use(self.choice.nodes, self.choice.retrieval)
@@ -317,9 +401,15 @@ class AutoTreeJacobi(TreeJacobi):
 
         if self.store_key is not None:
             save_outcomes(self.store_key, self._window(self.prior + self.outcomes))
+        if self.recycle is not None:
+            self.recycle.save()
 
     def describe(self) -> dict:
-        return {"tree": "auto", "choices": self.choices, "latency": self.latency.to_dict()}
+        info = {"tree": "auto" if self.fixed is None else f"{self.fixed} inputs", "choices": self.choices,
+                "latency": self.latency.to_dict(), "drafts": "merged" if self.rtree is not None else "paper"}
+        if self.recycle_started is not None:
+            info["recycle_table"] = self.recycle_started
+        return info
 
 
 class PromptLookup(Proposer):

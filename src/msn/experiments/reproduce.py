@@ -32,15 +32,21 @@ from msn.noise import DEFAULT_NOISE_SPANS
 log = logging.getLogger("msn.experiments")
 
 # Acceptance rows: name -> (decoder, options). The trees are fixed so acceptance does not
-# depend on the hardware; "tree-noret" is the tree with its retrieval chain filled by noise.
+# depend on the hardware; "tree-noret" is the tree with its retrieval chain filled by noise;
+# "tr-jacobi" is the paper's (its draft sources exactly).
 ACCEPT_METHODS = {
     "ar": ("ar", {}),
     "jacobi": ("jacobi", {}),
     "tree-noret": ("tr-jacobi", {"tree": "reference", "retrieve": False}),
-    "tr-jacobi": ("tr-jacobi", {"tree": "reference"}),
+    "tr-jacobi": ("tr-jacobi", {"tree": "reference", "drafts": "paper"}),
     "pld": ("pld", {}),
     "lookahead": ("lookahead", {}),
+    # Recycled candidates: the anchor, and TR-Jacobi at the reference size with merged drafts.
+    "recycle": ("recycle", {}),
+    "tr-jacobi-merged": ("tr-jacobi", {"tree": "reference", "drafts": "merged"}),
 }
+# Rows that draft from the model's recycled candidate table: each starts it empty.
+RECYCLING = ("recycle", "tr-jacobi-merged")
 
 
 @dataclass
@@ -105,6 +111,7 @@ PRESETS = {
     # reference run (docs/results/smollm2-code-gpu.md), ~3 epochs of the stdlib code set.
     "gpu": Preset(steps=430, batch_size=32, max_length=512, lr=1e-4, warmup=20, variants=GPU_VARIANTS,
                   parallel=True, accept_prompts=10, accept_stride=50, accept_tokens=200, accept_batch=10,
+                  accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "pld", "recycle", "tr-jacobi-merged"),
                   humaneval_tokens=384, humaneval_batch=164, timing_prompts=4, timing_tokens=128,
                   timing_methods=("ar", "hf-generate", "pld", "tr-jacobi"), precision="bf16"),
     # Minutes on a tiny model: the gpu preset's pipeline (parallel stages included), not the method.
@@ -223,6 +230,10 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
     outputs: dict[str, list] = {}
     for name in tqdm(order, desc="acceptance", disable=not progress):
         method, options = ACCEPT_METHODS[name]
+        if name in RECYCLING:
+            from msn.decoding.recycle import reset_tables
+
+            reset_tables(model)        # cold: no row learns from another row's pass over these prompts
         outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
                                      max_batch=batch, **options)
     table = {}
