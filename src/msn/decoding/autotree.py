@@ -169,13 +169,14 @@ def _accepted_paths(outcome: Outcome, reference: frozenset[Path], offset: int | 
 
 
 def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_TREE,
-               recycled: tuple[tuple[Path, ...], int] | None = None) -> list[Path]:
+               recycled: tuple[tuple[Path, ...], int] | None = None, accepted: list | None = None) -> list[Path]:
     """The draft nodes ordered by how many more tokens each would have accepted, most first,
     greedily: a node joins once its parent has, and it counts a scored step only where it
     lengthens what the nodes before it accepted there (the longer of the trajectory's and
     the recycled tree's accepted paths). Every prefix of the result is prefix-closed. Nodes
     that add nothing follow in their given order (the reference's, then the recycled
-    tree's). ``recycled``: the recycled tree's node paths and their first column.
+    tree's). ``recycled``: the recycled tree's node paths and their first column;
+    ``accepted``: each outcome's ``_accepted_paths`` if the caller has them.
 
     With the trajectory alone this is the nodes sorted by how often each would have been
     accepted (ties in the reference order): a node is never accepted more often than its parent."""
@@ -183,7 +184,7 @@ def node_order(outcomes: list[Outcome], reference: tuple[Path, ...] = REFERENCE_
     nodes = list(reference) + list(extra)
     index = {p: i for i, p in enumerate(nodes)}
     ref = frozenset(reference)
-    paths = [_accepted_paths(o, ref, offset) for o in outcomes]
+    paths = accepted if accepted is not None else [_accepted_paths(o, ref, offset) for o in outcomes]
     have = [[0, 0] for _ in outcomes]        # nodes chosen along each step's two accepted paths
     best = [0] * len(outcomes)               # what the chosen nodes accept in each step
     waiting: dict[Path, list[tuple[int, int]]] = {}    # node -> (step, source) it would lengthen next
@@ -248,17 +249,17 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
     nodes and first column (merged drafts; the family then reaches every node of both trees).
     """
     guessed = [o for o in outcomes if o.guessed]
-    order = node_order(outcomes, REFERENCE_TREE, recycled)
-    index = {p: i for i, p in enumerate(order)}
     reference = frozenset(REFERENCE_TREE)
     offset = recycled[1] if recycled is not None else None
+    accepted = [_accepted_paths(o, reference, offset) for o in outcomes]
+    order = node_order(outcomes, REFERENCE_TREE, recycled, accepted)
+    index = {p: i for i, p in enumerate(order)}
     if recycled is not None:
         sizes = tuple(sorted({*sizes, *MERGED_SIZES, len(order)}))
     # A parent precedes its children in the order, so the nodes among the first ``size`` that
     # a step would have accepted are, in each tree, its accepted path's nodes with index below
     # ``size``: a prefix of the path's (increasing) indices.
-    path_index = {id(o): [[index[p] for p in path] for path in _accepted_paths(o, reference, offset)]
-                  for o in outcomes}
+    path_index = {id(o): [[index[p] for p in path] for path in pair] for o, pair in zip(outcomes, accepted)}
     out = []
     fed = [retrieve_len if o.found is None else min(o.found, retrieve_len) for o in outcomes] or [retrieve_len]
     chain_only = sum(latency(1 + n) for n in fed) / len(fed)      # seconds of a step of the chain alone
@@ -268,14 +269,16 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
             continue
         top = sum(p in reference for p in nodes)
         basis = guessed if top else outcomes
-        if not basis:
+        if not basis and recycled is None:
             continue
+        # Merged drafts: a tree no step has scored yet is expected to give the root's one token
+        # (so a fixed size can run before anything is known; the free choice never prefers it).
         drafts = [max(bisect.bisect_left(path_index[id(o)][0], size), bisect.bisect_left(path_index[id(o)][1], size))
                   if nodes else 0 for o in basis]
         for retrieval in (False, True):
             inputs = 1 + len(nodes) + (retrieve_len if retrieval else 0)
             hits = sum(max(k, o.retrieved) for k, o in zip(drafts, basis)) if retrieval else sum(drafts)
-            expected = 1 + hits / len(basis)
+            expected = 1 + hits / len(basis) if basis else 1.0
             seconds = chain_only if retrieval and not nodes else latency(inputs)
             out.append(Choice(nodes, retrieval, inputs, expected, expected / seconds, len(nodes) - top))
     return out

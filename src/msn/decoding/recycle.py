@@ -130,18 +130,21 @@ class RecycleTable:
         self.cold = True            # nothing loaded from disk or learnt since it was made or reset
         self.dirty = False
         self.saved_at = 0.0
+        self._levels: dict = {}     # RecycleTree -> its levels' (parent column, rank) tensors on the device
 
     def fill(self, tree: RecycleTree, root: int) -> torch.Tensor:
         """The tree's tokens, (depth, offset + width) long, drafted from ``root`` breadth-first:
         depth 1 holds the root's candidates, depth d the candidates of depth d - 1's tokens.
         Columns before ``offset`` are zero (other sources fill them). Device work only."""
         device = self.ids.device
+        levels = self._levels.get(tree)
+        if levels is None:
+            levels = self._levels[tree] = [(torch.tensor(p, dtype=torch.long, device=device),
+                                            torch.tensor(r, dtype=torch.long, device=device)) for p, r in tree.levels]
         rows = []
         prev = torch.tensor([root], dtype=torch.long, device=device)
-        for parents, ranks in tree.levels:
-            p = torch.tensor(parents, dtype=torch.long, device=device)
-            r = torch.tensor(ranks, dtype=torch.long, device=device)
-            prev = self.ids[prev[p], r].long()
+        for parents, ranks in levels:
+            prev = self.ids[prev[parents], ranks].long()
             rows.append(torch.nn.functional.pad(prev, (tree.offset, tree.width - len(ranks))))
         return torch.stack(rows)
 
