@@ -81,8 +81,9 @@ def test_an_interrupted_bench_resumes_where_it_stopped(tiny, questions, tmp_path
     import msn.bench.harness as h
 
     model, tok = tiny
+    # The paper's drafts: a resumed bench restarts the recycled candidate tables from the one on disk.
     opts = dict(model="tiny", bench="spec-bench", questions=str(questions), methods=["ar", "pld", "tr-jacobi"],
-                max_new_tokens=12, warmup=0, profile=True)
+                max_new_tokens=12, warmup=0, profile=True, drafts="paper")
     straight = run_bench(BenchConfig(out=str(tmp_path / "straight"), **opts), model=model, tokenizer=tok,
                          progress=False)
     real = h.run_method
@@ -166,8 +167,8 @@ def test_bad_bench_input(questions, tmp_path):
         load_questions("spec-bench", str(questions), categories=["poetry"])
     with pytest.raises(MsnError, match="unknown method"):
         BenchConfig(model="m", out="o", methods=["ar", "medusa"])
-    for bad in ("tr-jacobi:huge", "pld:small", "tr-jacobi:"):
-        with pytest.raises(MsnError, match="only tr-jacobi takes a tree"):
+    for bad in ("tr-jacobi:huge", "pld:small", "tr-jacobi:", "tr-jacobi:paper:merged", "recycle:paper"):
+        with pytest.raises(MsnError, match="only tr-jacobi takes"):
             BenchConfig(model="m", out="o", methods=["ar", bad])
 
 
@@ -179,7 +180,7 @@ def test_tree_variants_run_side_by_side(tiny, questions, tmp_path):
 
     model, tok = tiny
     ensure_chat_template(tok)
-    methods = ["ar", "tr-jacobi:chain", "tr-jacobi:reference"]
+    methods = ["ar", "tr-jacobi:chain:paper", "tr-jacobi:reference:paper"]
     cfg = BenchConfig(model="tiny", out=str(tmp_path / "out"), questions=str(questions), methods=methods,
                       max_new_tokens=16, warmup=0, categories=["qa"])
     summary = run_bench(cfg, model=model, tokenizer=tok, progress=False)
@@ -188,8 +189,8 @@ def test_tree_variants_run_side_by_side(tiny, questions, tmp_path):
                if r["question_id"] == "1"}
     ids = encode_prompt(tok, [{"role": "user", "content": "The quick brown fox"}], "cpu")
     for tree in ("chain", "reference"):
-        r = msn.generate(model, ids, method="tr-jacobi", tree=tree, max_new_tokens=16)
-        assert records[f"tr-jacobi:{tree}"]["steps"] == r.steps and records[f"tr-jacobi:{tree}"]["match"]
+        r = msn.generate(model, ids, method="tr-jacobi", tree=tree, drafts="paper", max_new_tokens=16)
+        assert records[f"tr-jacobi:{tree}:paper"]["steps"] == r.steps and records[f"tr-jacobi:{tree}:paper"]["match"]
     with pytest.raises(MsnError, match="unknown benchmark"):
         load_questions("nobench")
 
@@ -204,3 +205,48 @@ def test_real_spec_bench_file_loads_when_present():
     qs = load_questions("spec-bench", str(path), limit=2)
     assert len(qs) == 12 and sum(len(q.turns) == 2 for q in qs) == 2
     assert len(load_questions("mt-bench", str(path))) == 80
+
+
+def test_each_method_drafts_from_its_own_table(tiny, questions, tmp_path, monkeypatch):
+    """With --reset-recycle the table starts cold; recycle's steps in the bench are those of
+    recycle alone over the same prompts from an empty table: the warm-up, the repeats and the
+    other methods on the same prompt leave nothing in what it drafts from."""
+    import msn
+    from msn.data.records import encode_prompt, ensure_chat_template
+    from msn.decoding import recycle
+
+    model, tok = tiny
+    ensure_chat_template(tok)
+    monkeypatch.setattr(recycle, "_TABLES", {})
+    cfg = BenchConfig(model="tiny", out=str(tmp_path / "out"), questions=str(questions),
+                      methods=["ar", "tr-jacobi", "recycle"], max_new_tokens=16, warmup=1, repeats=2,
+                      categories=["qa"], reset_recycle=True)
+    summary = run_bench(cfg, model=model, tokenizer=tok, progress=False)
+    assert summary["config"]["recycle_table"] == "cold"
+    assert summary["methods"]["recycle"]["overall"]["match_rate"] == 1.0
+    records = {r["question_id"]: r for r in (json.loads(l) for l in open(tmp_path / "out" / "records.jsonl"))
+               if r["method"] == "recycle"}
+    recycle.reset_tables(model)
+    for qid, text in (("1", "The quick brown fox"), ("2", "for i in range(10): print(i)")):
+        ids = encode_prompt(tok, [{"role": "user", "content": text}], "cpu")
+        alone = msn.generate(model, ids, method="recycle", max_new_tokens=16)
+        assert records[qid]["steps"] == alone.steps, qid
+    kept = recycle.table_for(model, len(tok), "cpu")
+    assert kept.path().exists()          # the bench leaves its tr-jacobi table on disk
+
+
+def test_the_demo_pairs_runs_and_checks_outputs(tiny):
+    from msn.bench.demo import DemoPrompt, run_demo
+
+    model, tok = tiny
+    prompts = (DemoPrompt("copy", "Repeat: the quick brown fox, the quick brown fox"), DemoPrompt("code", "def add"))
+    lines = []
+    report = run_demo(model, tok, prompts=prompts, max_new_tokens=12, repeats=2, log=lines.append)
+    assert report["all_identical"] and len(report["prompts"]) == 2 and len(lines) == 2
+    for row in report["prompts"]:
+        assert len(row["ar_walls"]) == len(row["method_walls"]) == 2
+        assert row["speedup"] == pytest.approx(row["ar_s"] / row["method_s"], rel=1e-2)
+    product = 1.0
+    for row in report["prompts"]:
+        product *= row["speedup"]
+    assert report["geomean_speedup"] == pytest.approx(product ** 0.5, rel=1e-2)

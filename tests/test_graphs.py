@@ -55,9 +55,9 @@ def test_fixed_steps_equal_greedy(family, models, eager_fixed):
         x = torch.tensor([ids])
         max_new = rng.randint(1, 48)
         want = msn.generate(model, x, method="ar", max_new_tokens=max_new, eos_token_id=[], graphs="off").tokens
-        for m in METHODS:
-            for tree in (("auto", "reference") if m == "tr-jacobi" else (None,)):
-                opts = {"tree": tree} if tree else {}
+        for m in METHODS + ["recycle"]:
+            for tree in (("auto", "reference", "paper") if m == "tr-jacobi" else (None,)):
+                opts = {"tree": tree} if tree in ("auto", "reference") else {"drafts": tree} if tree else {}
                 r = msn.generate(model, x, method=m, max_new_tokens=max_new, eos_token_id=[], **opts)
                 assert r.tokens == want, (family, i, m, tree)
                 assert sum(r.accept_lengths) + 1 == len(r.tokens)

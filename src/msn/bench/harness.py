@@ -80,7 +80,8 @@ class BenchConfig:
             method keeps a table of its own through the run, started from the same state
             (no method sees another's updates, and every repeat and the warm-up start from
             where that method was); at the end the table of ``tr-jacobi`` (else the first
-            method that used one) is kept on disk.
+            method that used one) is kept on disk. A resumed bench restarts every method's
+            table from the one on disk.
         do_sample / temperature / top_k / top_p / sample_drafts / seed: sampling (``DecodeConfig``'s
             meaning). Every generation starts its own stream seeded with ``seed``, so drafting
             methods usually draw ``ar``'s tokens; match_rate is that agreement.

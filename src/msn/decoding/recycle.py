@@ -142,9 +142,10 @@ class RecycleTable:
             levels = self._levels[tree] = [(torch.tensor(p, dtype=torch.long, device=device),
                                             torch.tensor(r, dtype=torch.long, device=device)) for p, r in tree.levels]
         rows = []
-        prev = torch.tensor([root], dtype=torch.long, device=device)
+        prev = None
         for parents, ranks in levels:
-            prev = self.ids[prev[parents], ranks].long()
+            # Depth 1 reads the root's row (a view: no host-to-device copy), deeper ones the rows above.
+            prev = self.ids[root][ranks].long() if prev is None else self.ids[prev[parents], ranks].long()
             rows.append(torch.nn.functional.pad(prev, (tree.offset, tree.width - len(ranks))))
         return torch.stack(rows)
 
