@@ -176,3 +176,15 @@ def test_paper_drafts_never_touch_the_table(models, monkeypatch):
     merged = msn.generate(model, x, method="tr-jacobi", tree="reference", max_new_tokens=20)
     assert merged.tokens == r.tokens and merged.info["drafts"] == "merged"
     assert all(c["inputs"] <= 69 for c in merged.info["choices"])     # the reference size, at most
+
+
+def test_a_table_made_in_a_batch_step_serves_single_generations(models, monkeypatch):
+    """A batch step (inference mode) may make the model's table first; generations outside
+    inference mode go on writing it."""
+    model = models("phi3")
+    monkeypatch.setattr(recycle, "_TABLES", {})
+    x = [[5, 6, 7, 8, 5, 6, 7, 8, 5], [9, 10, 11, 9, 10, 11]]
+    batch = msn.generate(model, x, method="recycle", max_new_tokens=10, eos_token_id=[])
+    one = msn.generate(model, torch.tensor([x[0]]), method="recycle", max_new_tokens=10, eos_token_id=[])
+    assert one.tokens == batch[0].tokens
+    assert not recycle.table_for(model, 96, "cpu").ids.is_inference()

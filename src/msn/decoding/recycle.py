@@ -126,7 +126,10 @@ class RecycleTable:
     def __init__(self, vocab: int, device, k: int = K, key: dict | None = None):
         self.k = k
         self.key = key
-        self.ids = torch.zeros(vocab, k, dtype=torch.int32, device=device)
+        # A normal tensor even when made inside inference mode (a batch step), so every later
+        # update, inside inference mode or not, may write it.
+        with torch.inference_mode(False):
+            self.ids = torch.zeros(vocab, k, dtype=torch.int32, device=device)
         self.cold = True            # nothing loaded from disk or learnt since it was made or reset
         self.dirty = False
         self.saved_at = 0.0
