@@ -65,10 +65,11 @@ def test_batched_humaneval_answers_equal_one_at_a_time_greedy(tmp_path, family):
 
 def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
     """The reproduction measures acceptance in batches; each decoder's steps equal its
-    steps on the prompts one at a time, and every output equals ar's."""
+    steps on the prompts one at a time (not those drafting from the recycled table, which
+    batch rows update in turn), and every output equals ar's."""
     import msn
     from msn.data.records import encode_prompt, ensure_chat_template
-    from msn.experiments.reproduce import ACCEPT_METHODS, acceptance
+    from msn.experiments.reproduce import ACCEPT_METHODS, RECYCLING, acceptance
     from msn.loading import load_for_inference
 
     model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
@@ -80,7 +81,7 @@ def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
     for name, (method, options) in ACCEPT_METHODS.items():
         steps = sum(msn.generate(model, encode_prompt(tok, [{"role": "user", "content": t}]), method=method,
                                  max_new_tokens=16, **options).steps for t in turns)
-        assert table[name]["steps"] == steps, name
+        assert table[name]["steps"] == steps or name in RECYCLING, name
         assert table[name]["match_rate"] == 1.0
     assert table["ar"]["mean_accepted_tokens"] == 1.0
 

@@ -32,7 +32,8 @@ def server(tmp_path_factory):
 
     path = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), family="llama")
     model, tok = load_for_inference(str(path), "cpu", "float32")
-    srv = Server(model, tok, name=NAME, method="tr-jacobi", max_batch=8, tree="small")
+    # The paper's fixed tree: its steps do not depend on what the recycled table learnt before.
+    srv = Server(model, tok, name=NAME, method="tr-jacobi", max_batch=8, tree="small", drafts="paper")
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(srv.app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -52,7 +53,7 @@ def server(tmp_path_factory):
 def reference(s, messages=None, prompt=None, max_tokens=16):
     """What ``msn generate`` returns for the same request: tokens, text, finish reason."""
     ids = encode_prompt(s.tok, messages) if messages is not None else s.tok(prompt, return_tensors="pt")["input_ids"]
-    r = msn.generate(s.model, ids, method="tr-jacobi", tree="small", max_new_tokens=max_tokens)
+    r = msn.generate(s.model, ids, method="tr-jacobi", tree="small", drafts="paper", max_new_tokens=max_tokens)
     eos = s.tok.eos_token_id
     text = s.tok.decode([t for t in r.tokens if t != eos], skip_special_tokens=True)
     s.last_steps = r.steps
