@@ -226,13 +226,13 @@ def test_each_method_drafts_from_its_own_table(tiny, questions, tmp_path, monkey
     assert summary["methods"]["recycle"]["overall"]["match_rate"] == 1.0
     records = {r["question_id"]: r for r in (json.loads(l) for l in open(tmp_path / "out" / "records.jsonl"))
                if r["method"] == "recycle"}
+    kept = recycle.table_for(model, len(tok), "cpu")
+    assert kept.path().exists()          # the bench leaves its tr-jacobi table on disk
     recycle.reset_tables(model)
     for qid, text in (("1", "The quick brown fox"), ("2", "for i in range(10): print(i)")):
         ids = encode_prompt(tok, [{"role": "user", "content": text}], "cpu")
         alone = msn.generate(model, ids, method="recycle", max_new_tokens=16)
         assert records[qid]["steps"] == alone.steps, qid
-    kept = recycle.table_for(model, len(tok), "cpu")
-    assert kept.path().exists()          # the bench leaves its tr-jacobi table on disk
 
 
 def test_the_demo_pairs_runs_and_checks_outputs(tiny):
