@@ -38,22 +38,23 @@ def cache_root() -> Path:
     return Path(root)
 
 
-def _stored_path(kind: str, key: dict) -> Path:
+def stored_path(kind: str, key: dict, suffix: str = ".json") -> Path:
+    """Where msn's cache keeps (``kind``, ``key``): a file named by a hash of the key."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / kind / f"{digest}.json"
+    return cache_root() / kind / f"{digest}{suffix}"
 
 
 def read_stored(kind: str, key: dict):
     """What ``write_stored`` kept for (``kind``, ``key``), or None when nothing readable is there."""
     try:
-        return json.loads(_stored_path(kind, key).read_text())
+        return json.loads(stored_path(kind, key).read_text())
     except (OSError, ValueError):
         return None
 
 
 def write_stored(kind: str, key: dict, data) -> None:
     """Keeps ``data`` (JSON) for (``kind``, ``key``); a read-only cache only costs a new measurement."""
-    path = _stored_path(kind, key)
+    path = stored_path(kind, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(data) + "\n")

@@ -343,10 +343,14 @@ def load_outcomes(key: dict) -> list[Outcome]:
         return []
 
 
-def acceptance_key(model, retrieve_len: int, retrieve_ngram: int, drafts: str = "paper") -> dict:
-    """Acceptance depends on the weights (named by the checkpoint path) and the drafting."""
+def weights_key(model) -> dict:
+    """The weights a measurement depends on: named by the checkpoint path, and the architecture."""
     cfg = model.config.to_json_string(use_diff=False)
     return {"model": getattr(model.config, "_name_or_path", "") or "",
-            "config": hashlib.sha1(cfg.encode()).hexdigest()[:16],
-            "retrieve_len": retrieve_len, "retrieve_ngram": retrieve_ngram,
+            "config": hashlib.sha1(cfg.encode()).hexdigest()[:16]}
+
+
+def acceptance_key(model, retrieve_len: int, retrieve_ngram: int, drafts: str = "paper") -> dict:
+    """Acceptance depends on the weights and the drafting."""
+    return {**weights_key(model), "retrieve_len": retrieve_len, "retrieve_ngram": retrieve_ngram,
             **({"drafts": drafts} if drafts != "paper" else {})}

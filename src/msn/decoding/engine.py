@@ -161,8 +161,9 @@ def make_proposer(cfg: DecodeConfig, model, graphs: bool = False) -> Proposer | 
         return None
     if cfg.method == "jacobi":
         return JacobiWindow(device, window=cfg.window)
+    table = lambda: table_for(model, vocab_size(model) or 1, device)     # noqa: E731 - the model's, made once
     if cfg.method == "recycle":
-        return Recycle(device, table=table_for(model, vocab_size(model) or 1, device))
+        return Recycle(device, table=table())
     if cfg.method == "tr-jacobi":
         if not isinstance(cfg.tree, str):
             return TreeJacobi(device, topk_paths=list(cfg.tree), retrieve_len=cfg.retrieve_len,
@@ -175,7 +176,7 @@ def make_proposer(cfg: DecodeConfig, model, graphs: bool = False) -> Proposer | 
             return AutoTreeJacobi(device, latency=step_latency(model, graphs=graphs), retrieve_len=cfg.retrieve_len,
                                   retrieve_ngram=cfg.retrieve_ngram,
                                   store_key=acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram, drafts),
-                                  recycle=table_for(model, vocab_size(model) or 1, device) if merged else None,
+                                  recycle=table() if merged else None,
                                   fixed_inputs=fixed)
         return TreeJacobi(device, tree=cfg.tree, retrieve_len=cfg.retrieve_len, retrieve_ngram=cfg.retrieve_ngram,
                           retrieve=cfg.retrieve)

@@ -16,7 +16,6 @@ Pure tensor work; proposers call it, it never calls the model.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import json
 import os
 import tempfile
@@ -29,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from msn.decoding.tree import Path
-from msn.paths import cache_root
+from msn.paths import stored_path
 
 K = 8           # candidates kept per token, the paper's k (int32: 1 MB for a 32k vocabulary, 8 MB for 262k)
 
@@ -164,8 +163,7 @@ class RecycleTable:
     # -- what a process keeps: one table per model, saved on disk ---------------------------
 
     def path(self):
-        digest = hashlib.sha1(repr(sorted(self.key.items())).encode()).hexdigest()[:20]
-        return cache_root() / "recycle" / f"{digest}.safetensors"
+        return _table_path(self.key)
 
     def save(self, every_s: float = 5.0, force: bool = False) -> None:
         """Writes the table to disk (atomic rename) when it changed, at most every ``every_s``
@@ -209,11 +207,15 @@ class RecycleTable:
 _TABLES: dict[str, RecycleTable] = {}
 
 
+def _table_path(key: dict):
+    return stored_path("recycle", key, ".safetensors")
+
+
 def table_key(model, k: int = K) -> dict:
-    """What a table depends on: the weights (named by the checkpoint path), the architecture and k."""
-    cfg = model.config.to_json_string(use_diff=False)
-    return {"model": getattr(model.config, "_name_or_path", "") or "",
-            "config": hashlib.sha1(cfg.encode()).hexdigest()[:16], "k": k}
+    """What a table depends on: the weights and k."""
+    from msn.decoding.autotree import weights_key
+
+    return {**weights_key(model), "k": k}
 
 
 def table_for(model, vocab: int, device, k: int = K) -> RecycleTable:
@@ -231,11 +233,10 @@ def table_for(model, vocab: int, device, k: int = K) -> RecycleTable:
 def reset_tables(model, k: int = K) -> bool:
     """Empties ``model``'s table in this process and on disk; returns whether one was on disk."""
     key = table_key(model, k)
-    on_disk = RecycleTable(1, "cpu", k, key).path().exists()
-    for table in _TABLES.values():
-        if table.key == key:
-            table.reset()
-    RecycleTable(1, "cpu", k, key).path().unlink(missing_ok=True)
+    on_disk = _table_path(key).exists()
+    for table in tables_of(model, k):
+        table.reset()
+    _table_path(key).unlink(missing_ok=True)
     return on_disk
 
 
