@@ -3,7 +3,7 @@
 # copy, code, an open question) with greedy AR and with TR-Jacobi, in paired runs after a
 # warm-up: prints per prompt the tokens per step, the median speedup over AR and whether the
 # outputs are identical, then the geometric mean. Extra arguments go to `msn demo`
-# (e.g. --repeats 5, --out report.json). Errors are shown, and stop the demo.
+# (e.g. --repeats 7, --out report.json). Errors are shown, and stop the demo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

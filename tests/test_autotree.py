@@ -109,6 +109,45 @@ def test_the_chain_alone_proposes_only_what_was_retrieved():
         auto.pending.clear()
 
 
+def test_a_new_generations_own_steps_displace_earlier_runs_quickly():
+    """A prompt unlike the last ones takes over within a few scored steps: the basis starts
+    from the latest PRIOR stored steps of a kind, and each own step of that kind displaces
+    DISPLACE of them."""
+    from msn.decoding.proposers import AutoTreeJacobi
+
+    auto = AutoTreeJacobi(torch.device("cpu"), latency=Latency({1: 0.1, 69: 0.6}), retrieve_len=5,
+                          retrieve_ngram=2)
+    old = [Outcome((0, 0, 0, 0), 5, True) for _ in range(50)]
+    auto.prior = old
+    assert auto._basis() == old[-auto.PRIOR:]
+    own = [Outcome((None,) * 4, 0, True) for _ in range(3)]
+    auto.outcomes = own
+    keep = auto.PRIOR - auto.DISPLACE * 3
+    assert auto._basis() == old[-keep:] + own
+    auto.outcomes = own * (auto.PRIOR // auto.DISPLACE)
+    assert auto._basis() == auto.outcomes            # earlier runs' steps are gone
+    plain = [Outcome((None,) * 4, 2, False)]
+    auto.prior = old + plain
+    assert auto._basis() == auto.outcomes + plain    # the other kind keeps its own prior
+
+
+def test_exploring_costs_at_most_its_share_of_plain_steps():
+    """With the root alone chosen and a top-K tree within reach, one step in
+    ``explore_interval`` runs the tree: seldom when t(tree) >> t(1) (a CPU), every
+    ``explore_every`` steps when a step of many inputs costs what one costs (a GPU)."""
+    from msn.decoding.proposers import AutoTreeJacobi
+
+    few = [Outcome((0, None, None, None), 0, True)] * 4 + [Outcome((None,) * 4, 0, True)] * 28
+    for lat, flat in ((Latency({1: 0.10, 8: 0.24, 69: 0.64}), False), (Latency({1: 0.030, 69: 0.031}), True)):
+        auto = AutoTreeJacobi(torch.device("cpu"), latency=lat, retrieve_len=5, retrieve_ngram=2)
+        auto.outcomes = list(few)
+        auto._reselect(None)
+        assert auto.explore and not auto.choice.nodes
+        extra = lat(len(auto.explore_paths) + 1) / lat(1) - 1
+        assert extra / auto.explore_interval <= auto.EXPLORE_COST + 1e-9
+        assert (auto.explore_interval == auto.explore_every) == flat
+
+
 def test_latency_interpolates_and_extends():
     lat = Latency({1: 1.0, 3: 2.0, 5: 4.0})
     assert lat(2) == pytest.approx(1.5) and lat(4) == pytest.approx(3.0) and lat(7) == pytest.approx(6.0)

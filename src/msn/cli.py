@@ -422,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--method", default=DecodeConfig.method, choices=[m for m in METHODS if m != "ar"],
                    help=f"the fast method (default {DecodeConfig.method})")
     d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
-    d.add_argument("--repeats", type=int, default=3, help="paired runs per prompt (default 3; medians)")
+    d.add_argument("--repeats", type=int, default=5,
+                   help="paired runs per prompt (default 5; the median of the pairs' speedups)")
     d.add_argument("--out", help="write the full report (every wall time) to this JSON file")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     d.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")

@@ -13,6 +13,7 @@ Proposers never call the model and never read the cache.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -238,7 +239,10 @@ class AutoTreeJacobi(TreeJacobi):
 
     START = 4            # top-K nodes of the tree used before anything is known
     WINDOW = 96          # scored steps of each kind the choice is based on (the most recent)
-    OWN = 12             # scored steps of this generation that outweigh earlier runs'
+    PRIOR = 24           # earlier runs' latest scored steps of a kind a new generation starts from
+    DISPLACE = 3         # ... of which each scored step of this generation displaces this many
+    EARLY = (4, 8)       # steps after which the choice is made again before the regular interval
+    EXPLORE_COST = 0.01  # the most an exploring step may add to the time of plain steps, as a share
 
     def __init__(self, device, *, latency, retrieve_len: int, retrieve_ngram: int, store_key: dict | None = None,
                  reselect_every: int = 16, explore_every: int = 32, recycle: RecycleTable | None = None,
@@ -265,6 +269,7 @@ class AutoTreeJacobi(TreeJacobi):
         self.choice = None
         self.explore = False
         self.exploring = False
+        self.explore_interval = explore_every
         self.choices: list[dict] = []
         self.cap: int | None = None   # in a batch: the most inputs this row may use (batch_width)
         self._fed = None
@@ -295,7 +300,8 @@ class AutoTreeJacobi(TreeJacobi):
         self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved),
                                        found=self.found))
         self._pending_table = (self.table, self.real_rows, recycled)
-        self.exploring = self.explore and self.steps % self.explore_every == self.explore_every // 2
+        every = self.explore_interval
+        self.exploring = self.explore and self.steps % every == every // 2
         if self.exploring:
             paths = self.explore_paths
         elif self.chain_alone and self.found < self.retrieve_len:
@@ -318,7 +324,7 @@ class AutoTreeJacobi(TreeJacobi):
         if self.topk_active or self.exploring or self.real_rows:
             super().update(step, history)     # top-K rows from this step's logits
         self.steps += 1
-        if self.steps % self.reselect_every == 0 or (self.choice is None and self.steps == 4):
+        if self.steps % self.reselect_every == 0 or self.steps in self.EARLY:
             self._reselect(history)
 
     def _resolve(self, history) -> None:
@@ -344,11 +350,16 @@ class AutoTreeJacobi(TreeJacobi):
         return [o for o in outcomes if id(o) in keep]
 
     def _basis(self) -> list:
-        """This generation's scored steps once there are enough of a kind; earlier runs' before."""
+        """The scored steps a choice is based on, per kind (with or without top-K guesses):
+        this generation's, after the latest ``PRIOR`` of earlier runs' less ``DISPLACE`` for
+        each of this generation's, so a prompt unlike the last ones (a copy task, then an
+        open question) takes over within a few steps."""
         basis = []
         for kind in (True, False):
             own = [o for o in self.outcomes if o.guessed == kind]
-            basis += own if len(own) >= self.OWN else [o for o in self.prior if o.guessed == kind] + own
+            keep = max(0, self.PRIOR - self.DISPLACE * len(own))
+            prior = [o for o in self.prior if o.guessed == kind]
+            basis += (prior[len(prior) - keep:] if keep else []) + own
         return basis
 
     def options(self) -> list:
@@ -394,6 +405,10 @@ class AutoTreeJacobi(TreeJacobi):
 
             nodes = best_topk.nodes if best_topk is not None else REFERENCE_TREE[: self.START]
             self.explore_paths = tuple(nodes) + tuple(chain(self.retrieve_len, column=self.k))
+            # An exploring step costs t(its inputs) where a plain step costs t(1): explore
+            # seldom enough that this stays within EXPLORE_COST of the plain steps' time.
+            extra = self.latency(len(self.explore_paths) + 1) / self.latency(1) - 1
+            self.explore_interval = max(self.explore_every, math.ceil(extra / self.EXPLORE_COST))
         self.choices.append({"step": self.steps, **self.choice.describe()})
 
     def close(self) -> None:
