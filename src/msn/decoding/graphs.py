@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import torch
 
 from msn.decoding import cache as kv
-from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, tree_positions
+from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, offset_key_positions, tree_positions
+from msn.decoding.windows import layer_masks
 from msn.decoding.verify import greedy_verify
 
 MIN_CAPACITY = 256         # positions; buffers are the next power of two past a request's need
@@ -177,6 +178,9 @@ class StaticSteps:
         offsets = buf.slots[: tree.num_inputs]                       # 0..n-1
         positions = tree_positions(tree, buf.ctx, self.max_position)
         mask = offset_attention_bias(tree.ancestor[None], buf.ctx, buf.slots, self.dtype)
+        masks = layer_masks(model.config)
+        if masks.sliding:
+            mask = masks.build(mask, positions[None], offset_key_positions(buf.ctx, buf.slots, positions[None]))
         with kv.writing_at(buf.cache, buf.ctx + offsets), masked_forward(model, self.device):
             logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
                            **kv.cache_kwargs(model, buf.cache)).logits[0]

@@ -255,6 +255,26 @@ def offset_attention_bias(seen: torch.Tensor, lengths: torch.Tensor, slots: torc
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def offset_key_positions(lengths: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The position, (B, S), of the entry at each cache slot of B rows laid out as in
+    ``offset_attention_bias``: slot s before row r's inputs holds position s, the slots of its
+    N inputs their ``positions`` (B, N); later slots (hidden anyway) repeat the last input's.
+    Pure device work."""
+    n = positions.shape[-1]
+    offset = slots[None, :] - lengths[:, None]                                        # (B, S)
+    inputs = positions.gather(1, offset.clamp(0, n - 1))
+    return torch.where(offset < 0, slots[None, :].expand_as(offset), inputs)
+
+
+def windowed_bias(bias: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """``bias`` (B, 1, N, S) with every key ``window`` or more positions before its query
+    hidden as well: transformers' sliding-window rule, under which a query at position q
+    sees the keys at q - window < k <= q. ``query_pos`` (B, N), ``key_pos`` (B, S).
+    Returns a new tensor; pure device work."""
+    far = (query_pos[:, :, None] - key_pos[:, None, :]) >= window                      # (B, N, S)
+    return bias.masked_fill(far[:, None], torch.finfo(bias.dtype).min)
+
+
 def tree_positions(tree: CompiledTree, context_len, max_position: int | None) -> torch.Tensor:
     """Position ids of a step's inputs (context length + depth; an int or a device tensor).
     Nodes past the model's last position can only be accepted beyond max_new_tokens: they
