@@ -32,13 +32,24 @@ def hybrid(family):
 def prompt(seed, n=30, vocab=96):
     """A prompt with a repeated stretch (drafts get accepted) of ``n`` tokens."""
     rng = random.Random(seed)
-    head = [rng.randrange(3, vocab) for _ in range(n // 2)]
+    head = [rng.randrange(3, vocab) for _ in range((n + 1) // 2)]
     return torch.tensor([(head + head)[:n]])
 
 
-def run(model, x, name, **kw):
+def run(model, x, name, max_new_tokens=NEW, **kw):
     method = name.split(":")[0]
-    return msn.generate(model, x, method=method, max_new_tokens=NEW, eos_token_id=[], **METHODS[name], **kw)
+    return msn.generate(model, x, method=method, max_new_tokens=max_new_tokens, eos_token_id=[], **METHODS[name],
+                        **kw)
+
+
+def check_every_decoder(model, seeds, n=30, new=NEW):
+    for seed in seeds:
+        x = prompt(seed, n)
+        want = hf_greedy(model, x, new, [])
+        for name in METHODS:
+            r = run(model, x, name, max_new_tokens=new)
+            assert r.tokens == want, (seed, n, name)
+            assert sum(r.accept_lengths) + 1 == len(r.tokens)
 
 
 @pytest.mark.parametrize("family", HYBRIDS)
@@ -46,14 +57,19 @@ def test_every_decoder_equals_transformers_past_the_window(family):
     model = hybrid(family)
     masks = layer_masks(model.config)
     assert masks.sliding and (masks.window == WINDOW or dict(masks.types).get(SLIDING) == WINDOW)
-    for seed in (0, 1):
-        x = prompt(seed)
-        assert x.shape[1] + NEW > 5 * WINDOW
-        want = hf_greedy(model, x, NEW, [])
-        for name in METHODS:
-            r = run(model, x, name)
-            assert r.tokens == want, (family, seed, name)
-            assert sum(r.accept_lengths) + 1 == len(r.tokens)
+    assert 30 + NEW > 5 * WINDOW
+    check_every_decoder(model, seeds=(0,))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", HYBRIDS)
+@pytest.mark.parametrize("window", [1, 5, 29])
+def test_every_decoder_on_more_windows_and_lengths(family, window):
+    """Windows from one position (each token sees only itself) to longer than a tree's depth,
+    prompts from 3 to 200 tokens, outputs up to 100: python -m pytest -m slow."""
+    model = tiny_hybrid(family, seed=window, window=window)
+    for n, new in ((3, 60), (90, 40), (200, 100)):
+        check_every_decoder(model, seeds=(window, n), n=n, new=new)
 
 
 @pytest.mark.parametrize("family", HYBRIDS)
@@ -66,18 +82,18 @@ def test_batched_rows_equal_their_own_output_past_the_window(family, monkeypatch
     ps = [prompt(s, n) for s, n in ((2, 60), (3, 5), (4, 33), (5, 3))]
     want = [hf_greedy(model, p, NEW, []) for p in ps]
     monkeypatch.setattr(ragged, "_CALL", 1.0)          # group rows of different lengths
-    for name in ("ar", "recycle", "tr-jacobi:reference", "tr-jacobi"):
+    for name in ("ar", "tr-jacobi:reference"):
         got = run(model, ps, name)
         assert [r.tokens for r in got] == want, (family, name)
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gpt_oss", "mistral_window", "qwen2_window"])
+@pytest.mark.parametrize("family", ["gemma3_text", "mistral_window"])
 def test_a_seed_gives_ar_sampled_tokens_past_the_window(family):
     """``ar`` samples from transformers' own forward (it builds the sliding masks); every
     other decoder draws the same tokens with the same seed."""
     model = hybrid(family)
     x = prompt(6)
-    for seed in range(3):
+    for seed in range(2):
         opts = dict(do_sample=True, temperature=0.9, top_k=20, seed=seed)
         want = run(model, x, "ar", **opts).tokens
         for name in METHODS:
@@ -91,7 +107,7 @@ def test_fixed_shape_steps_equal_transformers_past_the_window(family, eager_fixe
     model = hybrid(family)
     x = prompt(7)
     want = hf_greedy(model, x, NEW, [])
-    for name in ("ar", "pld", "recycle", "tr-jacobi", "tr-jacobi:reference", "tr-jacobi:paper"):
+    for name in ("ar", "recycle", "tr-jacobi:reference"):
         assert run(model, x, name).tokens == want, (family, name)
     assert eager_fixed[id(model)].buf is not None          # the fixed-shape step ran
 
@@ -129,3 +145,15 @@ def test_layer_masks_per_type_and_refusals():
         layer_masks(cfg(attention_chunk_size=64))
     with pytest.raises(MsnError, match="no sliding_window"):
         layer_masks(cfg(layer_types=[SLIDING, FULL]))
+
+
+def test_a_family_without_sdpa_loads_with_eager_and_decodes_exactly(tmp_path):
+    from msn.loading import load_for_inference
+    from tiny import tiny_tokenizer
+
+    hybrid("gemma2").save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    model, _ = load_for_inference(str(tmp_path), "cpu", "float32")
+    assert model.config._attn_implementation == "eager"
+    x = prompt(8)
+    assert run(model, x, "tr-jacobi:reference").tokens == hf_greedy(model, x, NEW, [])

