@@ -34,6 +34,19 @@ def prompt_ids(tokenizer, text: str, n: int) -> torch.Tensor:
     return torch.tensor([ids])
 
 
+def cache_memory(model, n: int) -> int:
+    from msn.decoding import cache as kv
+    from msn.decoding.engine import prefill
+
+    cache = kv.new_cache(model)
+    with torch.inference_mode():
+        prefill(model, torch.randint(3, 1000, (1, n)), cache)
+    live, allocated = kv.cache_bytes(cache)
+    print(json.dumps({"positions": n, "held_mib": round(live / 2**20, 1), "allocated_mib": round(allocated / 2**20, 1),
+                      "bytes_per_position": live // n, "dtype": str(model.dtype).replace("torch.", "")}))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
@@ -41,9 +54,13 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=1, help="summarization articles to check (default 1)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--cache-memory", type=int, metavar="N",
+                   help="instead: prefill N positions and report the cache's bytes (held and allocated)")
     p.add_argument("--out")
     a = p.parse_args(argv)
     model, tok = load_for_inference(a.model, "cpu", "float32")
+    if a.cache_memory:
+        return cache_memory(model, a.cache_memory)
     window = getattr(model.config, "sliding_window", None)
     arts = [q for q in load_questions("spec-bench", limit=a.prompts, categories=["summarization"])]
     rows, ok = [], True

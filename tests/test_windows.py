@@ -157,3 +157,20 @@ def test_a_family_without_sdpa_loads_with_eager_and_decodes_exactly(tmp_path):
     assert model.config._attn_implementation == "eager"
     x = prompt(8)
     assert run(model, x, "tr-jacobi:reference").tokens == hf_greedy(model, x, NEW, [])
+
+
+def test_the_cache_keeps_every_position_in_sliding_layers_too():
+    """Sliding layers keep every entry (the window is the mask's): the bytes held grow with
+    the whole context, the same in every layer."""
+    from msn.decoding import cache as kv
+    from msn.decoding.engine import prefill
+
+    model = hybrid("gemma3_text")
+    cache = kv.new_cache(model)
+    with torch.inference_mode():
+        prefill(model, prompt(9, 50), cache)
+    cfg = model.config
+    per_position = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
+    live, allocated = kv.cache_bytes(cache)
+    assert live == 50 * per_position and allocated >= live
+    assert {layer.keys.shape[-2] for layer in cache.layers} == {50}

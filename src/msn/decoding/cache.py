@@ -214,6 +214,20 @@ def new_cache(model) -> DynamicCache:
     return GrowingCache()
 
 
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes of the entries held, bytes allocated) over every layer's keys and values."""
+    live = allocated = 0
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            if t is None:
+                continue
+            live += t.numel() * t.element_size()
+            buf = getattr(layer, "_k" if name == "keys" else "_v", None)
+            allocated += (buf if buf is not None else t).numel() * t.element_size()
+    return live, allocated
+
+
 def cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
