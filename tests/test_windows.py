@@ -117,8 +117,7 @@ def test_the_window_rule_is_transformers():
     every query and key, for several windows and context lengths."""
     from transformers.masking_utils import sliding_window_causal_mask_function
 
-    from msn.decoding.tree import attention_bias, compile_tree
-    from msn.decoding.windows import single_step_keys
+    from msn.decoding.tree import attention_bias, compile_tree, single_step_keys
 
     tree = compile_tree(((0,), (0, 0), (0, 0, 0)))
     for window, context in ((1, 5), (3, 2), (4, 9), (12, 30)):

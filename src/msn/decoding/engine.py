@@ -27,8 +27,8 @@ from msn.decoding.autotree import LADDER, Latency, acceptance_key, latency_key, 
 from msn.decoding.proposers import (AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, Recycle,
                                     StepFeedback, TreeJacobi)
 from msn.decoding.recycle import table_for
-from msn.decoding.tree import attention_bias, chain, compiled_on, preset_paths, tree_positions
-from msn.decoding.windows import layer_masks, single_step_keys
+from msn.decoding.tree import attention_bias, chain, compiled_on, preset_paths, single_step_keys, tree_positions
+from msn.decoding.windows import layer_masks
 from msn.decoding.verify import greedy_verify
 from msn.errors import MsnError
 from msn.paths import read_stored, write_stored

@@ -266,6 +266,12 @@ def offset_key_positions(lengths: torch.Tensor, slots: torch.Tensor, positions: 
     return torch.where(offset < 0, slots[None, :].expand_as(offset), inputs)
 
 
+def single_step_keys(context_len: int, positions: torch.Tensor) -> torch.Tensor:
+    """Key positions (1, context_len + N) of a one-row step (``attention_bias``'s layout):
+    the context, then its inputs at ``positions`` (N,)."""
+    return torch.cat([torch.arange(context_len, device=positions.device), positions])[None]
+
+
 def windowed_bias(bias: torch.Tensor, query_pos: torch.Tensor, key_pos: torch.Tensor, window: int) -> torch.Tensor:
     """``bias`` (B, 1, N, S) with every key ``window`` or more positions before its query
     hidden as well: transformers' sliding-window rule, under which a query at position q

@@ -74,8 +74,3 @@ def layer_masks(config) -> LayerMasks:
         raise MsnError(f"{config.model_type} uses chunked attention (attention_chunk_size), which msn cannot mask "
                        "for a draft tree")
     return LayerMasks(window=window if isinstance(window, int) and window > 0 else None)
-
-
-def single_step_keys(context_len: int, positions: torch.Tensor) -> torch.Tensor:
-    """Key positions (1, context_len + N) of a one-row step: the context, then its inputs."""
-    return torch.cat([torch.arange(context_len, device=positions.device), positions])[None]
