@@ -30,9 +30,17 @@ def test_products_match_and_forwards_are_restored(monkeypatch):
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def _packed_calls(monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(cpu, "_linear_pointwise", lambda *a: calls.append(a[0].shape[0]) or real(*a), raising=False)
+    return calls
+
+
 def test_one_row_many_rows_other_dtypes_and_the_switch_keep_f_linear(monkeypatch):
     model = tiny_model("qwen2").eval()
     calls = _linear_calls(model, monkeypatch)
+    monkeypatch.setenv("MSN_CPU_PACK", "0")          # without the prepacked product: (W @ x^T)^T up to MAX_ROWS
     with torch.inference_mode():
         for ids in (torch.randint(3, 90, (1, 1)), torch.randint(3, 90, (1, cpu.MAX_ROWS + 1))):
             calls.clear()
@@ -131,3 +139,60 @@ def test_greedy_outputs_with_one_row_as_two_rows(models):
                 assert got == want[: len(got)] and len(got) == 24, (family, method)
         finally:
             cpu.set_padded(model, None)
+
+
+needs_packing = pytest.mark.skipif(not cpu.packing(), reason="this torch has no oneDNN prepacked linear")
+
+
+@needs_packing
+def test_prepacked_products_match_and_follow_weight_changes(monkeypatch):
+    """Several rows (also above MAX_ROWS) take the prepacked product, equal to F.linear up to
+    float rounding; a changed weight is reordered again rather than read stale; one row
+    stays with F.linear."""
+    model = tiny_model("llama").eval()
+    used = _packed_calls(monkeypatch)
+    with torch.inference_mode():
+        for rows in (2, 9, cpu.MAX_ROWS + 7):
+            ids = torch.randint(3, 90, (1, rows))
+            want = model(input_ids=ids).logits
+            used.clear()
+            with cpu.skinny_linears(model):
+                got = model(input_ids=ids).logits
+            assert used and set(used) == {rows}, rows
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        head = model.lm_head
+        with torch.no_grad():
+            head.weight.mul_(-1.0)              # the same storage, a new version
+        ids = torch.randint(3, 90, (1, 4))
+        want = model(input_ids=ids).logits
+        with cpu.skinny_linears(model):
+            got = model(input_ids=ids).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        used.clear()
+        with cpu.skinny_linears(model):
+            model(input_ids=ids[:, :1])
+        assert not used
+
+
+@needs_packing
+def test_no_prepacking_where_a_second_copy_does_not_fit_or_switched_off(monkeypatch):
+    model = tiny_model("qwen2").eval()
+    used = _packed_calls(monkeypatch)
+    ids = torch.randint(3, 90, (1, 5))
+    with torch.inference_mode():
+        monkeypatch.setattr(cpu, "_fits_twice", lambda m: False)
+        with cpu.skinny_linears(model):
+            model(input_ids=ids)
+        assert not used
+        monkeypatch.undo()
+        used = _packed_calls(monkeypatch)
+        monkeypatch.setenv("MSN_CPU_PACK", "0")
+        other = tiny_model("llama").eval()
+        with cpu.skinny_linears(other):
+            other(input_ids=ids)
+        assert not used
+        monkeypatch.delenv("MSN_CPU_PACK")
+        fresh = tiny_model("llama").eval()
+        with cpu.skinny_linears(fresh):
+            fresh(input_ids=ids)
+        assert used
