@@ -196,3 +196,24 @@ def test_no_prepacking_where_a_second_copy_does_not_fit_or_switched_off(monkeypa
         with cpu.skinny_linears(fresh):
             fresh(input_ids=ids)
         assert used
+
+
+@needs_packing
+def test_a_tree_method_prepacks_before_its_first_step_and_ar_does_not(monkeypatch, tmp_path):
+    """generate() with a several-input method reorders every weight before decoding starts
+    (a step then finds them packed); ``ar`` leaves the weights alone."""
+    from msn.decoding import engine
+
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
+    model = tiny_model("llama").eval()
+    ids = torch.randint(3, 90, (1, 6))
+    engine.generate(model, ids, method="ar", max_new_tokens=4, eos_token_id=[])
+    assert not any(m in cpu._PACKS for m in model.modules())
+    reordered = []
+    real = cpu._packed_weight
+    monkeypatch.setattr(cpu, "_packed_weight", lambda m: reordered.append(m) or real(m))
+    monkeypatch.setattr(engine, "make_proposer", lambda *a, **k: pytest.fail("stop after the set-up"))
+    with pytest.raises(pytest.fail.Exception):
+        engine.generate(model, ids, method="pld", max_new_tokens=4, eos_token_id=[])
+    linears = {m for m in model.modules() if type(m) is torch.nn.Linear}
+    assert set(reordered) == linears and all(m in cpu._PACKS for m in linears)

@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from msn.decoding import cache as kv
+from msn.decoding import cpu
 from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
@@ -81,6 +82,7 @@ class BatchDecoder:
         DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
         one_row_kernel(model)      # measured once per model: a one-row step's CPU kernel (and the latency key)
+        cpu.prepack(model)         # batched steps feed several inputs: their CPU weights' layout, made once
         self.model = model
         self.method = method
         self.options = options

@@ -606,6 +606,8 @@ def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tok
     # Before the prefill: measured once per model, the CPU kernel of one-input forwards and,
     # for tree="auto", the step latency (on the model's fixed buffers).
     one_row_kernel(model)
+    if cfg.method != "ar":
+        cpu.prepack(model)     # several-input steps ahead: their CPU weights' layout, made once
     proposer = make_proposer(cfg, model, graphs=steps is not None and steps.capture)
 
     sync_device(device)
