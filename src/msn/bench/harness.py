@@ -220,7 +220,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
                           "cpu_one_row_as_two": cpu.padded(model),
-                          "cpu_prepacked": device.type == "cpu" and cpu.enabled() and cpu.packing(),
+                          "cpu_prepacked": cpu.prepacked(model),
                           "recycle_table": tables.started,
                           "questions_from_earlier_runs": log.resumed,
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +

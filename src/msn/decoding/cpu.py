@@ -51,7 +51,7 @@ PACK_HINT = 16         # the row count oneDNN's weight layout is chosen for (2..
 _LINEARS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
 _PADDED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 _PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-_PACKING: dict[str, bool] = {}   # "works": whether the prepacked ops ran and matched F.linear on a probe
+_FITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def enabled() -> bool:
@@ -85,13 +85,21 @@ def set_padded(model, on: bool | None) -> None:
 def packing() -> bool:
     """Whether several-row products may use oneDNN's prepacked linear: the ops exist in this
     torch, ``MSN_CPU_PACK`` is not 0, and a probe product matched ``F.linear`` (tried once)."""
-    if os.environ.get("MSN_CPU_PACK", "1") == "0":
+    return os.environ.get("MSN_CPU_PACK", "1") != "0" and _probe()
+
+
+def prepacked(model) -> bool:
+    """Whether ``model``'s several-row products read prepacked weights: the kernels here
+    serve it (``applies``), ``packing()``, and a second copy of its weights fitted when first
+    asked (decided once per model)."""
+    if not (applies(model) and packing()):
         return False
-    if "works" not in _PACKING:
-        _PACKING["works"] = _probe()
-    return _PACKING["works"]
+    if model not in _FITS:
+        _FITS[model] = _fits_twice(model)
+    return _FITS[model]
 
 
+@functools.cache
 def _probe() -> bool:
     try:
         ops = torch.ops.mkldnn
@@ -148,14 +156,13 @@ def _skinny(module: torch.nn.Linear, x: torch.Tensor, one_row: bool = False, pac
 
 def _linears(model) -> list:
     """(module, its few-row forward) for each plain float32 CPU ``nn.Linear`` of the model, found once."""
-    one_row, packed = padded(model), packing()
+    kind = (padded(model), prepacked(model))
     found = _LINEARS.setdefault(model, {})
-    if (one_row, packed) not in found:
-        use = packed and _fits_twice(model)        # decided once per model and kind
-        found[(one_row, packed)] = [(m, functools.partial(_skinny, m, one_row=one_row, packed=use))
-                                    for m in model.modules() if type(m) is torch.nn.Linear
-                                    and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
-    return found[(one_row, packed)]
+    if kind not in found:
+        found[kind] = [(m, functools.partial(_skinny, m, one_row=kind[0], packed=kind[1])) for m in model.modules()
+                       if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
+                       and m.weight.dtype == torch.float32]
+    return found[kind]
 
 
 def prepack(model) -> None:
@@ -163,17 +170,15 @@ def prepack(model) -> None:
     several-input step (SmolLM2-135M: about 0.3 s, once per model and weight version), so
     that cost lands before a generation's timing rather than inside its first tree step.
     Nothing where prepacking does not apply."""
-    if not applies(model):
-        return
-    for m, fast in _linears(model):
-        if fast.keywords.get("packed"):
+    if prepacked(model):
+        for m, _ in _linears(model):
             _packed_weight(m)
 
 
 @contextlib.contextmanager
 def skinny_linears(model):
     """Within the block, the model's float32 CPU ``nn.Linear`` layers compute several rows
-    with the prepacked weight (``packing()``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T), and
+    with the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T), and
     one row as two where ``padded(model)``. A no-op on other devices
     and dtypes, or with ``MSN_CPU_GEMM=0``; a layer whose ``forward`` something else has
     replaced is left alone."""
