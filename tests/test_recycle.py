@@ -30,14 +30,18 @@ def _host_bfs(table: list[list[int]], root: int, ranks: tuple) -> int:
     return tok
 
 
-def test_fill_walks_the_table_breadth_first_from_the_root():
+@pytest.mark.parametrize("walk", ["fill", "_fill_host", "_fill_device"])
+def test_fill_walks_the_table_breadth_first_from_the_root(walk):
+    """Both walks (NumPy for a table in host memory, torch ops elsewhere) draft every node
+    of the tree from the table, breadth-first from the root."""
     g = torch.Generator().manual_seed(0)
     vocab = 50
     table = RecycleTable(vocab, "cpu")
     table.ids.copy_(torch.randint(vocab, (vocab, recycle.K), generator=g, dtype=torch.int32))
     host = table.ids.tolist()
     tree = RecycleTree(offset=3)
-    cand = table.fill(tree, root=7)
+    cand = getattr(table, walk)(tree, 7)
+    assert cand.dtype == torch.long and cand.shape == (tree.depth, 3 + tree.width)
     compiled = compile_tree(tree.paths)
     drafts = cand[compiled.node_pos, compiled.node_col].tolist()
     for ranks, path, tok in zip(tree.ranks, compiled.paths, drafts):

@@ -363,7 +363,7 @@ def decode_one_token(model, token: int, cache, device, sampler: Sampler | None =
 
 
 @torch.inference_mode()
-def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor,
+def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tensor | None,
               max_position: int | None, sampler: Sampler | None = None, sample_drafts: bool = False,
               out_position: int = 0, profile: StepProfile | None = None):
     """One forward of the root plus a draft tree, verification, cache compaction.
@@ -376,16 +376,20 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
     Returns (new tokens, StepFeedback). ``new`` is the accepted drafts plus the bonus token.
     An empty tree is a plain one-token step, as cheap as ``ar``'s.
     """
-    device = cand.device
     if not paths:
+        device = model_device(model) if cand is None else cand.device
         with section(profile, "forward"), cpu.one_row_linears(model):
             logits = model(input_ids=torch.tensor([[root]], device=device), **kv.cache_kwargs(model, cache)).logits[0]
         with section(profile, "host_sync"):
             token = choose(logits[-1], sampler, out_position)
-            pred = torch.tensor([token], device=device) if sample_drafts else logits.argmax(dim=-1)
-            pred_host = pred.tolist()
+            if sampler is None or sample_drafts:
+                pred_host = [token]       # greedy: the argmax ``choose`` took; sampled drafts: the draw
+            else:
+                pred_host = logits.argmax(dim=-1).tolist()
+            pred = torch.tensor(pred_host, device=device)
         return [token], StepFeedback(logits=logits, pred=pred, path=[], accepted=0, pred_host=pred_host,
                                      draft_sampler=sampler if sample_drafts else None)
+    device = cand.device
     with section(profile, "inputs"):
         tree = compiled_on(paths, str(device))
         drafts = cand[tree.node_pos, tree.node_col]

@@ -11,31 +11,63 @@ import torch
 
 
 class TokenHistory:
-    """Prompt plus every accepted token, in a host buffer that doubles when full."""
+    """Prompt plus every accepted token, as a host list, with an n-gram index for retrieval.
 
-    def __init__(self, prompt: list[int], seed: int = 0, capacity: int = 256):
-        self.buf = torch.zeros(len(prompt) + capacity, dtype=torch.long)
-        self.buf[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
-        self.length = len(prompt)
+    A step's host work stays small whatever the length: ``continuation`` looks the final
+    n-gram up in an index that is brought up to date lazily (each n-gram entered once), so a
+    step that drafts nothing pays microseconds for its retrieval, not a scan of the history.
+    """
+
+    def __init__(self, prompt: list[int], seed: int = 0):
+        self.ids: list[int] = [int(t) for t in prompt]
         self.rng = random.Random(seed)
+        # n -> (n-grams indexed so far, {n-gram: (its first start, its latest start)})
+        self._grams: dict[int, tuple[int, dict[tuple[int, ...], tuple[int, int]]]] = {}
+
+    @property
+    def length(self) -> int:
+        return len(self.ids)
+
+    @property
+    def last(self) -> int:
+        """The latest token (the next step's root)."""
+        return self.ids[-1]
 
     def extend(self, tokens: list[int]) -> None:
-        n = len(tokens)
-        if self.length + n > self.buf.numel():
-            grown = torch.zeros(2 * (self.length + n), dtype=torch.long)
-            grown[: self.length] = self.buf[: self.length]
-            self.buf = grown
-        self.buf[self.length : self.length + n] = torch.tensor(tokens, dtype=torch.long)
-        self.length += n
+        self.ids.extend(tokens)
 
     def tokens(self) -> torch.Tensor:
-        """(length,) long view of the history."""
-        return self.buf[: self.length]
+        """(length,) long host tensor of the history (a copy)."""
+        return torch.tensor(self.ids, dtype=torch.long)
 
     def noise(self, n: int) -> list[int]:
         """``n`` tokens drawn uniformly from the history (the MSN 'ahead' distribution)."""
-        hist = self.buf[: self.length]
-        return hist[torch.tensor([self.rng.randrange(self.length) for _ in range(n)], dtype=torch.long)].tolist()
+        ids, size = self.ids, len(self.ids)
+        return [ids[self.rng.randrange(size)] for _ in range(n)]
+
+    def _index(self, n: int) -> dict[tuple[int, ...], tuple[int, int]]:
+        """The n-grams that have a following token, each with its first and latest start."""
+        done, index = self._grams.get(n, (0, {}))
+        ids = self.ids
+        for s in range(done, len(ids) - n):
+            gram = tuple(ids[s : s + n])
+            seen = index.get(gram)
+            index[gram] = (seen[0] if seen is not None else s, s)
+        self._grams[n] = (max(done, len(ids) - n), index)
+        return index
+
+    def continuation(self, max_ngram: int, length: int, *, min_ngram: int = 1, latest: bool = True) -> list[int]:
+        """``find_continuation`` of this history, from the index (the same result)."""
+        t = len(self.ids)
+        for n in range(min(max_ngram, t - 1), min_ngram - 1, -1):
+            if n <= 0:
+                break
+            hit = self._index(n).get(tuple(self.ids[t - n :]))
+            if hit is None:
+                continue
+            start = (hit[1] if latest else hit[0]) + n
+            return self.ids[start : min(start + length, t)]
+        return []
 
 
 def find_continuation(history: torch.Tensor, max_ngram: int, length: int, *,

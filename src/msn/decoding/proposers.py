@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msn.decoding.history import TokenHistory, find_continuation
+from msn.decoding.history import TokenHistory
 from msn.decoding.recycle import RecycleTable, RecycleTree
 from msn.decoding.tree import Path, chain, compile_tree, compiled_on, preset_paths
 
@@ -110,7 +110,7 @@ class Recycle(Proposer):
         self._fed = None
 
     def propose(self, history):
-        root = int(history.buf[history.length - 1])
+        root = history.last
         cand = self.table.fill(self.tree, root)
         self._fed = (root, cand)
         return self.paths, cand
@@ -180,19 +180,26 @@ class TreeJacobi(Proposer):
     def describe(self) -> dict:
         return {"tree_inputs": len(self.paths) + 1}
 
-    def propose(self, history):
+    def _retrieve(self, history) -> None:
+        """This step's retrieval chain as host lists: ``retrieved`` (noise after what was
+        found), ``found`` and the noise below the chain where the table is deeper."""
         if self.table is None:
             self.table = self._noise_rows(history, self.positions)
-        found = find_continuation(history.tokens(), self.ngram, self.retrieve_len,
-                                  min_ngram=self.min_ngram, latest=True) if self.retrieve else []
+        found = history.continuation(self.ngram, self.retrieve_len, min_ngram=self.min_ngram,
+                                     latest=True) if self.retrieve else []
         self.found = len(found)
         if len(found) < self.retrieve_len:
             found = found + history.noise(self.retrieve_len - len(found))
         self.retrieved = found
-        retrieved = self._column(found)
-        if self.positions > self.retrieve_len:
-            retrieved = torch.cat([retrieved, self._column(history.noise(self.positions - self.retrieve_len))])
-        return self.paths, torch.cat([self.table, retrieved], dim=1)
+        self._below = history.noise(self.positions - self.retrieve_len) if self.positions > self.retrieve_len else []
+
+    def _candidates(self) -> torch.Tensor:
+        """The candidate table: the top-K guesses, then the retrieval chain's column."""
+        return torch.cat([self.table, self._column(self.retrieved + self._below)], dim=1)
+
+    def propose(self, history):
+        self._retrieve(history)
+        return self.paths, self._candidates()
 
     def update(self, step, history):
         future = step.future_nodes()[: self.positions]
@@ -285,17 +292,15 @@ class AutoTreeJacobi(TreeJacobi):
         self.chain_alone = retrieval and not nodes
 
     def propose(self, history):
+        """The step's paths and candidates. A step that feeds the root alone builds no
+        candidate table (None): it only records what each source would have drafted, so it
+        costs what a plain one-token step costs plus that host bookkeeping."""
         from msn.decoding.autotree import StepRecord
 
-        _, cand = super().propose(history)
-        recycled = None
-        if self.rtree is not None:
-            root = int(history.buf[history.length - 1])
-            recycled = self.recycle.fill(self.rtree, root)                 # (depth, offset + width)
-            rows = max(cand.shape[0], recycled.shape[0])
-            merged = torch.nn.functional.pad(recycled, (0, 0, 0, rows - recycled.shape[0]))
-            merged[: cand.shape[0], : cand.shape[1]] = cand
-            cand = merged
+        self._retrieve(history)
+        root = history.last
+        # The recycled tree is filled at every step, fed or not, so it is scored at every step.
+        recycled = self.recycle.fill(self.rtree, root) if self.rtree is not None else None   # (depth, offset + width)
         self._resolve(history)
         self.pending.append(StepRecord(start=history.length, table=None, retrieved=list(self.retrieved),
                                        found=self.found))
@@ -308,7 +313,15 @@ class AutoTreeJacobi(TreeJacobi):
             paths = tuple(chain(self.found, column=self.k))     # noise would draft nothing here
         else:
             paths = self.active
-        self._fed = (paths, cand, int(history.buf[history.length - 1]))
+        cand = None
+        if paths:
+            cand = self._candidates()
+            if recycled is not None:
+                rows = max(cand.shape[0], recycled.shape[0])
+                merged = torch.nn.functional.pad(recycled, (0, 0, 0, rows - recycled.shape[0]))
+                merged[: cand.shape[0], : cand.shape[1]] = cand
+                cand = merged
+        self._fed = (paths, cand, root)
         return paths, cand
 
     def update(self, step, history):
@@ -333,7 +346,7 @@ class AutoTreeJacobi(TreeJacobi):
         still = []
         for rec in self.pending:
             if history is not None and rec.table is not None and history.length >= rec.start + self.horizon:
-                truth = history.tokens()[rec.start : rec.start + self.horizon].tolist()
+                truth = history.ids[rec.start : rec.start + self.horizon]
                 outcome = score(rec, truth[: self.positions])
                 if rec.recycled is not None:
                     outcome.recycled = self.rtree.accepted(rec.recycled, truth)
@@ -438,7 +451,7 @@ class PromptLookup(Proposer):
         self.max_ngram = max_ngram
 
     def propose(self, history):
-        found = find_continuation(history.tokens(), self.max_ngram, self.num_tokens, latest=False)
+        found = history.continuation(self.max_ngram, self.num_tokens, latest=False)
         if not found:
             return (), torch.zeros(0, 1, dtype=torch.long, device=self.device)
         return tuple(chain(len(found))), self._column(found)
@@ -473,7 +486,7 @@ class Lookahead(Proposer):
     def propose(self, history):
         if self.drafts is None:
             self.drafts = torch.tensor(history.noise(self.window), dtype=torch.long, device=self.device)
-        root = int(history.tokens()[-1])
+        root = history.last
         guesses = list(self.pool.get(root, ()))[-self.guesses :]
         rows = max(self.ngram - 1, self.window)
         table = torch.zeros(rows, len(guesses) + 1, dtype=torch.long)

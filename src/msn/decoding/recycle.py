@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -132,20 +133,42 @@ class RecycleTable:
         self.cold = True            # nothing loaded from disk or learnt since it was made or reset
         self.dirty = False
         self.saved_at = 0.0
-        self._levels: dict = {}     # RecycleTree -> its levels' (parent column, rank) tensors on the device
+        self._levels: dict = {}     # (RecycleTree, host|device) -> its levels' (parent column, rank) indices
 
     def fill(self, tree: RecycleTree, root: int) -> torch.Tensor:
         """The tree's tokens, (depth, offset + width) long, drafted from ``root`` breadth-first:
         depth 1 holds the root's candidates, depth d the candidates of depth d - 1's tokens.
-        Columns before ``offset`` are zero (other sources fill them). Device work only."""
-        device = self.ids.device
-        levels = self._levels.get(tree)
+        Columns before ``offset`` are zero (other sources fill them). Device work only; a
+        table in host memory is walked through its NumPy view (a step's worth of small
+        torch ops there costs about 5x more host time than the walk itself)."""
+        if self.ids.device.type == "cpu":
+            return self._fill_host(tree, root)
+        return self._fill_device(tree, root)
+
+    def _levels_on(self, tree: RecycleTree, kind: str):
+        levels = self._levels.get((tree, kind))
         if levels is None:
-            levels = self._levels[tree] = [(torch.tensor(p, dtype=torch.long, device=device),
-                                            torch.tensor(r, dtype=torch.long, device=device)) for p, r in tree.levels]
+            if kind == "host":
+                levels = [(np.asarray(p, dtype=np.int64), np.asarray(r, dtype=np.int64)) for p, r in tree.levels]
+            else:
+                levels = [(torch.tensor(p, dtype=torch.long, device=self.ids.device),
+                           torch.tensor(r, dtype=torch.long, device=self.ids.device)) for p, r in tree.levels]
+            self._levels[(tree, kind)] = levels
+        return levels
+
+    def _fill_host(self, tree: RecycleTree, root: int) -> torch.Tensor:
+        ids = self.ids.numpy()
+        out = np.zeros((tree.depth, tree.offset + tree.width), dtype=np.int64)
+        prev = None
+        for d, (parents, ranks) in enumerate(self._levels_on(tree, "host")):
+            prev = ids[root, ranks] if prev is None else ids[prev[parents], ranks]
+            out[d, tree.offset : tree.offset + len(ranks)] = prev
+        return torch.from_numpy(out)
+
+    def _fill_device(self, tree: RecycleTree, root: int) -> torch.Tensor:
         rows = []
         prev = None
-        for parents, ranks in levels:
+        for parents, ranks in self._levels_on(tree, "device"):
             # Depth 1 reads the root's row (a view: no host-to-device copy), deeper ones the rows above.
             prev = self.ids[root][ranks].long() if prev is None else self.ids[prev[parents], ranks].long()
             rows.append(torch.nn.functional.pad(prev, (tree.offset, tree.width - len(ranks))))
