@@ -36,7 +36,7 @@ def prompt_ids(tokenizer, text: str, n: int) -> torch.Tensor:
 
 def cache_memory(model, n: int) -> int:
     from msn.decoding import cache as kv
-    from msn.decoding.engine import prefill
+    from msn.decoding.step import prefill
 
     cache = kv.new_cache(model)
     with torch.inference_mode():

@@ -135,7 +135,7 @@ def load(source: dict, device: str, dtype: str):
 
 def latency(source: dict, device: str) -> dict:
     from msn.decoding import graphs as fixed
-    from msn.decoding.engine import measure_step_latency
+    from msn.decoding.timing import measure_step_latency
 
     out = {}
     for dtype in ("float32", "bfloat16"):
@@ -164,7 +164,8 @@ def step_profile(source: dict, device: str, n: int = 69) -> dict:
 
     from msn.decoding import cache as kv
     from msn.decoding import graphs as fixed
-    from msn.decoding.engine import context_limit, fixed_step, prefill, tree_step, vocab_size
+    from msn.decoding.requests import context_limit, vocab_size
+    from msn.decoding.step import fixed_step, prefill, tree_step
     from msn.decoding.tree import chain
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])

@@ -174,7 +174,7 @@ def test_a_grouped_forward_has_the_logits_of_one_call(models, monkeypatch):
 
     from msn.decoding import cache as kv
     from msn.decoding import ragged
-    from msn.decoding.engine import prefill
+    from msn.decoding.step import prefill
 
     model = models("llama")
     g = torch.Generator().manual_seed(5)

@@ -1,7 +1,6 @@
 import json
 
 import pytest
-import torch
 
 from msn.bench.harness import BenchConfig, run_bench
 from msn.bench.prompts import load_questions

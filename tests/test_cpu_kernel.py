@@ -97,30 +97,30 @@ def test_one_row_as_two_rows_where_decided(monkeypatch):
 
 
 def test_the_one_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
-    """engine.one_row_kernel times one-token forwards both ways once, keeps the verdict on
+    """timing.one_row_kernel times one-token forwards both ways once, keeps the verdict on
     disk (a new model object of the same config reads it, measuring nothing), and applies it;
     a bf16 model, or MSN_CPU_GEMM=0, measures nothing and stays with F.linear."""
-    from msn.decoding import engine
+    from msn.decoding import timing
 
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
     measured = []
-    real = engine.measure_one_row
+    real = timing.measure_one_row
 
     def faster_padded(model, **kw):
         measured.append(real(model, repeats=2, **kw))
         return {"linear": 2.0, "padded": 1.0}
 
-    monkeypatch.setattr(engine, "measure_one_row", faster_padded)
+    monkeypatch.setattr(timing, "measure_one_row", faster_padded)
     first = tiny_model("qwen2").eval()
-    assert engine.one_row_kernel(first) is True and cpu.padded(first)
+    assert timing.one_row_kernel(first) is True and cpu.padded(first)
     assert len(measured) == 1 and set(measured[0]) == {"linear", "padded"} and all(v > 0 for v in measured[0].values())
     assert not cpu.padded(tiny_model("llama").eval())            # another model: not decided yet
     again = tiny_model("qwen2").eval()
-    monkeypatch.setattr(engine, "measure_one_row", lambda *a, **k: pytest.fail("measured again"))
-    assert engine.one_row_kernel(again) is True and len(measured) == 1   # read from disk
-    assert engine.one_row_kernel(tiny_model("qwen2").eval().to(torch.bfloat16)) is False
+    monkeypatch.setattr(timing, "measure_one_row", lambda *a, **k: pytest.fail("measured again"))
+    assert timing.one_row_kernel(again) is True and len(measured) == 1   # read from disk
+    assert timing.one_row_kernel(tiny_model("qwen2").eval().to(torch.bfloat16)) is False
     monkeypatch.setenv("MSN_CPU_GEMM", "0")
-    assert engine.one_row_kernel(tiny_model("llama").eval()) is False and not cpu.padded(again)
+    assert timing.one_row_kernel(tiny_model("llama").eval()) is False and not cpu.padded(again)
 
 
 def test_greedy_outputs_with_one_row_as_two_rows(models):

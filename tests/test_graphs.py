@@ -82,7 +82,7 @@ def test_a_request_starts_small_and_grows_as_it_fills(models, eager_fixed):
 def test_buffers_made_while_measuring_serve_the_generation(models, eager_fixed):
     """``tree="auto"`` measures t(n) on the model's fixed buffers (in inference mode) before
     generating on the same buffers."""
-    from msn.decoding.engine import measure_step_latency
+    from msn.decoding.timing import measure_step_latency
 
     model = models("qwen2")
     measure_step_latency(model, ladder=(1, 4), graphs=True)
@@ -131,7 +131,7 @@ def test_the_step_reads_nothing_on_the_host(family):
     The body runs with the model and buffers on the ``meta`` device, where every host read
     raises, and under a spy for tensors built from host data."""
     from msn.decoding import cache as kv
-    from msn.decoding.engine import prefill
+    from msn.decoding.step import prefill
     from msn.decoding.tree import preset_paths
 
     model = tiny_model(family).to("meta")

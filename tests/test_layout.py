@@ -49,3 +49,58 @@ def test_committed_results_carry_no_machine_paths():
     hits = [str(p.relative_to(docs)) for p in docs.rglob("*") if p.suffix in (".json", ".jsonl", ".md")
             and machine.search(p.read_text(encoding="utf-8"))]
     assert hits == []
+
+
+def _runtime_imports(path: Path, modules: set[str]) -> set[str]:
+    """The ``modules`` that ``path`` imports anywhere, inside functions too, leaving out the
+    imports under ``if TYPE_CHECKING:`` (annotations only, never run). ``from pkg import mod``
+    counts as importing ``pkg.mod``, not the package."""
+    tree = ast.parse(path.read_text(), str(path))
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip.update(id(n) for child in node.body for n in ast.walk(child))
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name in modules)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            subs = {f"{node.module}.{a.name}" for a in node.names} & modules
+            found.update(subs or ({node.module} & modules))
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that comes back to its start), or None."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_decoding_package_has_no_import_cycle():
+    """No module of msn.decoding imports, directly or through others, a module that imports
+    it back, counting the imports inside functions."""
+    folder = PACKAGE / "decoding"
+    modules = {("msn.decoding" if p.stem == "__init__" else f"msn.decoding.{p.stem}"): p for p in folder.glob("*.py")}
+    assert {"msn.decoding.engine", "msn.decoding.step", "msn.decoding.batch", "msn.decoding.graphs"} <= set(modules)
+    graph = {name: _runtime_imports(path, set(modules)) - {name} for name, path in modules.items()}
+    assert _cycle(graph) is None, " -> ".join(_cycle(graph))
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]     # the check finds one

@@ -7,7 +7,6 @@ samples each. A verifier that accepts every
 draft fails the same test, which shows that the test has power.
 """
 
-import itertools
 import math
 
 import pytest
@@ -140,7 +139,7 @@ def test_every_decoder_samples_exactly_20000(family, method, setting):
                                     pytest.param("pld", marks=pytest.mark.slow),
                                     pytest.param("recycle", marks=pytest.mark.slow)])
 def test_a_verifier_that_accepts_every_draft_fails(method, monkeypatch):
-    from msn.decoding import engine, verify
+    from msn.decoding import step, verify
 
     def accept_any(tree, input_ids, pred, usable=None):
         """Takes the first root-to-leaf path whole, whatever the model says of its drafts."""
@@ -151,7 +150,7 @@ def test_a_verifier_that_accepts_every_draft_fails(method, monkeypatch):
         return verify.Verdict(accepted=accepted, best=best, bonus=pred[last],
                               path_tokens=input_ids[path])
 
-    monkeypatch.setattr(engine, "greedy_verify", accept_any)
+    monkeypatch.setattr(step, "greedy_verify", accept_any)
     model = model_for("llama")
     setting = SETTINGS["T1"]
     n = QUICK_N

@@ -162,7 +162,7 @@ def test_the_cache_keeps_every_position_in_sliding_layers_too():
     """Sliding layers keep every entry (the window is the mask's): the bytes held grow with
     the whole context, the same in every layer."""
     from msn.decoding import cache as kv
-    from msn.decoding.engine import prefill
+    from msn.decoding.step import prefill
 
     model = hybrid("gemma3_text")
     cache = kv.new_cache(model)

@@ -118,7 +118,8 @@ def cmd_generate(a) -> int:
         ids = encode_prompt(tok, [{"role": "user", "content": prompt}])
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
-    options = _set({}, tree=a.tree, drafts=a.drafts, window=a.window, seed=a.seed, graphs=a.graphs, **_sampling(a))
+    options = _set({}, tree=a.tree, drafts=a.drafts, window=a.window, seed=a.seed, graphs=a.graphs, compile=a.compile,
+                       **_sampling(a))
     request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
     for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
         msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
@@ -175,11 +176,15 @@ def _drafts_flag(p) -> None:
 
 
 def _graphs_flag(p) -> None:
-    from msn.decoding.config import GRAPH_CHOICES
+    from msn.decoding.config import COMPILE_CHOICES, GRAPH_CHOICES
 
     p.add_argument("--graphs", choices=GRAPH_CHOICES, help="auto (default): on CUDA, greedy steps run on fixed "
                    "KV buffers and each tree's step is captured once as a CUDA graph and replayed; eager elsewhere. "
                    "on: the same, an error without CUDA; off: always eager. Outputs are identical either way")
+    p.add_argument("--compile", choices=COMPILE_CHOICES, help="auto (default): on CUDA the fixed-shape step is "
+                   "compiled by torch.compile (one compilation per tree and buffer size, paid by the first step of "
+                   "each; msn serve and msn bench warm up first), then captured as a CUDA graph; not on CPU. "
+                   "on: compiled on every device (greedy only); off: eager. Outputs are identical either way")
 
 
 def _sampling_flags(parser) -> None:
@@ -236,6 +241,7 @@ def cmd_bench(a) -> int:
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree, drafts=a.drafts,
                              reset_recycle=a.reset_recycle or None,
                              warmup=a.warmup, seed=a.seed, profile=a.profile or None, graphs=a.graphs,
+                             compile=a.compile,
                              **_sampling(a)))
     run_bench(cfg)
     return 0

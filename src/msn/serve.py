@@ -43,8 +43,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from msn.decoding.batch import BatchDecoder, Finished
-from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig, check_seed, is_int, is_number
-from msn.decoding.engine import DecodeResult, context_limit, resolve_eos, validate_request
+from msn.decoding.checks import check_seed, is_int, is_number
+from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
+from msn.decoding.requests import DecodeResult, context_limit, resolve_eos, validate_request
 from msn.decoding.sampling import MIN_TEMPERATURE
 from msn.errors import MsnError
 

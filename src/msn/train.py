@@ -82,7 +82,7 @@ class TrainConfig:
     def __post_init__(self):
         if isinstance(self.noise, dict):
             self.noise = NoiseConfig(**self.noise)
-        from msn.decoding.config import is_int, is_number
+        from msn.decoding.checks import is_int, is_number
 
         for name in ("epochs", "lr", "warmup", "lora_dropout"):
             if not is_number(getattr(self, name)):

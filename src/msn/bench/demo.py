@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from msn.decoding import recycle
-from msn.decoding.engine import generate, model_device, sync_device, vocab_size
+from msn.decoding.engine import generate
+from msn.decoding.requests import model_device, sync_device, vocab_size
 
 # The paragraph of the copy prompt (this project's own text).
 PARAGRAPH = (

@@ -20,7 +20,8 @@ from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding import cpu
 from msn.decoding.config import (DEFAULT_MAX_NEW_TOKENS, DRAFT_CHOICES, METHODS, TREE_CHOICES, DecodeConfig,
                                 exactness_contract)
-from msn.decoding.engine import context_limit, generate, resolve_eos, sync_device
+from msn.decoding.engine import generate
+from msn.decoding.requests import context_limit, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
 from msn.paths import ensure_output_dir
@@ -88,6 +89,8 @@ class BenchConfig:
         profile: split each msn method's step time into forward, inputs, verification,
             host sync, cache and proposer (adds device syncs; time it apart from speedups).
         graphs: ``DecodeConfig.graphs`` of every msn method (CUDA-graph steps by default on CUDA).
+        compile: ``DecodeConfig.compile`` of every msn method (compiled steps by default on CUDA;
+            the warm-up pays the compilations of the shapes it meets).
         device / dtype: where and how the model runs.
     """
 
@@ -114,6 +117,7 @@ class BenchConfig:
     device: str = "auto"
     dtype: str = "auto"
     graphs: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self):
         check_methods(self.methods)
@@ -122,7 +126,7 @@ class BenchConfig:
             raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.repeats <= 0 or self.warmup < 0:
             raise MsnError("--repeats must be positive and --warmup non-negative")
-        DecodeConfig(graphs=self.graphs, **self.sampling_options())     # validates the decoding options
+        DecodeConfig(graphs=self.graphs, compile=self.compile, **self.sampling_options())     # validates the decoding options
         hf = [m for m in self.methods if m in HF_METHODS]
         if self.do_sample and hf:
             raise MsnError(f"{', '.join(hf)} run greedy only here; drop them from --methods when sampling")
@@ -179,6 +183,8 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     options.update(cfg.sampling_options())
     if cfg.graphs != "auto":
         options["graphs"] = cfg.graphs
+    if cfg.compile != "auto":
+        options["compile"] = cfg.compile
     # A long prompt's turn is cut to the context (every method alike) rather than failing the bench.
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, fit_context=True,
                  **options)
@@ -307,7 +313,7 @@ class MethodTables:
 
     def __init__(self, model, cfg: BenchConfig):
         from msn.decoding import recycle
-        from msn.decoding.engine import model_device, vocab_size
+        from msn.decoding.requests import model_device, vocab_size
 
         if cfg.reset_recycle:
             recycle.reset_tables(model)

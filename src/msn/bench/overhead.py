@@ -17,7 +17,9 @@ import torch
 from msn.data.records import encode_prompt
 from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
-from msn.decoding.engine import generate, make_proposer, sync_device
+from msn.decoding.drafting import make_proposer
+from msn.decoding.engine import generate
+from msn.decoding.requests import sync_device
 from msn.decoding.tree import compile_tree
 
 FIXED_SHAPE = ("ar", "jacobi", "tr-jacobi")

@@ -27,9 +27,11 @@ from msn.decoding import cache as kv
 from msn.decoding import cpu
 from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
-from msn.decoding.engine import (DecodeResult, _Output, _sampler, check_model, choose, context_limit, make_proposer,
-                                 masked_forward, model_device, one_row_kernel, prefill, read_verdict, resolve_eos,
-                                 step_latency, sync_device, validate_request, verify)
+from msn.decoding.drafting import make_proposer
+from msn.decoding.requests import (DecodeResult, Output, check_model, context_limit, model_device, request_sampler,
+                                   resolve_eos, sync_device, validate_request)
+from msn.decoding.step import choose, prefill, read_verdict, verify
+from msn.decoding.timing import one_row_kernel, step_latency
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
 from msn.decoding.tree import compiled_on, offset_attention_bias, offset_key_positions
@@ -41,7 +43,7 @@ from msn.errors import MsnError
 class _Row:
     rid: int
     prompt: list[int]
-    out: _Output
+    out: Output
     sampler: object
     sample_drafts: bool
     proposer: object
@@ -118,10 +120,10 @@ class BatchDecoder:
             input_ids = torch.tensor([list(input_ids)], dtype=torch.long)
         cfg = DecodeConfig.from_options(self.method, {**self.options, **sampling})
         max_new_tokens = validate_request(self.model, input_ids, max_new_tokens, fit_context)
-        sampler = _sampler(cfg, generator, self.device)
+        sampler = request_sampler(cfg, generator, self.device)
         prompt = input_ids[0].tolist()
         rid = next(self.ids)
-        out = _Output(max_new_tokens, resolve_eos(self.model, eos_token_id), on_tokens)
+        out = Output(max_new_tokens, resolve_eos(self.model, eos_token_id), on_tokens)
         row_cache = kv.new_cache(self.model)
         sync_device(self.device)
         t0 = time.perf_counter()
@@ -287,7 +289,7 @@ class BatchDecoder:
         if masks.sliding:
             mask = masks.build(mask, positions, offset_key_positions(lengths, slots, positions))
         groups = ragged.plan([row.length for row in rows], past, width)
-        with masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
+        with cpu.masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
             logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
                                 **kv.cache_kwargs(self.model, self.cache)).logits
         packed, preds = [], []
@@ -372,20 +374,3 @@ def generate_batch(model, prompts, *, method: str = "tr-jacobi", max_new_tokens:
                 raise fin.error
             results[order[fin.rid]] = fin.result
     return [results[i] for i in range(len(results))]
-
-
-def split_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
-    """A padded (B, T) batch as B unpadded (1, T_b) prompts; padding (mask 0) may sit on either side."""
-    if attention_mask is None:
-        return [input_ids[b : b + 1] for b in range(input_ids.shape[0])]
-    if attention_mask.shape != input_ids.shape:
-        raise MsnError(f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape "
-                       f"{tuple(input_ids.shape)}")
-    rows = []
-    for b in range(input_ids.shape[0]):
-        keep = attention_mask[b].bool()
-        idx = torch.nonzero(keep).flatten()
-        if idx.numel() and idx[-1] - idx[0] + 1 != idx.numel():
-            raise MsnError(f"attention_mask row {b} has padding inside the prompt; pad on the left or the right only")
-        rows.append(input_ids[b : b + 1, keep.to(input_ids.device)])
-    return rows

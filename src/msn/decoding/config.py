@@ -2,35 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
+from msn.decoding.checks import check_seed, is_int
 from msn.errors import MsnError
 
 DEFAULT_MAX_NEW_TOKENS = 128  # msn.generate, msn generate and msn bench
-# What ``torch.Generator.manual_seed`` takes: a signed or unsigned 64-bit integer.
-SEED_RANGE = (-(1 << 63), (1 << 64) - 1)
 # Upper bounds of the draft sizes: a step feeds at most a few hundred inputs (the reference tree
 # has 69), so larger values are mistakes that would only exhaust memory.
 SIZE_LIMITS = {"window": 256, "retrieve_len": 256, "retrieve_ngram": 64, "pld_tokens": 256, "pld_ngram": 64,
                "lookahead_window": 64, "lookahead_ngram": 16, "lookahead_guesses": 64}
-
-
-def is_int(x) -> bool:
-    """An integer that is not a bool (``True`` must not pass as 1)."""
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def is_number(x) -> bool:
-    """A finite int or float that is not a bool (NaN and infinities do not pass)."""
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def check_seed(seed, name: str = "seed") -> None:
-    """A seed must be an integer that ``torch.Generator`` takes (64 bits)."""
-    low, high = SEED_RANGE
-    if not is_int(seed) or not low <= seed <= high:
-        raise MsnError(f"{name} must be an integer in [-2^63, 2^64 - 1], got {seed!r}")
 
 
 def exactness_contract(dtype: str, sampling: bool) -> str:
@@ -47,6 +28,7 @@ DRAFT_CHOICES = ("merged", "paper")
 # Names of tree.TREE_PRESETS (kept here so the CLI parser needs no torch import).
 TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
 GRAPH_CHOICES = ("auto", "on", "off")
+COMPILE_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -98,6 +80,14 @@ class DecodeConfig:
             once as a CUDA graph and replayed (``msn.decoding.graphs``). ``auto`` (default):
             on CUDA for greedy decoding, eager elsewhere; ``on``: the same, and an error
             where it cannot apply; ``off``: always eager. Outputs are identical either way.
+        compile: the fixed-shape step (forward, verification, compaction) compiled by
+            ``torch.compile`` with static shapes, one compilation per tree and buffer size,
+            then captured as a CUDA graph where ``graphs`` applies. ``auto`` (default):
+            compiled on CUDA, not elsewhere; ``on``: compiled on every device (on CPU, the
+            step then runs on fixed buffers too, inductor's C++ kernels); ``off``: eager.
+            Greedy decoding only. A request's first step of each shape pays the compilation
+            (``DecodeResult.info["step"]["compile_s"]``); a step that fails to compile runs
+            eagerly from then on.
     """
 
     method: str = "tr-jacobi"
@@ -119,6 +109,7 @@ class DecodeConfig:
     top_p: float | None = None
     sample_drafts: bool = False
     graphs: str = "auto"
+    compile: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -167,6 +158,10 @@ class DecodeConfig:
             raise MsnError(f"graphs must be one of {', '.join(GRAPH_CHOICES)}, got {self.graphs!r}")
         if self.graphs == "on" and self.do_sample and self.sampling_params() is not None:
             raise MsnError("graphs='on' applies to greedy decoding; sampling runs eagerly (use graphs='auto')")
+        if self.compile not in COMPILE_CHOICES:
+            raise MsnError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if self.compile == "on" and self.do_sample and self.sampling_params() is not None:
+            raise MsnError("compile='on' applies to greedy decoding; sampling runs eagerly (use compile='auto')")
 
     def sampling_params(self):
         """The validated ``SamplingParams``, or None when decoding is greedy (no sampling,

@@ -10,19 +10,29 @@ context length: one launch instead of the hundreds of kernel launches that bound
 model's step. Elsewhere the same step runs eagerly (the tests check it equals the growing
 cache's step token for token).
 
+With ``compile`` the step's device work is compiled by ``torch.compile`` (static shapes:
+one compilation per tree and buffer size, at most ``MAX_COMPILED`` per model; on CUDA the
+compiled step is then captured and replayed as above). Compiled steps give the same tokens
+as eager ones (tests on CPU, inductor); a step that fails to compile runs eagerly from then
+on, with the reason in ``describe()``.
+
 Greedy decoding only: sampling draws from a ``torch.Generator`` per step and runs eagerly.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 
 import torch
 
 from msn.decoding import cache as kv
+from msn.decoding import cpu
 from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, offset_key_positions, tree_positions
 from msn.decoding.windows import layer_masks
 from msn.decoding.verify import greedy_verify
@@ -33,6 +43,9 @@ KEEP_BUCKETS = 6           # buffer sizes (each with its captured trees) kept pe
                            # take under twice the largest
 MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
 STEP_ROOM = 128            # room past the context for one step's inputs (the reference tree has 69)
+MAX_COMPILED = 16          # step shapes compiled per model (tree x buffer size); others run eagerly
+
+log = logging.getLogger("msn")
 
 
 @dataclass
@@ -55,6 +68,7 @@ class _Shape:
     moves: bool                          # whether keeping a path moves entries (not a chain)
     graph: object = None
     outputs: tuple = field(default_factory=tuple)
+    compiled: bool = False               # whether its compiled step has run (compiled once)
 
 
 def capacity_for(need: int, limit: int | None, start: int = MIN_CAPACITY) -> int:
@@ -80,8 +94,12 @@ class StaticSteps:
     captured trees, so later requests replay at every size they pass through.
     """
 
-    def __init__(self, model, capture: bool, min_capacity: int = MIN_CAPACITY):
+    def __init__(self, model, capture: bool, min_capacity: int = MIN_CAPACITY, compiled: bool = False):
         self.capture = capture
+        self.compiled = compiled
+        self.compile_error: str | None = None     # why compilation was given up (eager from then on)
+        self.compiles = 0
+        self.compile_s = 0.0
         self.min_capacity = min_capacity
         self.device = next(model.parameters()).device
         self.dtype = model.dtype
@@ -97,7 +115,10 @@ class StaticSteps:
     def describe(self) -> dict:
         return {"graphs": bool(self.capture and self.error is None), "captured_trees": self.captures,
                 "replays": self.replays, "capacity": self.buf.cache.capacity if self.buf is not None else 0,
-                **({"graph_error": self.error} if self.error else {})}
+                **({"graph_error": self.error} if self.error else {}),
+                **({"compiled": self.compile_error is None, "compiled_shapes": self.compiles,
+                    "compile_s": round(self.compile_s, 2)} if self.compiled else {}),
+                **({"compile_error": self.compile_error} if self.compile_error else {})}
 
     @torch.inference_mode()
     def begin(self, prefilled, need: int, max_position: int | None) -> None:
@@ -150,7 +171,7 @@ class StaticSteps:
             out = self._capture(model, shape)
             if out is not None:
                 return out
-        return self._body(model, shape)
+        return self._run(model, shape)
 
     def _shape(self, paths: tuple) -> _Shape:
         tree = compiled_on(paths, str(self.device))
@@ -170,10 +191,34 @@ class StaticSteps:
         self._use(view, capacity_for(need, self.max_position, self.min_capacity))
         self.length = kv.load_prefix(self.buf.cache, view)
 
-    def _body(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The step's device work; no host sync, no allocation that depends on the context."""
-        from msn.decoding.engine import masked_forward
+    def _run(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's device work: compiled where asked and possible, else eager."""
+        if not self.compiled or self.compile_error is not None or (not shape.compiled
+                                                                  and self.compiles >= MAX_COMPILED):
+            return self._body(model, shape)
+        first = not shape.compiled
+        t0 = time.perf_counter()
+        try:
+            out = _compiled_body()(self, model, shape, False)
+        except Exception as e:      # noqa: BLE001 - a model or op inductor cannot compile: eager from here on
+            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.warning("msn: compiling the decoding step failed (%s); steps run eagerly", self.compile_error)
+            return self._body(model, shape)
+        if first:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            shape.compiled = True
+            self.compiles += 1
+            self.compile_s += seconds
+            log.info("msn: compiled the step of %d inputs on %d-position buffers in %.1f s (%d of at most %d)",
+                     shape.tree.num_inputs, self.buf.cache.capacity, seconds, self.compiles, MAX_COMPILED)
+        return out
 
+    def _body(self, model, shape: _Shape, kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The step's device work; no host sync, no allocation that depends on the context.
+        ``kernels``: the CPU kernels of ``cpu.masked_forward`` (module swaps, which a compiled
+        step leaves to inductor)."""
         buf, tree = self.buf, shape.tree
         offsets = buf.slots[: tree.num_inputs]                       # 0..n-1
         positions = tree_positions(tree, buf.ctx, self.max_position)
@@ -181,7 +226,8 @@ class StaticSteps:
         masks = layer_masks(model.config)
         if masks.sliding:
             mask = masks.build(mask, positions[None], offset_key_positions(buf.ctx, buf.slots, positions[None]))
-        with kv.writing_at(buf.cache, buf.ctx + offsets), masked_forward(model, self.device):
+        with kv.writing_at(buf.cache, buf.ctx + offsets), \
+                (cpu.masked_forward(model, self.device) if kernels else contextlib.nullcontext()):
             logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
                            **kv.cache_kwargs(model, buf.cache)).logits[0]
         pred = logits.argmax(dim=-1)
@@ -199,11 +245,11 @@ class StaticSteps:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(current)
             with torch.cuda.stream(side):
-                out = self._body(model, shape)
+                out = self._run(model, shape)     # compiles here, outside the capture, when compiled
             current.wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.buf.pool):
-                outputs = self._body(model, shape)
+                outputs = self._run(model, shape)
             shape.graph, shape.outputs = graph, outputs
             self.captures += 1
             return out
@@ -214,18 +260,44 @@ class StaticSteps:
             return None
 
 
+_COMPILED = None
+_COMPILE_LOCK = threading.Lock()
+
+
+def _compiled_body():
+    """``StaticSteps._body`` compiled with static shapes (made once; dynamo keeps one graph
+    per step shape, so its recompile limit is raised to what ``MAX_COMPILED`` allows)."""
+    global _COMPILED
+    with _COMPILE_LOCK:
+        if _COMPILED is None:
+            import torch._dynamo
+
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 4 * MAX_COMPILED))
+                    break
+            _COMPILED = torch.compile(StaticSteps._body, dynamic=False)
+        return _COMPILED
+
+
 _STEPS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _STEPS_LOCK = threading.Lock()
 
 
 def wanted(graphs: str, device: torch.device, sampling: bool) -> bool:
-    """Whether a generation uses fixed-shape steps: ``on`` and ``auto`` on CUDA, greedy only."""
+    """Whether a generation captures its fixed-shape steps: ``on`` and ``auto`` on CUDA, greedy only."""
     return graphs != "off" and device.type == "cuda" and not sampling
 
 
-def steps_for(model) -> StaticSteps:
-    """The model's ``StaticSteps``, capturing CUDA graphs (kept while the model lives)."""
+def compiles(compile: str, device: torch.device, sampling: bool) -> bool:
+    """Whether a generation compiles its fixed-shape steps: ``auto`` on CUDA, ``on`` anywhere, greedy only."""
+    return not sampling and (compile == "on" or (compile == "auto" and device.type == "cuda"))
+
+
+def steps_for(model, capture: bool = True, compiled: bool = False) -> StaticSteps:
+    """The model's ``StaticSteps`` of that kind (kept while the model lives)."""
     with _STEPS_LOCK:
-        if model not in _STEPS:
-            _STEPS[model] = StaticSteps(model, capture=True)
-        return _STEPS[model]
+        kinds = _STEPS.setdefault(model, {})
+        if (capture, compiled) not in kinds:
+            kinds[(capture, compiled)] = StaticSteps(model, capture=capture, compiled=compiled)
+        return kinds[(capture, compiled)]

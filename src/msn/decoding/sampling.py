@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from msn.decoding.config import is_int, is_number
+from msn.decoding.checks import is_int, is_number
 from msn.errors import MsnError
 
 

@@ -1,0 +1,141 @@
+"""What a step costs on the model at hand, measured once per model, device and dtype and
+kept on disk: t(n), the wall time of a step with n inputs (``--tree auto`` weighs it), and
+whether a float32 CPU model computes a one-row product as two (``msn.decoding.cpu``).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import torch
+
+from msn.decoding import cache as kv
+from msn.decoding import cpu
+from msn.decoding import graphs as fixed
+from msn.decoding.autotree import LADDER, Latency, latency_key, load_latency, save_latency
+from msn.decoding.requests import context_limit, model_device, sync_device, vocab_size
+from msn.decoding.step import decode_one_token, fixed_step, prefill, tree_step
+from msn.decoding.tree import chain
+from msn.paths import read_stored, write_stored
+
+
+_LATENCY: dict[str, Latency] = {}
+
+
+def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Latency:
+    """t(n) of one tree step on this model, device and dtype (``graphs``: of the replayed
+    fixed-shape step): from memory, from the disk cache, or measured (a few seconds) and cached."""
+    device = model_device(model)
+    key = latency_key(model, device, model.dtype)
+    if graphs:
+        key["step"] = "graphs"
+    name = json.dumps(key, sort_keys=True)
+    if not refresh:
+        if name in _LATENCY:
+            return _LATENCY[name]
+        cached = load_latency(key)
+        if cached is not None:
+            _LATENCY[name] = cached
+            return cached
+    lat = Latency(measure_step_latency(model, graphs=graphs), key)
+    save_latency(lat)
+    _LATENCY[name] = lat
+    return lat
+
+
+def _timing_prompt(model, context: int):
+    """Where a timing starts: a new cache prefilled with ``context`` seeded random tokens (at
+    most a quarter of the model's positions). Returns (cache, context, the position limit,
+    the generator of the timing's further random tokens)."""
+    limit = context_limit(model) or 1 << 30
+    context = max(1, min(context, limit // 4))
+    g = torch.Generator().manual_seed(0)
+    cache = kv.new_cache(model)
+    prefill(model, torch.randint(vocab_size(model) or 2, (1, context), generator=g).to(model_device(model)), cache)
+    return cache, context, limit, g
+
+
+_ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % faster (timing noise)
+
+
+def one_row_kernel(model, *, refresh: bool = False) -> bool:
+    """Whether one-input forwards of this float32 CPU model compute their linear layers as
+    two-row products (``msn.decoding.cpu``): decided once per model, from the disk cache or
+    by timing (26 one-token forwards), and applied to every later one-input forward.
+    False, and nothing measured, on other devices and dtypes or with ``MSN_CPU_GEMM=0``."""
+    if not cpu.applies(model):
+        return False
+    if not refresh and cpu.decided(model):
+        return cpu.padded(model)
+    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
+           if k not in ("ladder", "one_row")}
+    stored = None if refresh else read_stored("one-row", key)
+    if not isinstance(stored, dict) or not isinstance(stored.get("padded"), bool):
+        seconds = measure_one_row(model)
+        stored = {"padded": seconds["padded"] < _ONE_ROW_MARGIN * seconds["linear"],
+                  "ms": {k: round(v * 1000, 3) for k, v in seconds.items()}}
+        write_stored("one-row", key, stored)
+    cpu.set_padded(model, stored["padded"])
+    return stored["padded"]
+
+
+@torch.inference_mode()
+def measure_one_row(model, context: int = 100, repeats: int = 12) -> dict[str, float]:
+    """Median wall seconds of a one-token forward after a ``context``-token prompt with the
+    matrix-vector product (``linear``) and with one row computed as two (``padded``), the two
+    alternating on one growing context (the first of each dropped as warm-up; a model with
+    few positions gets fewer repeats, at least one)."""
+    device = model_device(model)
+    cache, context, limit, _ = _timing_prompt(model, context)
+    repeats = max(1, min(repeats, (limit - context) // 2 - 1))
+    times = {False: [], True: []}
+    try:
+        for r in range(1 + repeats):
+            for on in ((False, True) if r % 2 else (True, False)):
+                cpu.set_padded(model, on)
+                t0 = time.perf_counter()
+                decode_one_token(model, 0, cache, device)
+                times[on].append(time.perf_counter() - t0)
+    finally:
+        cpu.set_padded(model, None)
+    return {"linear": statistics.median(times[False][1:]), "padded": statistics.median(times[True][1:])}
+
+
+@torch.inference_mode()
+def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 100,
+                         repeats: int = 5, graphs: bool = False) -> dict[int, float]:
+    """Median wall seconds of one tree step (forward, verification, cache work) with n
+    inputs after a ``context``-token prompt, for each n of ``ladder`` that fits.
+
+    The ladder is run in rounds, every n once per round on the same growing context (random
+    drafts are rejected, so each step adds one entry), so a passing load on the machine
+    touches every n alike. ``graphs``: the fixed-shape step replayed as a CUDA graph, on the
+    smallest buffers that hold the whole measurement (as a request of this length uses)."""
+    device = model_device(model)
+    cache, context, limit, g = _timing_prompt(model, context)
+    warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
+    rounds = warm + repeats
+    ladder = sorted(ladder)
+    while len(ladder) > 1 and context + rounds * len(ladder) + ladder[-1] >= limit:
+        ladder.pop()                         # a short model: the counts that fit its positions
+    vocab = vocab_size(model) or 2
+    cands = {n: torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device) for n in ladder}
+    steps = fixed.steps_for(model) if graphs else None
+    if steps is not None:
+        steps.begin(cache, context + rounds * len(ladder) + max(ladder), limit)
+    length, times = context, {n: [] for n in ladder}
+    for _ in range(rounds):
+        for n in ladder:
+            paths = tuple(chain(n - 1))
+            sync_device(device)
+            t0 = time.perf_counter()
+            if steps is not None:
+                new, feedback = fixed_step(steps, model, 0, paths, cands[n])
+            else:
+                new, feedback = tree_step(model, cache, length, 0, paths, cands[n], limit)
+            sync_device(device)
+            times[n].append(time.perf_counter() - t0)
+            length += 1 + feedback.accepted
+    return {n: statistics.median(t[warm:]) for n, t in times.items()}
