@@ -199,7 +199,7 @@ class StaticSteps:
         first = not shape.compiled
         t0 = time.perf_counter()
         try:
-            out = _compiled_body()(self, model, shape, False)
+            out = _compiled_body()(self, model, shape, False, kv.cache_kwargs(model, self.buf.cache))
         except Exception as e:      # noqa: BLE001 - a model or op inductor cannot compile: eager from here on
             self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             log.warning("msn: compiling the decoding step failed (%s); steps run eagerly", self.compile_error)
@@ -215,10 +215,12 @@ class StaticSteps:
                      shape.tree.num_inputs, self.buf.cache.capacity, seconds, self.compiles, MAX_COMPILED)
         return out
 
-    def _body(self, model, shape: _Shape, kernels: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _body(self, model, shape: _Shape, kernels: bool = True, cache_kwargs: dict | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's device work; no host sync, no allocation that depends on the context.
         ``kernels``: the CPU kernels of ``cpu.masked_forward`` (module swaps, which a compiled
-        step leaves to inductor)."""
+        step leaves to inductor); ``cache_kwargs``: ``kv.cache_kwargs`` of the buffers, made
+        outside a compiled step (it looks the keyword up in a cache dynamo would trace through)."""
         buf, tree = self.buf, shape.tree
         offsets = buf.slots[: tree.num_inputs]                       # 0..n-1
         positions = tree_positions(tree, buf.ctx, self.max_position)
@@ -229,7 +231,7 @@ class StaticSteps:
         with kv.writing_at(buf.cache, buf.ctx + offsets), \
                 (cpu.masked_forward(model, self.device) if kernels else contextlib.nullcontext()):
             logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
-                           **kv.cache_kwargs(model, buf.cache)).logits[0]
+                           **(cache_kwargs or kv.cache_kwargs(model, buf.cache))).logits[0]
         pred = logits.argmax(dim=-1)
         verdict = greedy_verify(tree, shape.ids, pred)
         if shape.moves:
