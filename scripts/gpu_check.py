@@ -16,7 +16,15 @@ Parts (``--parts``, in this order by default):
    candidate table started cold, graphs on (the default on CUDA);
 4. bf16: on the real model, how many outputs equal ar's in bfloat16, where they first
    differ, and the per-step agreement of the tree's argmax with a one-token forward;
-5. hf_static: ar against transformers' generate with a static cache (it may compile; last).
+5. hf_static: ar against transformers' generate with a static cache (it may compile; last);
+6. compiled: compiled steps (``compile="on"``, then replayed) of ar, pld, tr-jacobi (auto)
+   and tr-jacobi:reference beside transformers' compiled static-cache generate
+   (``hf-static``), every compilation paid by a warm-up question first;
+7. shapes: t(n) for n = 1 ... 69 of random-weight bfloat16 models with the shapes of
+   Llama-3.2-1B and Llama-3-8B (``SHAPES``), eager, replayed and (1B) compiled (n = 1 and 69),
+   and a projection of tr-jacobi's speedup over ar at those sizes from the measured t(n)
+   and the acceptance the reference run measured (``ACCEPTANCE``): a projection, not a
+   measurement of a 1B/8B MSN model (``projection``, written as markdown by ``--projection``).
 
 A ``claims`` block checks the GPU acceptance lines from what was measured. Runs offline;
 parts that fail are reported in the JSON with their error, the rest goes on. Tested on CPU
@@ -238,6 +246,125 @@ def hf_static(path: str, device: str, max_new: int, out_dir: Path, questions) ->
     return {m: {k: v["overall"][k] for k in pick} for m, v in s["methods"].items()}
 
 
+# Shapes of the models users fine-tune (from their published configs); random weights cost the same.
+SHAPES = {
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, tie_word_embeddings=True,
+                         max_position_embeddings=131072, rope_theta=500000.0),
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, head_dim=128, vocab_size=128256, tie_word_embeddings=False,
+                       max_position_embeddings=8192, rope_theta=500000.0),
+}
+# A CPU test of the part: the same code on shapes a CPU steps in milliseconds.
+TINY_SHAPES = {name: dict(cfg, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, vocab_size=512) for name, cfg in SHAPES.items()}
+# Mean accepted tokens per step of tr-jacobi (reference tree, 69 inputs) measured by the reference
+# run (SmolLM2-135M fine-tuned on code, H200, float32; ../shared/docs/background.md section 3b).
+ACCEPTANCE = {"base": 2.08, "plain SFT": 2.28, "MSN, 1 span": 3.14, "MSN, 4 spans": 3.48}
+REFERENCE_INPUTS = 69
+# Shapes whose compiled t(1) and t(69) are measured too: each compilation of a 16-layer graph takes
+# tens of seconds, and the 8B graph's would not fit the call beside the compiled bench.
+COMPILED_SHAPES = ("llama-3.2-1b",)
+
+
+def shape_model(name: str, device: str, tiny: bool = False):
+    """A random-weight bfloat16 Llama of the named shape, made on the device (no host copy)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**(TINY_SHAPES if tiny else SHAPES)[name])
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    return model.eval()
+
+
+def shapes(device: str, tiny: bool = False) -> dict:
+    """t(n) of each ``SHAPES`` model: eager, replayed (CUDA) and compiled (n = 1 and 69), in ms."""
+    from msn.decoding.timing import measure_step_latency
+
+    ms = lambda d: {str(n): round(1e3 * s, 3) for n, s in d.items()}     # noqa: E731
+    out = {}
+    for name in SHAPES:
+        model = shape_model(name, device, tiny)
+        row = {"parameters_b": round(sum(p.numel() for p in model.parameters()) / 1e9, 3),
+               "eager_ms": ms(measure_step_latency(model))}
+        cuda = device.startswith("cuda")
+        if cuda:
+            row["graphs_ms"] = ms(measure_step_latency(model, graphs=True))
+        if name in COMPILED_SHAPES:
+            t0 = time.time()
+            row["compiled_ms"] = ms(measure_step_latency(model, ladder=(1, REFERENCE_INPUTS), graphs=cuda,
+                                                         compiled=True))
+            row["compiled_measure_s"] = round(time.time() - t0, 1)
+        out[name] = row
+        del model
+        if cuda:
+            torch.cuda.empty_cache()
+    return out
+
+
+def projection(shape_rows: dict) -> list[dict]:
+    """tr-jacobi's projected speedup over ar per shape and training: accepted tokens per step
+    (``ACCEPTANCE``) x t(1) / t(69), both from the one kind of step msn's default would run
+    there (compiled and replayed where measured, else replayed, else eager)."""
+    rows = []
+    big = str(REFERENCE_INPUTS)
+    for name, row in shape_rows.items():
+        if not isinstance(row, dict):
+            continue
+        kind = next((k for k in ("compiled_ms", "graphs_ms", "eager_ms") if {"1", big} <= set(row.get(k, {}))), None)
+        if kind is None:
+            continue
+        step = kind.replace("_ms", "")
+        one, tree = (row[kind]["1"], step), (row[kind][big], step)
+        for training, accepted in ACCEPTANCE.items():
+            rows.append({"shape": name, "training": training, "t1_ms": one[0], "t1_step": one[1],
+                         "t69_ms": tree[0], "t69_step": tree[1], "t69_over_t1": round(tree[0] / one[0], 3),
+                         "accepted_tokens": accepted, "projected_speedup": round(accepted * one[0] / tree[0], 2)})
+    return rows
+
+
+def projection_markdown(report: dict) -> str:
+    rows = projection(report.get("shapes", {}))
+    lines = [f"# Projection: tr-jacobi's speedup over ar at 1B and 8B shapes ({report.get('device', '?')})", "",
+             "**A projection, not a measurement of a 1B/8B MSN model.** Step costs t(n) are measured on random-weight "
+             "bfloat16 models with the shapes of Llama-3.2-1B and Llama-3-8B (`scripts/gpu_check.py --parts shapes`, "
+             "configs in `SHAPES`; weights do not change a step's cost); the accepted tokens per step are those the "
+             "reference run measured for tr-jacobi's reference tree (69 inputs) on SmolLM2-135M fine-tuned on code "
+             "(background.md section 3b). Projected speedup = accepted tokens x t(1) / t(69), both t of the kind "
+             "of step msn runs there by default (compiled and replayed where measured, else replayed). A larger "
+             "model's own acceptance may differ.", "",
+             "| shape | training | t(1) ms | t(69) ms | t(69)/t(1) | accepted tokens/step | projected speedup |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['training']} | {r['t1_ms']} ({r['t1_step']}) | {r['t69_ms']} ({r['t69_step']}) "
+                     f"| {r['t69_over_t1']} | {r['accepted_tokens']} | {r['projected_speedup']}x |")
+    return "\n".join(lines) + "\n"
+
+
+def compiled(path: str, device: str, max_new: int, out_dir: Path, questions) -> dict:
+    """ar, pld, tr-jacobi (auto) and tr-jacobi:reference with compiled steps against transformers'
+    compiled static-cache generate, one question per category of three, after a warm-up
+    question of a fourth category at full length in the same process (every compilation of
+    both sides lands there, outside the timing)."""
+    from msn.bench.harness import BenchConfig, run_bench
+
+    methods = ["ar", "hf-static", "pld", "tr-jacobi", "tr-jacobi:reference"]
+    common = dict(model=path, bench="spec-bench", questions=questions, limit=1, max_new_tokens=max_new, device=device,
+                  dtype="float32", methods=methods, compile="on")
+    t0 = time.time()
+    run_bench(BenchConfig(out=str(out_dir / "bench-compiled-warmup"), categories=["math_reasoning"], warmup=1, **common))
+    warm_s = round(time.time() - t0, 1)
+    s = run_bench(BenchConfig(out=str(out_dir / "bench-compiled"), categories=["qa", "summarization", "translation"],
+                              warmup=1, reset_recycle=True, **common))
+    pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
+    rows = {m: {k: v["overall"][k] for k in pick} for m, v in s["methods"].items()}
+    base = rows.get("hf-static", {}).get("tokens_per_s")
+    for m in rows:
+        if base:
+            rows[m]["over_hf_static"] = round(rows[m]["tokens_per_s"] / base, 3)
+    return {"methods": rows, "warmup_s": warm_s}
+
+
 def claims(report: dict) -> dict:
     """The GPU acceptance lines, checked from what was measured (None where a part is missing)."""
     out = {}
@@ -256,6 +383,15 @@ def claims(report: dict) -> dict:
             out[f"{name}: over hf-generate"] = {"value": round(over, 3), "limit": 2.0, "holds": over >= 2.0}
     if "lossless" in report and "all_equal" in report["lossless"]:
         out["lossless"] = {"holds": report["lossless"]["all_equal"]}
+    comp = report.get("compiled", {}).get("methods", {})
+    if comp.get("hf-static", {}).get("tokens_per_s"):
+        for name, limit in (("ar", 1.0), ("tr-jacobi", 1.3)):
+            if name in comp:
+                v = comp[name]["over_hf_static"]
+                out[f"compiled {name} over compiled hf-static"] = {"value": v, "limit": limit, "holds": v >= limit}
+    rows = projection(report.get("shapes", {}))
+    if rows:
+        out["projection rows"] = {"value": len(rows), "holds": True}
     return out
 
 
@@ -272,7 +408,9 @@ def main() -> int:
     ap.add_argument("--categories", help="comma-separated Spec-Bench categories (default all)")
     ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"),
                     help="Spec-Bench question.jsonl (default ../shared/data/spec_bench/question.jsonl)")
-    ap.add_argument("--parts", default="lossless,latency,profile,bench,bf16,hf_static")
+    ap.add_argument("--parts", default="lossless,latency,profile,bench,bf16,hf_static,compiled,shapes")
+    ap.add_argument("--tiny-shapes", action="store_true", help="shapes: tiny stand-ins of SHAPES (a CPU test)")
+    ap.add_argument("--projection", help="also write the projection table (markdown) here, from the shapes part")
     a = ap.parse_args()
 
     out_path = Path(a.out)
@@ -306,7 +444,9 @@ def main() -> int:
             "profile": lambda: step_profile(source, a.device),
             "bench": lambda: bench(path, a.device, a.limit, a.max_new_tokens, work, categories, a.questions),
             "bf16": lambda: bf16_agreement(path, a.device, prompts(), min(a.max_new_tokens, 64)),
-            "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work, a.questions)}
+            "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work, a.questions),
+            "compiled": lambda: compiled(path, a.device, a.max_new_tokens, work, a.questions),
+            "shapes": lambda: shapes(a.device, a.tiny_shapes)}
     for name in a.parts.split(","):
         t0 = time.time()
         try:
@@ -317,6 +457,8 @@ def main() -> int:
         report["claims"] = claims(report)
         out_path.write_text(json.dumps(report, indent=2) + "\n")
         print(f"{name}: {report[f'{name}_s']} s", file=sys.stderr, flush=True)
+    if a.projection and projection(report.get("shapes", {})):
+        Path(a.projection).write_text(projection_markdown(report))
     print(json.dumps(report["claims"], indent=1))
     return 0
 

@@ -14,6 +14,10 @@
 # Call 2 (carry runs/carry2, within 30 s while the machine is warm): joins the model and runs
 # the bench, bf16 agreement and the hf-static baseline.
 #   bash scripts/gpu_check.sh second runs/carry2/smollm2.gguf.part01 $OUT
+# Call 3 (no carry, while the machine is still warm: it reuses the model call 2 joined in /tmp):
+# compiled steps against transformers' compiled static-cache generate, t(n) at Llama-3.2-1B and
+# Llama-3-8B shapes (random bfloat16 weights) and the projection table, at most 6 minutes.
+#   bash scripts/gpu_check.sh compiled $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -26,6 +30,7 @@ case "${1:-}" in
     ;;
   second)
     cat /tmp/smollm2.gguf.part00 "$2" > /tmp/smollm2.gguf
+    cp "$(dirname "$2")/question.jsonl" /tmp/question.jsonl
     if ! python -c "import gguf" 2>/dev/null; then
       pip install -q --no-index --no-deps --target /tmp/site /tmp/gguf-*.whl
       export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -35,8 +40,16 @@ case "${1:-}" in
       --questions "$(dirname "$2")/question.jsonl" \
       --out "$3/gpu_check-2.json"
     ;;
+  compiled)
+    if ! python -c "import gguf" 2>/dev/null; then
+      export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    mkdir -p "$2"
+    timeout "${LIMIT:-360}" python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --parts shapes,compiled \
+      --questions /tmp/question.jsonl --out "$2/gpu_check-compiled.json" --projection "$2/gpu-compiled-projection.md"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh first CARRY1_DIR OUT_DIR | second PART01_FILE OUT_DIR" >&2
+    echo "usage: bash scripts/gpu_check.sh first CARRY1_DIR OUT_DIR | second PART01_FILE OUT_DIR | compiled OUT_DIR" >&2
     exit 2
     ;;
 esac

@@ -11,8 +11,8 @@ model's step. Elsewhere the same step runs eagerly (the tests check it equals th
 cache's step token for token).
 
 With ``compile`` the step's device work is compiled by ``torch.compile`` (static shapes:
-one compilation per tree and buffer size, at most ``MAX_COMPILED`` per model; on CUDA the
-compiled step is then captured and replayed as above). Compiled steps give the same tokens
+one compilation per tree and buffer size, on the shape's ``COMPILE_AFTER``-th step, at most
+``MAX_COMPILED`` per model; on CUDA the compiled step is then captured and replayed as above). Compiled steps give the same tokens
 as eager ones (tests on CPU, inductor); a step that fails to compile runs eagerly from then
 on, with the reason in ``describe()``.
 
@@ -44,6 +44,8 @@ KEEP_BUCKETS = 6           # buffer sizes (each with its captured trees) kept pe
 MAX_SHAPES = 64            # trees captured per model and capacity; others run eagerly on the same buffers
 STEP_ROOM = 128            # room past the context for one step's inputs (the reference tree has 69)
 MAX_COMPILED = 16          # step shapes compiled per model (tree x buffer size); others run eagerly
+COMPILE_AFTER = 3          # a shape is compiled (and, compiled, captured) on its third step: a shape
+                           # ``--tree auto`` tries once, or explores, never pays a compilation
 
 log = logging.getLogger("msn")
 
@@ -69,6 +71,7 @@ class _Shape:
     graph: object = None
     outputs: tuple = field(default_factory=tuple)
     compiled: bool = False               # whether its compiled step has run (compiled once)
+    uses: int = 0                        # steps run with this shape
 
 
 def capacity_for(need: int, limit: int | None, start: int = MIN_CAPACITY) -> int:
@@ -159,6 +162,7 @@ class StaticSteps:
         if self.length + n > self.buf.cache.capacity:
             self._grow(self.length + n + STEP_ROOM)
         shape = self.buf.shapes.get(paths) or self._shape(paths)
+        shape.uses += 1
         self.buf.ctx.fill_(self.length)
         shape.ids[:1].fill_(root)
         if n > 1:
@@ -167,7 +171,9 @@ class StaticSteps:
             shape.graph.replay()
             self.replays += 1
             return shape.outputs
-        if self.capture and self.error is None and len(self.buf.shapes) <= MAX_SHAPES:
+        # A shape that will be compiled is captured once compiled, not before (its eager graph would stay).
+        ready = not self._compiles(shape) or shape.uses >= COMPILE_AFTER
+        if self.capture and self.error is None and len(self.buf.shapes) <= MAX_SHAPES and ready:
             out = self._capture(model, shape)
             if out is not None:
                 return out
@@ -193,8 +199,7 @@ class StaticSteps:
 
     def _run(self, model, shape: _Shape) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The step's device work: compiled where asked and possible, else eager."""
-        if not self.compiled or self.compile_error is not None or (not shape.compiled
-                                                                  and self.compiles >= MAX_COMPILED):
+        if not self._compiles(shape) or shape.uses < COMPILE_AFTER:
             return self._body(model, shape)
         first = not shape.compiled
         t0 = time.perf_counter()
@@ -214,6 +219,10 @@ class StaticSteps:
             log.info("msn: compiled the step of %d inputs on %d-position buffers in %.1f s (%d of at most %d)",
                      shape.tree.num_inputs, self.buf.cache.capacity, seconds, self.compiles, MAX_COMPILED)
         return out
+
+    def _compiles(self, shape: _Shape) -> bool:
+        """Whether this shape's step is (or will be, once hot) compiled."""
+        return self.compiled and self.compile_error is None and (shape.compiled or self.compiles < MAX_COMPILED)
 
     def _body(self, model, shape: _Shape, kernels: bool = True, cache_kwargs: dict | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

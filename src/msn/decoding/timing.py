@@ -105,24 +105,27 @@ def measure_one_row(model, context: int = 100, repeats: int = 12) -> dict[str, f
 
 @torch.inference_mode()
 def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int = 100,
-                         repeats: int = 5, graphs: bool = False) -> dict[int, float]:
+                         repeats: int = 5, graphs: bool = False, compiled: bool = False) -> dict[int, float]:
     """Median wall seconds of one tree step (forward, verification, cache work) with n
     inputs after a ``context``-token prompt, for each n of ``ladder`` that fits.
 
     The ladder is run in rounds, every n once per round on the same growing context (random
     drafts are rejected, so each step adds one entry), so a passing load on the machine
-    touches every n alike. ``graphs``: the fixed-shape step replayed as a CUDA graph, on the
+    touches every n alike. ``compiled``: the fixed-shape step compiled (``graphs``: and then
+    replayed), its compilation in the warm-up rounds. ``graphs``: the fixed-shape step replayed as a CUDA graph, on the
     smallest buffers that hold the whole measurement (as a request of this length uses)."""
     device = model_device(model)
     cache, context, limit, g = _timing_prompt(model, context)
     warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
+    if compiled:
+        warm = fixed.COMPILE_AFTER + 1       # compiled on the COMPILE_AFTER-th step, then warmed
     rounds = warm + repeats
     ladder = sorted(ladder)
     while len(ladder) > 1 and context + rounds * len(ladder) + ladder[-1] >= limit:
         ladder.pop()                         # a short model: the counts that fit its positions
     vocab = vocab_size(model) or 2
     cands = {n: torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device) for n in ladder}
-    steps = fixed.steps_for(model) if graphs else None
+    steps = fixed.steps_for(model, capture=graphs, compiled=compiled) if graphs or compiled else None
     if steps is not None:
         steps.begin(cache, context + rounds * len(ladder) + max(ladder), limit)
     length, times = context, {n: [] for n in ladder}
