@@ -221,6 +221,11 @@ def step_profile(source: dict, device: str, n: int = 69) -> dict:
     return out
 
 
+def _overall(summary: dict, pick: tuple[str, ...]) -> dict:
+    """Each method's ``pick`` figures over all questions of a ``run_bench`` summary."""
+    return {m: {k: v["overall"][k] for k in pick} for m, v in summary["methods"].items()}
+
+
 def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categories, questions) -> dict:
     from msn.bench.harness import BenchConfig, run_bench
 
@@ -231,7 +236,7 @@ def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categ
                                                                         "tr-jacobi:reference"], reset_recycle=True,
                                  **common))
     pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
-    rows = {m: {k: v["overall"][k] for k in pick} for m, v in main["methods"].items()}
+    rows = _overall(main, pick)
     return {"methods": rows, "auto_tree": main["auto_tree"]}
 
 
@@ -243,7 +248,7 @@ def hf_static(path: str, device: str, max_new: int, out_dir: Path, questions) ->
                               categories=["qa", "summarization", "translation"], max_new_tokens=max_new, device=device,
                               dtype="float32", warmup=2, methods=["ar", "hf-generate", "hf-static"]))
     pick = ("speedup", "tokens_per_s", "match_rate")
-    return {m: {k: v["overall"][k] for k in pick} for m, v in s["methods"].items()}
+    return _overall(s, pick)
 
 
 # Shapes of the models users fine-tune (from their published configs); random weights cost the same.
@@ -357,7 +362,7 @@ def compiled(path: str, device: str, max_new: int, out_dir: Path, questions) -> 
     s = run_bench(BenchConfig(out=str(out_dir / "bench-compiled"), categories=["qa", "summarization", "translation"],
                               warmup=1, reset_recycle=True, **common))
     pick = ("speedup", "mean_accepted_tokens", "tokens_per_s", "match_rate")
-    rows = {m: {k: v["overall"][k] for k in pick} for m, v in s["methods"].items()}
+    rows = _overall(s, pick)
     base = rows.get("hf-static", {}).get("tokens_per_s")
     for m in rows:
         if base:

@@ -34,6 +34,10 @@ import collections
 import random
 import time
 
+import torch
+
+from msn.decoding.history import find_continuation, leading_matches
+
 SUPPORTED = ("0.32.",)
 WINDOW = 256          # scored chains of each kind the choice is based on (the latest)
 SEED_EVERY = 8        # a request with no guess is seeded for a Jacobi chain once in this many steps ...
@@ -83,15 +87,6 @@ def _hook_sampler() -> None:
     _HOOKED = True
 
 
-def leading_matches(chain: list[int], truth: list[int]) -> int:
-    right = 0
-    for a, b in zip(chain, truth):
-        if a != b:
-            break
-        right += 1
-    return right
-
-
 class MsnProposer:
     """The retrieval or the Jacobi chain per request, chosen by measured acceptance (see the
     module doc)."""
@@ -119,9 +114,6 @@ class MsnProposer:
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu, slot_mappings=None) -> list[list[int]]:
         """Per request in the batch: its drafts (possibly none)."""
-        import torch
-
-        from msn.decoding.history import find_continuation
 
         self._steps += 1
         now = time.perf_counter()

@@ -23,6 +23,7 @@ import bisect
 import hashlib
 from dataclasses import dataclass, field
 
+from msn.decoding.history import leading_matches
 from msn.decoding.tree import REFERENCE_TREE, Path
 from msn.paths import read_stored, write_stored
 
@@ -135,12 +136,7 @@ def score(record: StepRecord, truth: list[int]) -> Outcome:
     ranks = []
     for row, tok in zip(record.table, truth):
         ranks.append(row.index(tok) if tok in row else None)
-    right = 0
-    for drafted, tok in zip(record.retrieved, truth):
-        if drafted != tok:
-            break
-        right += 1
-    return Outcome(tuple(ranks), right, guessed=bool(record.table and record.table[0]), found=record.found)
+    return Outcome(tuple(ranks), leading_matches(record.retrieved, truth), guessed=bool(record.table and record.table[0]), found=record.found)
 
 
 def _accepted_path(ranks: tuple[int | None, ...], nodes) -> list[Path]:

@@ -154,14 +154,12 @@ class DecodeConfig:
                            "in the CLI)")
         if self.do_sample:
             self.sampling_params()
-        if self.graphs not in GRAPH_CHOICES:
-            raise MsnError(f"graphs must be one of {', '.join(GRAPH_CHOICES)}, got {self.graphs!r}")
-        if self.graphs == "on" and self.do_sample and self.sampling_params() is not None:
-            raise MsnError("graphs='on' applies to greedy decoding; sampling runs eagerly (use graphs='auto')")
-        if self.compile not in COMPILE_CHOICES:
-            raise MsnError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
-        if self.compile == "on" and self.do_sample and self.sampling_params() is not None:
-            raise MsnError("compile='on' applies to greedy decoding; sampling runs eagerly (use compile='auto')")
+        for name, choices in (("graphs", GRAPH_CHOICES), ("compile", COMPILE_CHOICES)):
+            value = getattr(self, name)
+            if value not in choices:
+                raise MsnError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+            if value == "on" and self.do_sample and self.sampling_params() is not None:
+                raise MsnError(f"{name}='on' applies to greedy decoding; sampling runs eagerly (use {name}='auto')")
 
     def sampling_params(self):
         """The validated ``SamplingParams``, or None when decoding is greedy (no sampling,

@@ -206,7 +206,7 @@ class StaticSteps:
         try:
             out = _compiled_body()(self, model, shape, False, kv.cache_kwargs(model, self.buf.cache))
         except Exception as e:      # noqa: BLE001 - a model or op inductor cannot compile: eager from here on
-            self.compile_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.compile_error = _reason(e)
             log.warning("msn: compiling the decoding step failed (%s); steps run eagerly", self.compile_error)
             return self._body(model, shape)
         if first:
@@ -265,10 +265,15 @@ class StaticSteps:
             self.captures += 1
             return out
         except Exception as e:      # an attention or model that will not capture: eager from here on
-            self.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            self.error = _reason(e)
             shape.graph = None
             torch.cuda.synchronize(self.device)
             return None
+
+
+def _reason(e: Exception) -> str:
+    """Why capture or compilation was given up, in one line for ``describe()``."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
 
 
 _COMPILED = None

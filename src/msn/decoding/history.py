@@ -98,3 +98,13 @@ def find_continuation(history: torch.Tensor, max_ngram: int, length: int, *,
         start = int(hits[-1] if latest else hits[0]) + n
         return history[start : min(start + length, t)].tolist()
     return []
+
+
+def leading_matches(drafts: list[int], truth: list[int]) -> int:
+    """How many leading ``drafts`` equal the tokens that came (``truth``): what a chain accepts."""
+    right = 0
+    for drafted, tok in zip(drafts, truth):
+        if drafted != tok:
+            break
+        right += 1
+    return right
