@@ -106,6 +106,17 @@ CLI_CASES = [
     (["serve", "--model", "{ckpt}", "--api-key", " "], "--api-key must be a non-empty string"),
     (["generate", "--model", "HuggingFaceTB/NoSuchModel-135M", "--prompt", "hi"], "msn fetch"),
     (["generate", "--model", "{ckpt}", "--prompt", "hi", "--method", "nope"], "--method: invalid choice"),
+    (["export-lora", "--base", "/no/such/model", "--tuned", "{ckpt}", "--out", "o", "--rank", "4"], "does not exist"),
+    (["export-lora", "--base", "{ckpt}", "--tuned", "{ckpt}", "--out", "o", "--rank", "4"], "equals the base model"),
+    (["export-lora", "--base", "{ckpt}", "--tuned", "{ckpt}", "--out", "o", "--rank", "4", "--budget-mib", "2"],
+     "not allowed with argument"),
+    (["export-lora", "--base", "{ckpt}", "--tuned", "{ckpt}", "--out", "o", "--budget-mib", "-1"],
+     "--budget-mib must be positive"),
+    (["export-lora", "--base", "{ckpt}", "--tuned", "{ckpt}", "--out", "{good}", "--rank", "4"], "is a file, not a folder"),
+    (["export-lora", "--base", "{ckpt}", "--tuned", "{ckpt}", "--out", "o", "--rank", "4", "--dtype", "int8"],
+     "unknown dtype"),
+    (["fetch", "no-such-model"], "unknown model 'no-such-model'"),
+    (["generate", "--model", "{adapter_nobase}", "--prompt", "hi"], "names no base model"),
 ]
 if not torch.cuda.is_available():
     CLI_CASES.append((["generate", "--model", "{ckpt}", "--prompt", "hi", "--device", "cuda"], "no CUDA device"))
@@ -134,7 +145,9 @@ def files(tmp_path, ckpt):
     (tmp_path / "strings.jsonl").write_text('{"prompt": "hi"}\n"just a string"\n')
     (tmp_path / "latin1q.jsonl").write_bytes(b'{"prompt": "a"}\n' + '{"prompt": "caf\xe9"}\n'.encode("latin-1"))
     (tmp_path / "folder").mkdir()
-    return {"{ckpt}": str(ckpt), "{trunc}": str(trunc), "{arrays}": str(tmp_path / "arrays.jsonl"),
+    (tmp_path / "adapter_nobase").mkdir()
+    (tmp_path / "adapter_nobase" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": None}))
+    return {"{adapter_nobase}": str(tmp_path / "adapter_nobase"), "{ckpt}": str(ckpt), "{trunc}": str(trunc), "{arrays}": str(tmp_path / "arrays.jsonl"),
             "{strings}": str(tmp_path / "strings.jsonl"), "{latin1q}": str(tmp_path / "latin1q.jsonl"),
             "{folder}": str(tmp_path / "folder"), "{empty}": str(tmp_path / "empty.jsonl"), "{badschema}": str(tmp_path / "bad.jsonl"),
             "{badtype}": str(tmp_path / "badtype.jsonl"), "{good}": str(tmp_path / "good.jsonl"),

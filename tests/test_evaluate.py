@@ -93,11 +93,21 @@ def test_reproduce_smoke(tmp_path):
 
     base = tiny_checkpoint(tmp_path / "base")
     res = run("smoke", tmp_path / "out", base_model=str(base))
-    assert set(res["models"]) == {"base", *PRESETS["smoke"].names}
-    for entry in res["models"].values():
-        assert entry["humaneval_problems"] == 2 and entry["held_out_loss"] > 0
+    adapters = PRESETS["smoke"].adapters
+    assert adapters == ["msn-1span-lora", "msn-4spans-lora"]
+    assert set(res["models"]) == {"base", *PRESETS["smoke"].names, *adapters}
+    for name, entry in res["models"].items():
+        assert entry["humaneval_problems"] == (0 if name in adapters else 2) and entry["held_out_loss"] > 0
         assert all(v["match_rate"] == 1.0 for v in entry["accept"].values())
         assert set(entry["accept"]) == set(PRESETS["smoke"].accept_methods)
+    # Every MSN variant's adapter is exported within the budget and evaluated merged; the best
+    # variant's one gets its model card and prompts.
+    shipped = res["adapter"]
+    assert shipped["model"] in adapters and shipped["from"] == shipped["model"].removesuffix("-lora")
+    assert 0 < shipped["kept"]["overall"] <= 1 and shipped["bytes"] <= PRESETS["smoke"].adapter_mib * 2 ** 20
+    assert shipped["tr_jacobi"] == res["models"][shipped["model"]]["accept"]["tr-jacobi"]["mean_accepted_tokens"]
+    for f in ("adapter_model.safetensors", "adapter_config.json", "README.md", "prompts.jsonl"):
+        assert (tmp_path / "out" / shipped["model"] / f).exists(), f
     assert res["claim"]["msn"] == "msn-4spans" and res["claim"]["min_match_rate"] == 1.0
     assert set(res["timing"]["methods"]) == {"ar", "hf-generate", "tr-jacobi"}
     for f in ("results.json", "results.md", "acceptance.png", "sft/msn_config.json", "msn-4spans/msn_config.json"):

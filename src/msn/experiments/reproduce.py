@@ -134,7 +134,7 @@ PRESETS = {
     "smoke": Preset(steps=2, batch_size=2, max_length=128, warmup=0, variants=GPU_VARIANTS, parallel=True,
                     heldout_loss_examples=4, accept_prompts=2, accept_tokens=8, humaneval_limit=2,
                     humaneval_tokens=16, humaneval_batch=2, timing_prompts=1, timing_tokens=8,
-                    timing_methods=("ar", "hf-generate", "tr-jacobi"), adapter_mib=0.3),
+                    timing_methods=("ar", "hf-generate", "tr-jacobi"), adapter_mib=2),
 }
 
 
@@ -463,6 +463,28 @@ def model_card(results: dict) -> str:
     lines += ["", "## Licence", "", f"The base model's: {spec.license if spec else 'see the base model'}. The "
               "training data is derived from the Python standard library (PSF License)."]
     return "\n".join(lines) + "\n"
+
+
+def time_alone(name: str, path: str, out: Path, questions: Path, preset: Preset) -> dict:
+    """Wall-clock speedups of one model alone: ``msn bench`` on the first timing prompts."""
+    from msn.bench.harness import BenchConfig, run_bench
+
+    summary = out / "summary.json"
+    if not summary.exists():
+        rows = questions.read_text().splitlines()[: preset.timing_prompts]
+        subset = out / "questions.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        subset.write_text("\n".join(rows) + "\n")
+        run_bench(BenchConfig(model=path, out=str(out), bench=str(subset), methods=list(preset.timing_methods),
+                              max_new_tokens=preset.timing_tokens, warmup=1, dtype="float32"))
+    bench = json.loads(summary.read_text())
+    overall = {m: v["overall"] for m, v in bench["methods"].items()}
+    hf = overall.get("hf-generate", {}).get("tokens_per_s")
+    return {"model": name, "prompts": preset.timing_prompts, "max_new_tokens": preset.timing_tokens,
+            "methods": {m: {"tokens_per_s": v["tokens_per_s"], "mean_accepted_tokens": v["mean_accepted_tokens"],
+                            "speedup_over_ar": v["speedup"],
+                            "speedup_over_hf_generate": v["tokens_per_s"] / hf if hf else None,
+                            "match_rate": v["match_rate"]} for m, v in overall.items()}}
 
 
 def claim(entries: dict, preset: Preset) -> dict | None:
