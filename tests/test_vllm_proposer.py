@@ -2,6 +2,7 @@
 request of a batch, and that no other msn module imports vLLM. (tests/with_vllm runs it inside a
 vLLM engine: scripts/test-vllm.sh.)"""
 
+import collections
 import sys
 import types
 from pathlib import Path
@@ -127,9 +128,9 @@ def test_a_poor_jacobi_chain_is_not_drafted_and_seeding_is_rare(monkeypatch):
 
 
 def test_chain_length_follows_measured_acceptance_and_step_cost(monkeypatch):
-    """Whole chains while nothing is measured; then the length with the most expected tokens
-    per second under the fitted step cost: short when drafts are rarely right and each fed
-    token costs much, whole when they are right and tokens cost little."""
+    """Whole chains while nothing is measured; then whole or none, whichever gives more expected
+    tokens per second under the fitted step cost: none when drafts are rarely right and each fed
+    token costs much, whole when they are right or tokens cost little."""
     prop = _proposer(monkeypatch, k=5)
     assert prop.step_cost() is None and prop.length("retrieval", 5, batch=1) == 5
     prop._steps = 1
@@ -145,3 +146,29 @@ def test_chain_length_follows_measured_acceptance_and_step_cost(monkeypatch):
     prop._costs.clear()
     prop._costs.extend((n, 0.01 + 0.01 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))
     assert prop.length("retrieval", 5, batch=1) == 5
+
+
+def test_a_request_that_copies_drafts_where_the_average_one_would_not(monkeypatch):
+    """The expectation is the request's own scored chains shrunk towards the kind's mean: with
+    costly tokens a request whose chains were right drafts whole, one with no history of its own
+    (or a new request in its row) does not; a batch of 8 shares the fixed cost, so it drafts
+    less readily than one request alone."""
+    prop = _proposer(monkeypatch, k=5)
+    prop._steps = 1
+    prop.scores["retrieval"].extend([0] * 20)
+    prop._rows[3] = {"retrieval": collections.deque([5, 5, 5, 4])}
+    prop._costs.extend((n, 0.02 + 0.01 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))
+    assert prop.expected("retrieval", 3) == pytest.approx(19 / 6) and prop.expected("retrieval", 0) == 0
+    assert prop.length("retrieval", 5, batch=1, row=3) == 5 and prop.length("retrieval", 5, batch=1, row=0) == 0
+    prop.scores["retrieval"].clear()
+    prop.scores["retrieval"].extend([1] * 20)                       # one right draft per chain on average
+    prop._rows.clear()
+    prop._costs.clear()
+    prop._costs.extend((n, 0.05 + 0.005 * n) for n in (1, 2, 4, 6, 1, 3, 5, 6, 2, 4))
+    assert prop.length("retrieval", 5, batch=1, row=0) == 5         # alone: the fixed cost pays for it
+    assert prop.length("retrieval", 5, batch=8, row=0) == 0         # in a batch of 8 it does not
+    table, lengths = _batch([[5, 6, 7, 8]])
+    prop._rows[0] = {"retrieval": collections.deque([5])}
+    prop._lengths[0] = 9
+    prop._score(0, 4, table[0])                                     # shorter than before: another request
+    assert 0 not in prop._rows

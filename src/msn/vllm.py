@@ -18,10 +18,15 @@ proposers see token ids only. ``MsnProposer`` drafts, per request, one of two ch
 Which chain a request gets is chosen by expected accepted tokens: after every step each
 chain a request was offered is scored against the tokens the engine then produced (how
 many of its leading drafts were right), and the running means over the latest ``WINDOW``
-scored chains of each kind decide. Its length is adapted like ``--tree auto``: the engine's
-step time is measured between calls and fitted as a + b x tokens fed, and each chain is cut
-to the length with the most expected tokens per second (``MsnProposer.length``). vLLM's rejection sampler keeps greedy outputs identical
-and sampled ones exactly distributed, whatever is drafted.
+scored chains of each kind decide. Its length is chosen like ``--tree auto``, by measured
+cost: the engine's step time is measured between calls and fitted as a + b x tokens fed,
+and a chain is drafted whole where that gives more expected tokens per second than drafting
+nothing, else not at all (``MsnProposer.length``). The expectation is the request's own:
+its latest scored chains of that kind, shrunk towards the kind's mean (``PRIOR``). A chain
+is not cut short: acceptance is all or nothing more often than not (a copied span goes on,
+or the first draft is wrong), so a cut chain mostly loses the long accepts that pay for
+the fed tokens. vLLM's rejection sampler keeps greedy outputs identical and sampled ones
+exactly distributed, whatever is drafted.
 
 Written for vLLM 0.32 (``SUPPORTED``): other versions are refused with one line, because the
 proposer interface and the sampler hooked are not a stable public API. This is the only msn
@@ -44,7 +49,9 @@ SEED_EVERY = 8        # a request with no guess is seeded for a Jacobi chain onc
 SEED_RARELY = 64      # ... and once in this many after 32 scored Jacobi chains measured below MIN_JACOBI
 MIN_JACOBI = 0.3      # right drafts per Jacobi chain below which a lone Jacobi chain is not drafted
 COST_WINDOW = 64      # engine steps the step-cost fit t = a + b x tokens is based on (the latest)
-FULL_EVERY = 16       # one step in this many drafts whole chains, so longer ones keep being scored
+FULL_EVERY = 16       # one step in this many drafts every chain, so dropped ones keep being scored
+ROW_WINDOW = 8        # a request's own latest scored chains, per kind, in its expected acceptance ...
+PRIOR = 2             # ... shrunk towards the kind's mean as if that were this many more chains
 
 # The hooked sampler's predictions of the last verification: per request of the batch, the
 # argmax after each fed token (the last context token, then each draft), in batch order.
@@ -102,6 +109,8 @@ class MsnProposer:
         self.used = collections.Counter()       # chains handed to vLLM, per kind (reports)
         # batch row -> offers awaiting their truth: (length then, the 8 tokens before, {kind: whole chain})
         self._pending: dict[int, list[tuple]] = {}
+        self._rows: dict[int, dict[str, collections.deque]] = {}    # batch row -> its scores per kind
+        self._lengths: dict[int, int] = {}                           # batch row -> its length last step
         self._steps = 0
         self._rng = random.Random(seed)
         self._costs: collections.deque = collections.deque(maxlen=COST_WINDOW)   # (tokens fed, seconds)
@@ -142,7 +151,7 @@ class MsnProposer:
                 drafts = [int(row[self._rng.randrange(n)]) for _ in range(room)]    # noise: the next step's guesses
                 kind = "seed"
             else:
-                drafts = chains[kind][: self.length(kind, len(chains[kind]), batch)] if kind is not None else []
+                drafts = chains[kind][: self.length(kind, len(chains[kind]), batch, i)] if kind is not None else []
             self.used[kind or "none"] += 1
             whole = {k: c for k, c in chains.items() if c}
             if whole:
@@ -166,23 +175,26 @@ class MsnProposer:
         b = max(0.0, sum((x - mx) * (y - my) for x, y in pts) / var)
         return max(my - b * mx, 1e-9), b
 
-    def length(self, kind: str, available: int, batch: int) -> int:
-        """How many of a ``kind`` chain's ``available`` drafts to hand vLLM: the length with the
-        most expected tokens per second, 1 + E[right drafts among the first L] (from the scored
-        chains) over this request's share of the step time a / batch + b x (1 + L). Whole
-        chains while nothing is measured, and on one step in ``FULL_EVERY``."""
-        cost, scores = self.step_cost(), self.scores.get(kind)
-        if cost is None or not scores or self._steps % FULL_EVERY == 0:
+    def expected(self, kind: str, row: int | None = None) -> float | None:
+        """Expected right drafts of a ``kind`` chain for the request in batch ``row``: its latest
+        scored chains of that kind, shrunk towards the kind's mean (None while nothing is scored)."""
+        mean = self.mean(kind)
+        if mean is None:
+            return None
+        own = self._rows.get(row, {}).get(kind, ()) if row is not None else ()
+        return (sum(own) + PRIOR * mean) / (len(own) + PRIOR)
+
+    def length(self, kind: str, available: int, batch: int, row: int | None = None) -> int:
+        """How many of a ``kind`` chain's ``available`` drafts to hand vLLM: all of them where
+        1 + the expected right drafts (``expected``) over this request's share of the step time,
+        a / batch + b x (1 + available), beats drafting nothing, 1 / (a / batch + b); else none.
+        Whole chains while nothing is measured, and on one step in ``FULL_EVERY``."""
+        cost, expected = self.step_cost(), self.expected(kind, row)
+        if cost is None or expected is None or self._steps % FULL_EVERY == 0:
             return available
         a, b = cost
         share = a / max(batch, 1)
-        best, best_rate = 0, 1.0 / (share + b)
-        for length in range(1, available + 1):
-            expected = sum(min(m, length) for m in scores) / len(scores)
-            rate = (1 + expected) / (share + b * (1 + length))
-            if rate > best_rate * (1 + 1e-9):
-                best, best_rate = length, rate
-        return best
+        return available if (1 + expected) / (share + b * (1 + available)) > 1 / (share + b) else 0
 
     def _choose(self, chains: dict[str, list[int]]) -> str | None:
         have = [k for k, c in chains.items() if c]
@@ -207,17 +219,24 @@ class MsnProposer:
         vLLM), once the row holds the tokens they guessed: how many leading drafts were right.
         An offer whose row now holds another request (its context before the offer changed)
         is dropped."""
+        if n < self._lengths.get(i, 0):
+            self._rows.pop(i, None)         # shorter than last step: another request
+        self._lengths[i] = n
         keep = []
         for n_then, before, chains in self._pending.get(i, ()):
             if n < n_then or [int(t) for t in row[max(0, n_then - len(before)) : n_then]] != before:
+                self._rows.pop(i, None)     # another request: its scores are not this one's
                 continue
             need = max(len(c) for c in chains.values())
             if n < n_then + need:
                 keep.append((n_then, before, chains))
                 continue
             truth = [int(t) for t in row[n_then : n_then + need]]
+            mine = self._rows.setdefault(i, {})
             for kind, chain in chains.items():
-                self.scores[kind].append(leading_matches(chain, truth))
+                score = leading_matches(chain, truth)
+                self.scores[kind].append(score)
+                mine.setdefault(kind, collections.deque(maxlen=ROW_WINDOW)).append(score)
         self._pending[i] = keep
 
     def load_model(self, *args, **kwargs) -> None:
