@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# Set-up plus the default test suite (CPU, a few minutes). Extra arguments go to pytest.
+# Set-up plus the tests (CPU): the default suite, then, when no arguments are given, the vLLM
+# tests in their own environment (scripts/test-vllm.sh builds .venv-vllm once; MSN_SKIP_VLLM=1
+# leaves them out). Extra arguments go to pytest and run the default suite alone.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+if [ $# -eq 0 ] && [ "${MSN_SKIP_VLLM:-0}" != 1 ]; then
+  bash scripts/test-vllm.sh
+fi
