@@ -109,6 +109,9 @@ def test_what_export_refuses(tmp_path):
         ad.export_lora(other, tuned, tmp_path / "x", rank=2, log=lambda *_: None)
     with pytest.raises(MsnError, match="equals the base model"):
         ad.export_lora(base, base, tmp_path / "x", rank=2, log=lambda *_: None)
+    norms_only = _tuned_pair(tmp_path / "n", "llama", only="norm")[1]
+    with pytest.raises(MsnError, match="a LoRA adapter needs a changed linear layer"):
+        ad.export_lora(base, norms_only, tmp_path / "x", rank=2, log=lambda *_: None)
     with pytest.raises(MsnError, match="exactly one of --rank and --budget-mib"):
         ad.export_lora(base, tuned, tmp_path / "x", log=lambda *_: None)
     with pytest.raises(MsnError, match="--rank must be positive"):

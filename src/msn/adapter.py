@@ -163,13 +163,18 @@ def export_lora(base, tuned, out: str | os.PathLike, *, rank: int | None = None,
     out = ensure_output_dir(out, "--out")
     if base_ref is None:
         base_ref = str(base) if isinstance(base, (str, os.PathLike)) else base.config.name_or_path
-    load = lambda m: load_model(resolve(str(m)), dtype=torch.float32).to(dev).eval() \
-        if isinstance(m, (str, os.PathLike)) else m  # noqa: E731
+    def load(m):
+        return load_model(resolve(str(m)), dtype=torch.float32).to(dev).eval() if isinstance(m, (str, os.PathLike)) \
+            else m
+
     base_model, tuned_model = load(base), load(tuned)
     with torch.no_grad():
         targets, whole, unchanged = plan(base_model, tuned_model)
         if not targets and not whole:
             raise MsnError("the tuned model equals the base model: there is no difference to export")
+        if not targets:
+            raise MsnError(f"only {', '.join(whole)} changed: a LoRA adapter needs a changed linear layer or "
+                           "embedding (save the tuned checkpoint itself)")
         whole_bytes = sum(p.numel() * 4 for m in whole for p in tuned_model.get_submodule(m).parameters()) + \
             sum(t.bias.numel() * 4 for t in targets if t.bias is not None)
         itemsize = torch.empty((), dtype=store).element_size()
