@@ -59,6 +59,8 @@ CLI_CASES = [
     (["reproduce", "--preset", "ablation", "--noise-spans", "4", "--out", "o"], "--noise-spans: they need a preset other"),
     (["reproduce", "--preset", "smoke", "--models", "base,gpt4", "--out", "o"], "unknown model(s) gpt4"),
     (["reproduce", "--preset", "smoke", "--noise-spans", "0", "--out", "o"], "noise spans must be positive"),
+    (["reproduce", "--preset", "smoke", "--models", "base,msn-4spans-lora", "--out", "o"],
+     "an adapter needs its model: add msn-4spans"),
     (["reproduce", "--preset", "smoke", "--base-model", "/nonexistent/m", "--out", "o"], "does not exist"),
     (["reproduce", "--preset", "smoke", "--data", "/tmp", "--out", "o"], "no train.jsonl or heldout.jsonl"),
     (["generate", "--model", "{ckpt}", "--prompt", "hi", "--temperature", "-1"], "temperature must be a number >= 0"),
