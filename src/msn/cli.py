@@ -519,8 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--data", help="a built stdlib code set (msn data stdlib-code OUT) instead of building one "
                    "here; a machine with another Python has another standard library")
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
-    r.add_argument("--models", help="comma-separated models to train/evaluate: base and the preset's variants "
-                   "(default all)")
+    r.add_argument("--models", help="comma-separated models to train/evaluate: base, the preset's variants and "
+                   "(gpu, smoke) their adapters, NAME-lora (default all)")
     r.add_argument("--noise-spans", type=int, help="train one MSN variant with this many noise spans per sample "
                    "(named msn-Nspans) instead of the preset's")
     r.set_defaults(func=cmd_reproduce)
