@@ -511,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "are skipped, so rerunning continues an interrupted run.")
     r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "ablation"], default="cpu",
                    help="cpu: ~2 h on 2 cores (base, sft, msn); pilot: <1 h on 2 cores; gpu: one H100/H200 in "
-                   "under 9 minutes, ~3 epochs (base, sft, msn-1span, msn-4spans; trained at once, evaluated at "
-                   "once); smoke: the gpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "
+                   "under 9 minutes, ~3 epochs (base, sft, msn-1span, msn-4spans, and a LoRA adapter of each MSN model "
+                   "under 32 MiB; trained at once, evaluated at once); smoke: the gpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "
                    "8 noise spans, evaluated every 60 steps, and the TR-Jacobi trees timed (~2 h on 2 cores)")
     r.add_argument("--base-model", help="model to start from instead of fetching SmolLM2-135M-Instruct: a "
                    "checkpoint folder, a .gguf file or a folder holding one (converted once)")
