@@ -272,9 +272,3 @@ def merged_model(path: str | os.PathLike, dtype=None, base: str | None = None, *
     except (OSError, ValueError, RuntimeError, KeyError) as e:
         raise MsnError(f"cannot apply the adapter {path}: {str(e).splitlines()[0]}") from None
     return model.to(dtype) if dtype is not None else model
-
-
-def summary_line(report: dict) -> str:
-    return (f"rank {report['rank']} ({report['dtype']}), {report['bytes'] / MiB:.1f} MiB, "
-            f"{report['kept']['overall']:.1%} of the difference kept")
-

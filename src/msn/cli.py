@@ -59,12 +59,11 @@ def cmd_fetch(a) -> int:
 # -- export-lora -------------------------------------------------------------------------
 
 def cmd_export_lora(a) -> int:
-    from msn.adapter import export_lora, summary_line
+    from msn.adapter import export_lora
 
     report = export_lora(a.base, a.tuned, a.out, rank=a.rank, budget_mib=a.budget_mib, dtype=a.dtype,
                          device=a.device, log=lambda m: print(m, file=sys.stderr))
     print(json.dumps({"out": a.out, "rank": report["rank"], "bytes": report["bytes"], "kept": report["kept"]}))
-    print(summary_line(report), file=sys.stderr)
     return 0
 
 

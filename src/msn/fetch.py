@@ -249,14 +249,22 @@ def _make_root(root: Path) -> None:
         raise MsnError(f"cannot create cache folder {root}: {e.strerror}; pass --cache-dir") from None
 
 
+def shipped_adapter(key: str) -> Path | None:
+    """The folder of the known adapter ``key`` in this package, or None while none has been produced."""
+    from msn.adapter import ADAPTER_WEIGHTS, is_adapter_folder
+
+    folder = adapters_dir() / key
+    return folder if is_adapter_folder(folder) and (folder / ADAPTER_WEIGHTS).is_file() else None
+
+
 def _fetch_adapter(key: str, cache_dir, log) -> Path:
     """The base of a shipped adapter with the adapter merged, saved once per adapter file."""
-    from msn.adapter import ADAPTER_WEIGHTS, is_adapter_folder, merged_model
+    from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, merged_model
     from msn.loading import load_tokenizer
 
     spec = KNOWN_ADAPTERS[key]
-    folder = adapters_dir() / key
-    if not (is_adapter_folder(folder) and (folder / ADAPTER_WEIGHTS).is_file()):
+    folder = shipped_adapter(key)
+    if folder is None:
         raise MsnError(f"no {key} adapter has been produced yet: `msn reproduce --preset gpu` makes it on a GPU "
                        f"(scripts/gpu_reproduce.sh) and it ships in msn/adapters/{key}/ once committed; until then "
                        f"use {spec.base}")
@@ -274,13 +282,11 @@ def _fetch_adapter(key: str, cache_dir, log) -> Path:
         merged_model(folder, base=str(base)).save_pretrained(staging)
         load_tokenizer(str(base)).save_pretrained(staging)
         for extra in folder.iterdir():      # the model card, its prompts and measurements
-            if extra.is_file() and extra.suffix in (".md", ".json", ".jsonl") and extra.name != "adapter_config.json":
+            if extra.is_file() and extra.suffix in (".md", ".json", ".jsonl") and extra.name != ADAPTER_CONFIG:
                 shutil.copy(extra, staging / extra.name)
-        for notice in base.iterdir():
-            if notice.suffix in (".html",) or notice.name == "NOTICE.md":
-                shutil.copy(notice, staging / notice.name)
-        done_tmp = staging / DONE_MARKER
-        done_tmp.write_text(stamp)
+        for _, member in KNOWN_MODELS[spec.base].notices:     # the base model's licence texts
+            shutil.copy(base / Path(member).name, staging / Path(member).name)
+        (staging / DONE_MARKER).write_text(stamp)
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)

@@ -171,20 +171,16 @@ def _msn_model(msn_model: str | None):
     ships one (else None, with a line saying so)."""
     from pathlib import Path
 
-    from msn.errors import MsnError
-    from msn.fetch import fetch
+    from msn.fetch import fetch, shipped_adapter
 
     if msn_model in (None, "none"):
         return None
     if msn_model != "auto":
         return Path(msn_model)
-    try:
-        return fetch(SHIPPED_MSN_MODEL, log=lambda m: print(m, flush=True))
-    except MsnError as e:
-        if "has been produced yet" not in str(e):
-            raise
-        print(f"msn demo: {e}")
+    if shipped_adapter(SHIPPED_MSN_MODEL) is None:
+        print(f"msn demo: no {SHIPPED_MSN_MODEL} adapter has been produced yet (msn reproduce --preset gpu makes it)")
         return None
+    return fetch(SHIPPED_MSN_MODEL, log=lambda m: print(m, flush=True))
 
 
 SHIPPED_MSN_MODEL = "smollm2-msn-code"

@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from msn.adapter import REPORT, export_lora
+from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT, export_lora
 from msn.errors import MsnError
 from msn.experiments.stages import prepare, train_stage, variant_noise
 from msn.noise import DEFAULT_NOISE_SPANS
@@ -378,7 +378,7 @@ def shipped_adapter(entries: dict) -> dict | None:
 
 # What comes back from a device machine: at most 8 files of 16 MiB (DEVELOPERS.md).
 RETURN_PART_BYTES = 15 * (1 << 20) + (1 << 19)
-ADAPTER_FILES = ("adapter_config.json", "README.md", "prompts.jsonl", REPORT)
+ADAPTER_FILES = (ADAPTER_CONFIG, "README.md", "prompts.jsonl", REPORT)
 
 
 def collect(out: Path, dest: Path) -> list[Path]:
@@ -400,17 +400,17 @@ def collect(out: Path, dest: Path) -> list[Path]:
         for name in ADAPTER_FILES:
             shutil.copy(folder / name, target / name)
             written.append(target / name)
-        config = json.loads((target / "adapter_config.json").read_text())
+        config = json.loads((target / ADAPTER_CONFIG).read_text())
         known = known_model_of(config["base_model_name_or_path"])
         if known:
             config["base_model_name_or_path"] = known
-            (target / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        weights = folder / "adapter_model.safetensors"
+            (target / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        weights = folder / ADAPTER_WEIGHTS
         size = weights.stat().st_size
         chunk = -(-size // -(-size // RETURN_PART_BYTES))        # the fewest parts, of equal size
         with open(weights, "rb") as f:
             for i, block in enumerate(iter(lambda: f.read(chunk), b"")):
-                part = target / f"adapter_model.safetensors.part{i:02d}"
+                part = target / f"{ADAPTER_WEIGHTS}.part{i:02d}"
                 part.write_bytes(block)
                 written.append(part)
     return written
