@@ -158,3 +158,40 @@ def test_ablation_smoke(tmp_path):
     assert res["summary"]["models"]["msn"]["noise_spans"] == 2
     assert (tmp_path / "out" / "ablation.png").stat().st_size > 0
     assert (tmp_path / "out" / "ablation.md").read_text().count("\n| ") == len(res["rows"])
+
+
+def test_reproduce_cpu_smoke(tmp_path):
+    """The cpu preset's pipeline on a tiny model: the base's own answers as training data, the
+    learning curve's checkpoints evaluated, the code requests in a user's own words scored per
+    request, and a rerun that reuses every stage and gives the same figures."""
+    from msn.errors import MsnError
+    from msn.experiments.reproduce import PRESETS, run
+
+    preset = PRESETS["cpu-smoke"]
+    base = tiny_checkpoint(tmp_path / "base")
+    res = run("cpu-smoke", tmp_path / "out", base_model=str(base))
+    out = tmp_path / "out"
+    info = json.loads((out / "data-self" / "info.json").read_text())
+    assert info["prompts"] == preset.distill_prompts and 0 < info["kept"] <= info["prompts"]
+    # Every kept response is the base's own answer to its prompt, which training then reads.
+    answers = [json.loads(line) for line in (out / "data-self" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == preset.distill_prompts
+    assert preset.checkpoints == ["sft@2", "msn@2"]
+    assert set(res["models"]) == {"base", "sft", "msn", "sft@2", "msn@2", "msn-lora"}
+    for name, entry in res["models"].items():
+        assert all(v["match_rate"] == 1.0 for v in entry["accept"].values()), name
+        assert (entry["humaneval_problems"] > 0) == (name in ("sft", "msn")), name
+        own = entry.get("accept_own_words")
+        assert (own is not None) == (name in ("base", "sft", "msn", "msn-lora")), name
+        if own:
+            assert all(len(v["per_prompt"]) == 10 and v["match_rate"] == 1.0 for v in own.values())
+    assert [e["train_step"] for e in (res["models"]["msn@2"], res["models"]["msn"])] == [2, 4]
+    assert res["claim"]["humaneval_paired"]["problems"] == 2
+    md = (out / "results.md").read_text()
+    assert "## Learning curve" in md and "## Code requests in a user's own words" in md
+    assert (out / "curve.png").exists()
+    again = run("cpu-smoke", out, base_model=str(base))
+    assert again["models"] == res["models"]
+    # Another budget into the same folder would mix runs: refused in one line.
+    with pytest.raises(MsnError, match="other settings"):
+        run("cpu-smoke", out, base_model=str(base), steps=6)

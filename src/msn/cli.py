@@ -77,6 +77,16 @@ def cmd_data(a) -> int:
     return 0
 
 
+def cmd_self_distill(a) -> int:
+    from msn.data.distill import self_distill
+
+    info = self_distill(a.model, a.data, a.out, limit=a.limit, max_new_tokens=a.max_new_tokens,
+                        batch_size=a.batch_size, seed=a.seed, device=a.device)
+    print(f"{info['kept']} of {info['prompts']} answers kept ({info['unfinished']} cut at {info['max_new_tokens']} "
+          f"tokens) in {a.out}/train.jsonl")
+    return 0
+
+
 # -- train -------------------------------------------------------------------------------
 
 def cmd_train(a) -> int:
@@ -296,11 +306,11 @@ def cmd_reproduce(a) -> int:
 
     if a.preset == "ablation":
         _refuse_unused(a, "a preset other than ablation", True, noise_spans="--noise-spans", models="--models",
-                       data="--data")
+                       data="--data", steps="--steps")
         ablation(Path(a.out), base_model=a.base_model)
     else:
         models = tuple(m for m in a.models.split(",") if m) if a.models else None
-        run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data)
+        run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data, a.steps)
     return 0
 
 
@@ -355,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--held-out-percent", type=int, help="percent of top-level modules held out (default 10)")
     sc.add_argument("--max-lines", type=int, help="longest function kept, in lines (default 40)")
     sc.set_defaults(func=cmd_data)
+    sd = dsub.add_parser("self-distill", help="a records set whose responses are the model's own greedy answers",
+                         description="Answers the prompts of DATA/train.jsonl with the model's greedy decoding "
+                         "(batched; resumable: answers are kept after every batch) and writes OUT/train.jsonl; "
+                         "answers cut by --max-new-tokens are left out. DATA/heldout.jsonl is copied unchanged.")
+    sd.add_argument("--model", required=True, help="the model whose answers to keep (the base you will fine-tune)")
+    sd.add_argument("--data", required=True, help="a folder with train.jsonl ({prompt, response} records)")
+    sd.add_argument("--out", required=True, help="output folder (train.jsonl, heldout.jsonl, answers.jsonl, info.json)")
+    sd.add_argument("--limit", type=int, help="answer a seeded sample of this many prompts (default: all)")
+    sd.add_argument("--max-new-tokens", type=int, default=320, help="longest answer (default 320)")
+    sd.add_argument("--batch-size", type=int, default=16, help="prompts answered at once (default 16)")
+    sd.add_argument("--seed", type=int, default=42, help="seed of the sample (default 42)")
+    sd.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    sd.set_defaults(func=cmd_self_distill)
 
     t = sub.add_parser("train", help="MSN fine-tuning (drop-in for SFT); --no-noise for plain SFT",
                        description="Fine-tunes a causal LM with MSN noise on response tokens. Runs as is on one "
@@ -508,10 +531,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Fetch, build data, fine-tune SFT and MSN with identical settings, evaluate "
                        "base/SFT/MSN (held-out loss, HumanEval pass@1, all decoders). Stages whose output exists "
                        "are skipped, so rerunning continues an interrupted run.")
-    r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "ablation"], default="cpu",
-                   help="cpu: ~2 h on 2 cores (base, sft, msn); pilot: <1 h on 2 cores; gpu: one H100/H200 in "
+    r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "cpu-smoke", "ablation"], default="cpu",
+                   help="cpu: ~2 h on 2 cores: sft and msn on the base's own answers to 600 training prompts, "
+                   "evaluated at a third, two thirds and all of 120 steps, HumanEval, code requests in a user's "
+                   "own words, a LoRA adapter under 16 MiB; pilot: <1 h on 2 cores; gpu: one H100/H200 in "
                    "under 9 minutes, ~3 epochs (base, sft, msn-1span, msn-4spans, and a LoRA adapter of each MSN model "
-                   "under 32 MiB; trained at once, evaluated at once); smoke: the gpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "
+                   "under 32 MiB; trained at once, evaluated at once); smoke / cpu-smoke: the gpu / cpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "
                    "8 noise spans, evaluated every 60 steps, and the TR-Jacobi trees timed (~2 h on 2 cores)")
     r.add_argument("--base-model", help="model to start from instead of fetching SmolLM2-135M-Instruct: a "
                    "checkpoint folder, a .gguf file or a folder holding one (converted once)")
@@ -520,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="runs/smollm2-code", help="output folder")
     r.add_argument("--models", help="comma-separated models to train/evaluate: base, the preset's variants and "
                    "(gpu, smoke) their adapters, NAME-lora (default all)")
+    r.add_argument("--steps", type=int, help="training steps of every variant instead of the preset's (the "
+                   "learning curve keeps its fractions): more time, more training; a rerun into the same --out must "
+                   "give the same")
     r.add_argument("--noise-spans", type=int, help="train one MSN variant with this many noise spans per sample "
                    "(named msn-Nspans) instead of the preset's")
     r.set_defaults(func=cmd_reproduce)

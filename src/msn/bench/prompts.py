@@ -109,3 +109,28 @@ def humaneval_instruction(code_prompt: str) -> str:
     """The chat instruction used for a HumanEval problem."""
     return ("Complete the following Python function. Answer with the whole function in one "
             f"```python code block.\n\n```python\n{code_prompt}```")
+
+
+# Code requests in a user's own words, written for msn's tests of a code fine-tune (not drawn from
+# the stdlib code set, nor in its prompt format): what a user of a code model types.
+CODE_REQUESTS = (
+    "Write a Python function that checks whether a string is a palindrome, ignoring case and spaces.",
+    "I need a Python function that merges two sorted lists into one sorted list without using sort().",
+    "Can you write a function to count how many times each word appears in a text file? Return a dict.",
+    "Write a Python class for a simple stack with push, pop, peek and is_empty methods.",
+    "Give me a function that flattens a nested list of any depth in Python.",
+    "Write a Python function that reads a CSV file and returns the average of a given numeric column.",
+    "Implement binary search in Python: return the index of the target in a sorted list, or -1.",
+    "Write a Python function that returns the n-th Fibonacci number using memoization.",
+    "How do I remove duplicate items from a list in Python while keeping their order? Write a function.",
+    "Write a function that validates an email address with a regular expression in Python.",
+)
+
+
+def write_questions(path: Path, prompts, category: str) -> Path:
+    """Writes ``prompts`` as a question file (one ``{"question_id", "category", "turns"}`` per line)."""
+    import json
+
+    path.write_text("".join(json.dumps({"question_id": i, "category": category, "turns": [p]}) + "\n"
+                            for i, p in enumerate(prompts)), encoding="utf-8")
+    return path

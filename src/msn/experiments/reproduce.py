@@ -51,6 +51,8 @@ ACCEPT_METHODS = {
     "recycle": ("recycle", {}),
     "tr-jacobi-merged": ("tr-jacobi", {"tree": "reference", "drafts": "merged"}),
 }
+# Rows scored on the code requests in a user's own words (``msn.bench.prompts.CODE_REQUESTS``).
+OWN_WORDS_METHODS = ("ar", "tree-noret", "tr-jacobi", "tr-jacobi-merged", "pld")
 # Rows that draft from the model's recycled candidate table: each starts it empty.
 RECYCLING = ("recycle", "tr-jacobi-merged")
 
@@ -76,6 +78,15 @@ class Preset:
         precision: training precision (evaluation is always float32, so every decoder's
             output can be checked against ``ar``'s token for token).
         adapter_mib: size budget of each MSN variant's LoRA adapter (0: none).
+        data: ``human`` trains on the stdlib code set's own responses; ``self`` on the base
+            model's greedy answers to ``distill_prompts`` of its prompts (a seeded sample;
+            ``msn.data.distill``; answers longer than ``distill_tokens`` are left out).
+        distill_keep_cut: keep the answers cut at ``distill_tokens`` too (test presets: a random
+            model rarely ends its answer).
+        curve: evaluate the checkpoints at these fractions of the steps as well (the learning
+            curve); each fraction times ``steps`` must be a multiple of steps / len(curve) + 1.
+        humaneval_base: HumanEval of the base model too.
+        own_words: acceptance on the code requests in a user's own words as well.
     """
 
     steps: int = 150
@@ -101,6 +112,14 @@ class Preset:
     timing_methods: tuple[str, ...] = ("ar", "hf-generate", "pld", "tr-jacobi")
     precision: str = "fp32"
     adapter_mib: float = 0.0
+    data: str = "human"
+    distill_prompts: int = 600
+    distill_tokens: int = 320
+    distill_batch: int = 16
+    distill_keep_cut: bool = False
+    curve: tuple[float, ...] = ()
+    humaneval_base: bool = True
+    own_words: bool = False
 
     @property
     def names(self) -> list[str]:
@@ -111,15 +130,39 @@ class Preset:
         """The adapter model of every MSN variant, when the preset makes adapters."""
         return [f"{name}{LORA}" for name, spans in self.variants if spans and self.adapter_mib > 0]
 
+    @property
+    def curve_steps(self) -> list[int]:
+        """The training steps of the learning curve's earlier points (the last is ``steps``)."""
+        return sorted({round(f * self.steps) for f in self.curve if 0 < round(f * self.steps) < self.steps})
+
+    @property
+    def save_steps(self) -> int:
+        """Checkpoint interval: every curve point is a checkpoint."""
+        import math
+
+        return math.gcd(self.steps, *self.curve_steps) if self.curve_steps else max(self.steps // 3, 1)
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """The learning curve's checkpoint models, named VARIANT@STEP."""
+        return [f"{name}{AT}{k}" for name in self.names for k in self.curve_steps]
+
 
 LORA = "-lora"    # an adapter model's name: its variant's, with this suffix
+AT = "@"          # a checkpoint model's name: its variant's, this, and its step
 
 
 GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
 PRESETS = {
-    # About 2 hours on a 2-core CPU: a tenth of an epoch, too few tokens to show the effect.
-    "cpu": Preset(),
+    # About 2 hours on a 2-core CPU: plain SFT and MSN on the base's own answers to 600 training
+    # prompts (self-distilled), 120 steps of 4, evaluated at 40, 80 and 120 steps.
+    "cpu": Preset(steps=120, lr=1e-4, warmup=0, data="self", curve=(1 / 3, 2 / 3), heldout_loss_examples=100,
+                  accept_prompts=10, accept_stride=50, accept_tokens=128, accept_batch=10,
+                  accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "tr-jacobi-merged", "pld"),
+                  humaneval_tokens=320, humaneval_batch=16, humaneval_base=False, own_words=True,
+                  timing_prompts=5, timing_tokens=128, timing_methods=("ar", "hf-generate", "pld", "tr-jacobi"),
+                  adapter_mib=16),
     # Under an hour on a 2-core CPU: a first look, not the claim.
     "pilot": Preset(steps=60, heldout_loss_examples=100, accept_prompts=8, humaneval_limit=20,
                     humaneval_tokens=256, timing_prompts=3),
@@ -135,6 +178,13 @@ PRESETS = {
                     heldout_loss_examples=4, accept_prompts=2, accept_tokens=8, humaneval_limit=2,
                     humaneval_tokens=16, humaneval_batch=2, timing_prompts=1, timing_tokens=8,
                     timing_methods=("ar", "hf-generate", "tr-jacobi"), adapter_mib=2),
+    # Minutes on a tiny model: the cpu preset's pipeline (self-distilled data, learning curve,
+    # requests in a user's own words), not the method.
+    "cpu-smoke": Preset(steps=4, batch_size=2, max_length=128, warmup=0, data="self", distill_prompts=40,
+                        distill_tokens=8, distill_batch=4, distill_keep_cut=True, curve=(0.5,), heldout_loss_examples=4, accept_prompts=2,
+                        accept_tokens=8, accept_batch=2, humaneval_limit=2, humaneval_tokens=16, humaneval_batch=2,
+                        humaneval_base=False, own_words=True, timing_prompts=1, timing_tokens=8,
+                        timing_methods=("ar", "tr-jacobi"), adapter_mib=2),
 }
 
 
@@ -144,8 +194,8 @@ def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, lo
         _child(log_file)
     train_stage(Path(target), base, Path(data), variant_noise(spans, preset.noise_len), steps=preset.steps,
                 batch_size=preset.batch_size, max_length=preset.max_length, lr=preset.lr,
-                save_steps=max(preset.steps // 3, 1), grad_accum=preset.grad_accum, precision=preset.precision,
-                warmup=preset.warmup)
+                save_steps=preset.save_steps, grad_accum=preset.grad_accum, precision=preset.precision,
+                warmup=preset.warmup, save_total_limit=0 if preset.curve_steps else None)
 
 
 def _child(path: str) -> None:
@@ -198,9 +248,10 @@ def _run_all(jobs: list[tuple[str, tuple]], target, what: str, log_dir: Path, pa
 
 
 def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset: Preset, humaneval: bool,
-                  log_file: str | None) -> None:
-    """Held-out loss, HumanEval (with ``humaneval``) and acceptance of one model (a checkpoint or an
-    adapter folder, merged), written to ``result_file``."""
+                  own_words: str | None, log_file: str | None) -> None:
+    """Held-out loss, HumanEval (with ``humaneval``), acceptance of one model (a checkpoint or an
+    adapter folder, merged) and, with ``own_words`` (a question file), its acceptance on those
+    requests, written to ``result_file``."""
     from msn.data.records import ensure_chat_template
     from msn.evaluate import heldout_loss, humaneval_pass1
     from msn.loading import load_for_inference
@@ -221,20 +272,24 @@ def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset
     t_he = time.time()
     accept = acceptance(model, tok, Path(questions), preset.accept_methods, preset.accept_tokens, preset.accept_batch,
                         progress=progress)
+    t_acc = time.time()
+    own = acceptance(model, tok, Path(own_words), OWN_WORDS_METHODS, preset.accept_tokens, preset.accept_batch,
+                     progress=progress, per_prompt=True) if own_words else None
     entry = {"path": path, "held_out_loss": loss, "humaneval_pass1": he["pass1"], "humaneval_problems": he["problems"],
-             "accept": accept,
-             "seconds": {"loss": t_loss - t, "humaneval": t_he - t_loss, "accept": time.time() - t_he}}
+             "accept": accept, **({"accept_own_words": own} if own is not None else {}),
+             "seconds": {"loss": t_loss - t, "humaneval": t_he - t_loss, "accept": t_acc - t_he,
+                         "own_words": time.time() - t_acc}}
     if humaneval:
         Path(result_file).with_suffix(".humaneval.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in he["results"]))
-    Path(result_file).write_text(json.dumps(entry, indent=2) + "\n")
+    _save(Path(result_file), entry)
 
 
 def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, batch: int,
-               progress: bool = True) -> dict:
+               progress: bool = True, per_prompt: bool = False) -> dict:
     """Mean accepted tokens per step of each decoder (``ACCEPT_METHODS`` rows) on the
     questions' first turns, decoded in batches; match_rate is the share of outputs
-    identical to ``ar``'s."""
+    identical to ``ar``'s. ``per_prompt`` adds each prompt's tokens per step and match."""
     import msn
     from msn.data.records import encode_prompt
     from tqdm import tqdm
@@ -263,12 +318,17 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
         table[name] = {"mean_accepted_tokens": kept / steps if steps else 0.0, "steps": steps,
                        "tokens": sum(len(r.tokens) for r in rs), "prompts": len(rs),
                        "match_rate": sum(r.tokens == a.tokens for r, a in zip(rs, outputs["ar"])) / len(rs)}
+        if per_prompt:
+            table[name]["per_prompt"] = [{"tokens": len(r.tokens), "steps": r.steps,
+                                          "mean_accepted_tokens": sum(r.accept_lengths) / r.steps if r.steps else 0.0,
+                                          "identical": r.tokens == a.tokens} for r, a in zip(rs, outputs["ar"])]
     return table
 
 
 def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, spans: int | None = None,
-        base_model: str | None = None, data: str | None = None) -> dict:
-    """Runs (or continues) a reproduction into ``out``; returns the results dict."""
+        base_model: str | None = None, data: str | None = None, steps: int | None = None) -> dict:
+    """Runs (or continues) a reproduction into ``out``; returns the results dict. ``steps``
+    overrides the preset's training steps (the learning curve keeps its fractions)."""
     import torch
 
     preset = PRESETS[preset_name]
@@ -276,7 +336,12 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         if spans < 1:
             raise MsnError(f"noise spans must be positive, got {spans}")
         preset = replace(preset, variants=(("sft", 0), (f"msn-{spans}span" + "s" * (spans > 1), spans)))
-    known = ["base", *preset.names, *preset.adapters]
+    if steps is not None:
+        if steps < 1:
+            raise MsnError(f"--steps must be positive, got {steps}")
+        preset = replace(preset, steps=steps)
+    _same_settings(out, preset_name, preset)
+    known = ["base", *preset.names, *preset.checkpoints, *preset.adapters]
     models = tuple(models or known)
     unknown = sorted(set(models) - set(known))
     if unknown:
@@ -290,14 +355,42 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
     t = time.time()
     base, data_dir, questions = prepare(out, preset.accept_prompts, base_model, data, stride=preset.accept_stride)
     times.setdefault("setup_s", round(time.time() - t, 1))
-    paths = {"base": str(base), **{n: str(out / n) for n in [*preset.names, *preset.adapters]}}
+    train_dir = data_dir
+    if preset.data == "self":
+        from msn.data.distill import self_distill
 
-    to_train = [(n, s) for n, s in preset.variants if n in models and not (out / n / "msn_config.json").exists()]
-    t = time.time()
-    _run_all([(n, (paths[n], str(base), str(data_dir), s, preset)) for n, s in to_train], _train_one, "train", out,
-             preset.parallel)
-    if to_train:
+        t = time.time()
+        train_dir = out / "data-self"
+        fresh = not (train_dir / "info.json").exists()
+        self_distill(base, data_dir, train_dir, limit=preset.distill_prompts, max_new_tokens=preset.distill_tokens,
+                     batch_size=preset.distill_batch, keep_unfinished=preset.distill_keep_cut)
+        if fresh:
+            times["distill_s"] = round(time.time() - t + times.get("distill_s", 0), 1)
+        _save(out / "times.json", times)
+    own_words = None
+    if preset.own_words:
+        from msn.bench.prompts import CODE_REQUESTS, write_questions
+
+        own_words = write_questions(out / "own_words_questions.jsonl", CODE_REQUESTS, "code-request")
+    paths = {"base": str(base), **{n: str(out / n) for n in [*preset.names, *preset.adapters]},
+             **{n: str(out / n.split(AT)[0] / f"checkpoint-{n.split(AT)[1]}") for n in preset.checkpoints}}
+
+    to_train = [(n, s) for n, s in preset.variants
+                if (n in models or any(m.split(AT)[0] == n for m in models))
+                and not (out / n / "msn_config.json").exists()]
+    if preset.parallel and len(to_train) > 1:
+        t = time.time()
+        _run_all([(n, (paths[n], str(base), str(train_dir), s, preset)) for n, s in to_train], _train_one, "train",
+                 out, True)
         times["train_s"] = round(time.time() - t, 1)
+    else:
+        for n, s in to_train:       # one after another, each variant's time its own
+            t = time.time()
+            try:
+                _train_one(paths[n], str(base), str(train_dir), s, preset, None)
+            finally:                # a run cut short still counts the minutes it trained
+                times[f"train_{n}_s"] = round(time.time() - t + times.get(f"train_{n}_s", 0), 1)
+                _save(out / "times.json", times)
     _save(out / "times.json", times)
 
     to_export = [n for n in models if n.endswith(LORA) and not (out / n / REPORT).exists()]
@@ -310,15 +403,26 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
 
     to_eval = [n for n in models if not (out / f"eval_{n}.json").exists()]
     t = time.time()
+    final = lambda n: n in preset.names or n == "base"  # noqa: E731  (not a checkpoint, not an adapter)
     _run_all([(n, (paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset,
-                   not n.endswith(LORA))) for n in to_eval], _evaluate_one, "eval", out, preset.parallel)
+                   final(n) and (n != "base" or preset.humaneval_base),
+                   str(own_words) if own_words and (final(n) or n.endswith(LORA)) else None))
+              for n in to_eval], _evaluate_one, "eval", out, preset.parallel)
     if to_eval:
         times["eval_s"] = round(time.time() - t, 1)
     _save(out / "times.json", times)
     entries = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in models}
     spans_of = dict(preset.variants)
     for n, e in entries.items():
-        e["noise_spans"] = spans_of.get(n.removesuffix(LORA))
+        he_file = out / f"eval_{n}.humaneval.jsonl"
+        if e.get("humaneval_pass1") is not None and he_file.exists():
+            e["humaneval_passed"] = [json.loads(line)["passed"] for line in he_file.read_text().splitlines() if line]
+        e["noise_spans"] = spans_of.get(n.removesuffix(LORA).split(AT)[0])
+        if AT in n or n in preset.names:
+            e["train_step"] = int(n.split(AT)[1]) if AT in n else preset.steps
+            e["train_samples"] = e["train_step"] * preset.batch_size * preset.grad_accum
+            spent = times.get(f"train_{n.split(AT)[0]}_s")
+            e["train_minutes"] = None if spent is None else round(spent / 60 * e["train_step"] / preset.steps, 1)
         if n.endswith(LORA):
             e["adapter"] = {k: v for k, v in json.loads((out / n / REPORT).read_text()).items() if k != "per_layer"}
 
@@ -332,6 +436,8 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         _save(out / "results.json", results)
         (out / "results.md").write_text(results_markdown(results))
         acceptance_plot(entries, out / "acceptance.png")
+        if preset.curve_steps:
+            curve_plot(entries, preset, out / "curve.png")
         if results["adapter"]:
             folder = Path(paths[results["adapter"]["model"]])
             shutil.copy(questions, folder / "prompts.jsonl")
@@ -339,7 +445,7 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         return results
 
     results = write(None)       # what the evaluation measured, kept even if the timing is cut short
-    msn_models = [n for n in models if spans_of.get(n)]
+    msn_models = [n for n in models if spans_of.get(n) and n in preset.names]
     if msn_models and preset.timing_prompts:
         best = _best(entries, msn_models)
         t = time.time()
@@ -348,6 +454,22 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         results = write(timing)
     print(json.dumps({"out": str(out), "times": times, "claim": results["claim"]}))
     return results
+
+
+def _same_settings(out: Path, preset_name: str, preset: Preset) -> None:
+    """Records the run's settings in ``out/settings.json``; a rerun with other settings into the
+    same folder is refused (its stages would mix models trained and measured differently)."""
+    path = out / "settings.json"
+    now = json.loads(json.dumps({"preset": preset_name, **asdict(preset)}))
+    if path.exists():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+        if changed:
+            raise MsnError(f"--out {out} holds a run with other settings ({', '.join(changed)}); continue it with "
+                           "the same ones, or give another --out")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    _save(path, now)
 
 
 def _best(entries: dict, names) -> str:
@@ -500,13 +622,71 @@ def claim(entries: dict, preset: Preset) -> dict | None:
              for k in ("tr-jacobi", "tree-noret", "jacobi") if k in m["accept"] and k in s["accept"]}
     loss = (m["held_out_loss"] / s["held_out_loss"] - 1) * 100 if m["held_out_loss"] and s["held_out_loss"] else None
     he = m["humaneval_pass1"] - s["humaneval_pass1"]
-    match = min(v["match_rate"] for e in entries.values() for v in e["accept"].values())
+    match = min(v["match_rate"] for e in entries.values()
+                for v in [*e["accept"].values(), *e.get("accept_own_words", {}).values()])
     return {"msn": default, "acceptance_ratio": ratio, "held_out_loss_change_pct": loss,
-            "humaneval_diff_points": he, "min_match_rate": match,
-            "holds": {"tr-jacobi >= 1.3x": ratio.get("tr-jacobi", 0) >= 1.3,
-                      "tree-noret >= 1.3x": ratio.get("tree-noret", 0) >= 1.3,
+            "humaneval_diff_points": he, "humaneval_paired": paired_difference(m.get("humaneval_passed"),
+                                                                              s.get("humaneval_passed")),
+            "min_match_rate": match,
+            "holds": {"tr-jacobi >= 1.2x": ratio.get("tr-jacobi", 0) >= 1.2,
+                      "tree-noret >= 1.4x": ratio.get("tree-noret", 0) >= 1.4,
                       "loss within 3%": loss is not None and abs(loss) <= 3,
                       "humaneval within 2 points": abs(he) <= 2, "match rate 1.0": match == 1.0}}
+
+
+def paired_difference(a: list[bool] | None, b: list[bool] | None) -> dict | None:
+    """Pass@1 of ``a`` minus ``b`` on the same problems, in points, with the standard error of a
+    paired difference and the discordant pairs (a only, b only), from which McNemar's test reads."""
+    import math
+
+    if not a or not b or len(a) != len(b):
+        return None
+    n = len(a)
+    only_a = sum(x and not y for x, y in zip(a, b))
+    only_b = sum(y and not x for x, y in zip(a, b))
+    se = math.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0)) / n
+    return {"problems": n, "diff_points": 100 * (only_a - only_b) / n, "se_points": 100 * se,
+            "only_first": only_a, "only_second": only_b,
+            "se_each_points": [100 * math.sqrt(p * (1 - p) / n) for p in (sum(a) / n, sum(b) / n)]}
+
+
+def curve_rows(entries: dict, preset_names) -> list[tuple[str, dict]]:
+    """(variant, entry) of every learning-curve point, the base first as step 0, in step order."""
+    rows = [("base", entries["base"])] if "base" in entries else []
+    for v in preset_names:
+        pts = [e for n, e in entries.items() if n.split(AT)[0] == v and "train_step" in e]
+        rows += [(v, e) for e in sorted(pts, key=lambda e: e["train_step"])]
+    return rows
+
+
+def curve_plot(entries: dict, preset: Preset, path: Path) -> None:
+    """Held-out loss and tokens per step (tree without retrieval, tr-jacobi) against training
+    steps, one line per variant, the base at step 0."""
+    try:
+        import matplotlib
+    except ImportError:
+        log.warning("matplotlib is not installed: %s not drawn (results.md has the same figures)", path)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("held-out loss", lambda e: e["held_out_loss"])] + [
+        (f"{m}: tokens per step", lambda e, m=m: e["accept"].get(m, {}).get("mean_accepted_tokens"))
+        for m in ("tree-noret", "tr-jacobi", "tr-jacobi-merged") if m in preset.accept_methods]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5))
+    base = entries.get("base")
+    for ax, (title, value) in zip(axes, panels):
+        for v in preset.names:
+            pts = [(0, base)] if base else []
+            pts += [(e["train_step"], e) for _, e in curve_rows(entries, [v]) if e is not base]
+            xs = [x for x, e in pts if value(e) is not None]
+            ax.plot(xs, [value(e) for x, e in pts if value(e) is not None], marker="o", label=v)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(f"training steps (x{preset.batch_size * preset.grad_accum} samples)")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def results_markdown(results: dict) -> str:
@@ -535,6 +715,47 @@ def results_markdown(results: dict) -> str:
                      if c["held_out_loss_change_pct"] is not None else "")
                   + f"; HumanEval {c['humaneval_diff_points']:+.1f} points.", "",
                   *(f"- {k}: {'yes' if v else 'no'}" for k, v in c["holds"].items())]
+        hp = c.get("humaneval_paired")
+        if hp:
+            lines += ["", f"HumanEval, paired on {hp['problems']} problems: {c['msn']} minus sft "
+                      f"{hp['diff_points']:+.1f} points (standard error {hp['se_points']:.1f}; solved by "
+                      f"{c['msn']} only {hp['only_first']}, by sft only {hp['only_second']}); each model's own "
+                      f"pass@1 has a standard error of about {hp['se_each_points'][0]:.1f} points."]
+    curve = curve_rows(entries, [n for n in entries if AT not in n and not n.endswith(LORA) and n != "base"])
+    if any(AT in n for n in entries):
+        cm = [m for m in ("jacobi", "tree-noret", "tr-jacobi", "tr-jacobi-merged", "pld") if m in methods]
+        lines += ["", "## Learning curve", "", "The same runs evaluated at their checkpoints (the base is step 0). "
+                  "Minutes: training time on this machine up to that step.", "",
+                  "| model | step | samples | minutes | held-out loss | " + " | ".join(cm) + " |",
+                  "|---|---|---|---|---|" + "---|" * len(cm)]
+        for v, e in curve:
+            loss = "-" if e["held_out_loss"] is None else f"{e['held_out_loss']:.3f}"
+            lines.append(f"| {v} | {e.get('train_step', 0)} | {e.get('train_samples', 0)} | "
+                         f"{e.get('train_minutes') if e.get('train_minutes') is not None else '-'} | {loss} | "
+                         + " | ".join(f"{e['accept'][m]['mean_accepted_tokens']:.2f}" if m in e["accept"] else "-"
+                                      for m in cm) + " |")
+        lines += ["", "![learning curve](curve.png)"]
+    own = {n: e["accept_own_words"] for n, e in entries.items() if e.get("accept_own_words")}
+    if own:
+        om = list(dict.fromkeys(k for t in own.values() for k in t))
+        lines += ["", "## Code requests in a user's own words", "",
+                  "Mean accepted tokens per step on the requests of `msn.bench.prompts.CODE_REQUESTS` (not in the "
+                  "training set's prompt format), same decoding; match: outputs identical to `ar`.", "",
+                  "| model | " + " | ".join(om) + " | match |", "|---|" + "---|" * (len(om) + 1)]
+        for n, t in own.items():
+            lines.append(f"| {n} | " + " | ".join(f"{t[m]['mean_accepted_tokens']:.2f}" if m in t else "-"
+                                                 for m in om)
+                         + f" | {min(v['match_rate'] for v in t.values()):.2f} |")
+        rows = [m for m in ("tr-jacobi-merged", "tr-jacobi") if all(m in t for t in own.values())][:1]
+        if rows:
+            m = rows[0]
+            lines += ["", f"Per request, `{m}` tokens per step (tokens generated):", "",
+                      "| request | " + " | ".join(own) + " |", "|---|" + "---|" * len(own)]
+            count = len(next(iter(own.values()))[m].get("per_prompt", []))
+            for i in range(count):
+                lines.append(f"| {i} | " + " | ".join(
+                    f"{t[m]['per_prompt'][i]['mean_accepted_tokens']:.2f} ({t[m]['per_prompt'][i]['tokens']})"
+                    for t in own.values()) + " |")
     if results.get("adapter"):
         a = results["adapter"]
         gain = "-" if a["gain_kept"] is None else f"{a['gain_kept']:.0%}"
