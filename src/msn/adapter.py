@@ -100,6 +100,20 @@ def plan(base, tuned) -> tuple[list[Target], list[str], int]:
     return targets, whole, unchanged
 
 
+UNRELATED = 0.5     # a fine-tune moves its weights by far less than this share of their norm
+
+
+def related(base, targets: list[Target]) -> None:
+    """Refuses a tuned model that is not a fine-tune of ``base``: its changed layers differ from the
+    base's by more than ``UNRELATED`` of the base weights' norm (an unrelated model of the same
+    shapes differs by about 1.4)."""
+    diff = sum(float(t.delta.square().sum()) for t in targets)
+    ref = sum(float(base.get_submodule(t.name).weight.float().square().sum()) for t in targets)
+    if ref > 0 and (diff / ref) ** 0.5 > UNRELATED:
+        raise MsnError(f"the tuned model differs from the base by {(diff / ref) ** 0.5:.0%} of the base weights' "
+                       "norm: it was not fine-tuned from this base (give the checkpoint it started from)")
+
+
 def _tied(model) -> bool:
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and emb is not None and out.weight is emb.weight
@@ -150,7 +164,7 @@ def export_lora(base, tuned, out: str | os.PathLike, *, rank: int | None = None,
     from safetensors.torch import save_file
 
     from msn.loading import load_model, resolve_device, resolve_dtype
-    from msn.paths import ensure_output_dir, replace_folder_files
+    from msn.paths import check_apart, clean_staging, ensure_output_dir, replace_folder_files
 
     if (rank is None) == (budget_mib is None):
         raise MsnError("give exactly one of --rank and --budget-mib")
@@ -160,9 +174,12 @@ def export_lora(base, tuned, out: str | os.PathLike, *, rank: int | None = None,
         raise MsnError(f"--budget-mib must be positive, got {budget_mib}")
     store = resolve_dtype(dtype, torch.device("cpu"))
     dev = resolve_device(device)
+    check_apart(out, "--out", {"--base": base if isinstance(base, (str, os.PathLike)) else None,
+                               "--tuned": tuned if isinstance(tuned, (str, os.PathLike)) else None})
     out = ensure_output_dir(out, "--out")
-    if base_ref is None:
-        base_ref = str(base) if isinstance(base, (str, os.PathLike)) else base.config.name_or_path
+    if base_ref is None:        # a folder by its absolute path, so the adapter loads from anywhere
+        base_ref = (str(Path(base).expanduser().resolve()) if Path(base).expanduser().is_dir() else str(base)) \
+            if isinstance(base, (str, os.PathLike)) else base.config.name_or_path
     def load(m):
         return load_model(resolve(str(m)), dtype=torch.float32).to(dev).eval() if isinstance(m, (str, os.PathLike)) \
             else m
@@ -175,11 +192,16 @@ def export_lora(base, tuned, out: str | os.PathLike, *, rank: int | None = None,
         if not targets:
             raise MsnError(f"only {', '.join(whole)} changed: a LoRA adapter needs a changed linear layer or "
                            "embedding (save the tuned checkpoint itself)")
+        related(base_model, targets)
         whole_bytes = sum(p.numel() * 4 for m in whole for p in tuned_model.get_submodule(m).parameters()) + \
             sum(t.bias.numel() * 4 for t in targets if t.bias is not None)
         itemsize = torch.empty((), dtype=store).element_size()
+        full = max(t.full_rank for t in targets)
         if rank is None:
             rank = rank_for_budget(targets, whole_bytes, int(budget_mib * MiB), itemsize)
+        elif rank > full:       # past the full rank only zeros would be stored
+            log(f"export-lora: --rank {rank} is above the largest full rank of a changed layer ({full}); using {full}")
+            rank = full
         log(f"export-lora: {len(targets)} layers at rank {rank}, {len(whole)} modules whole, "
             f"{unchanged} parameters unchanged")
         config = LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=[t.name for t in targets],
@@ -219,8 +241,7 @@ def export_lora(base, tuned, out: str | os.PathLike, *, rank: int | None = None,
                        "min": min((v["kept"] for v in layers.values()), default=1.0),
                        "mean": sum(v["kept"] for v in layers.values()) / len(layers) if layers else 1.0},
               "per_layer": layers}
-    staged = out / ".export-staging"
-    staged.mkdir(exist_ok=True)
+    staged = clean_staging(out / ".export-staging")
     save_file(state, str(staged / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     peft_model.peft_config["default"].save_pretrained(str(staged))
     report["bytes"] = (staged / ADAPTER_WEIGHTS).stat().st_size
@@ -264,11 +285,14 @@ def merged_model(path: str | os.PathLike, dtype=None, base: str | None = None, *
 
     from msn.loading import load_model
 
+    from safetensors import SafetensorError
+
     model = load_model(base or base_of(path), dtype=torch.float32, **kwargs)
     try:
         with warnings.catch_warnings():     # the tied-embedding warning: merging keeps the tie
             warnings.simplefilter("ignore")
             model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise MsnError(f"cannot apply the adapter {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MsnError(f"cannot apply the adapter {path}: {first} (is {ADAPTER_WEIGHTS} complete?)") from None
     return model.to(dtype) if dtype is not None else model

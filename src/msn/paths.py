@@ -127,3 +127,45 @@ def replace_folder_files(staged: Path, target: Path, last: str | None = None) ->
     import shutil
 
     shutil.rmtree(staged, ignore_errors=True)
+
+
+MODEL_FILES = ("config.json", "adapter_config.json")     # a folder holding one of these is a model
+
+
+def check_apart(out: str | os.PathLike, flag: str, inputs: dict[str, str | os.PathLike | None],
+                models_allowed: bool = False) -> None:
+    """The one rule of every command that writes a folder: ``out`` is not one of the command's
+    input folders, does not lie inside one and does not hold one; and, unless ``models_allowed``
+    (the command writes a model there itself), it is not a model checkpoint folder.
+
+    ``inputs`` maps each input's flag to its path (None or a path that does not exist: skipped;
+    a file stands for itself only, its folder stays writable).
+    """
+    o = Path(out).expanduser().resolve()
+    for name, value in inputs.items():
+        if value is None or not Path(value).expanduser().exists():
+            continue
+        p = Path(value).expanduser().resolve()
+        if p.is_file():
+            if o == p:
+                raise MsnError(f"{flag} {out} is the {name} file; write to a folder of its own")
+            continue
+        if o == p or p in o.parents:
+            raise MsnError(f"{flag} {out} is (or lies inside) the {name} folder {value}; writing there would change "
+                           "an input; choose a folder of its own")
+        if o in p.parents:
+            raise MsnError(f"{flag} {out} holds the {name} folder {value}; choose a folder that holds no input")
+    if not models_allowed and o.is_dir():
+        held = [f for f in MODEL_FILES if (o / f).exists()]
+        if held:
+            raise MsnError(f"{flag} {out} holds a model ({held[0]}); msn writes results there only into a folder "
+                           "of their own")
+
+
+def clean_staging(folder: Path) -> Path:
+    """An empty staging folder at ``folder``: what a killed run left there is removed, never moved in."""
+    import shutil
+
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder

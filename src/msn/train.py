@@ -205,6 +205,54 @@ def _earlier_run(output_dir: Path) -> str | None:
     return f"an earlier run's checkpoints ({', '.join(checkpoints[:3])})" if checkpoints else None
 
 
+RUN_INPUTS = "msn_run_inputs.json"   # what a run started from; --resume checks it
+# Settings a resumed run must share with the run it continues (max_steps may grow).
+RESUME_SAME = ("model", "max_length", "batch_size", "grad_accum", "lr", "scheduler", "warmup", "seed", "lora_r",
+               "noise")
+
+
+def _fingerprint(path: str | None) -> str | None:
+    """sha256 of a data file (of the names and sizes of a folder's files), or None."""
+    import hashlib
+
+    if not path:
+        return None
+    p = Path(path)
+    h = hashlib.sha256()
+    if p.is_file():
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    elif p.is_dir():
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p)} {f.stat().st_size}\n".encode())
+    else:
+        return None
+    return h.hexdigest()
+
+
+def _same_inputs(cfg: TrainConfig, out: Path, resuming: bool) -> None:
+    """A fresh run records its data's fingerprints and settings in ``RUN_INPUTS``; a resumed run
+    whose data or settings differ from them is refused (it would continue another run)."""
+    cfg_d = asdict(cfg)
+    now = {"data": _fingerprint(cfg.data), "eval_data": _fingerprint(cfg.eval_data),
+           **{k: cfg_d[k] for k in RESUME_SAME}}
+    path = out / RUN_INPUTS
+    if resuming and path.exists():
+        before = json.loads(path.read_text())
+        changed = [k for k in now if k in before and before[k] != now[k]]
+        if changed:
+            what = ", ".join("the training data" if k == "data" else "the eval data" if k == "eval_data"
+                             else f"--{k.replace('_', '-')}" for k in changed)
+            raise MsnError(f"--resume: {what} changed since the run in {out} started; resume with the same, or "
+                           "pass --overwrite to train from scratch")
+        return
+    if not resuming:
+        tmp = path.with_suffix(".partial")
+        tmp.write_text(json.dumps(now, indent=2) + "\n")
+        tmp.replace(path)
+
+
 def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     import shutil
 
@@ -228,6 +276,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     latest = _latest_checkpoint(cfg.output_dir) if cfg.resume else None
     if cfg.resume and latest is None:
         raise MsnError(f"--resume: no checkpoint-* folder in {cfg.output_dir}")
+    _same_inputs(cfg, out, resuming=latest is not None)
     if latest is not None and _finished(cfg, latest):
         final = Path(cfg.output_dir) / "msn_config.json"
         if final.exists():

@@ -16,6 +16,7 @@ import torch
 from msn.decoding import recycle
 from msn.decoding.engine import generate
 from msn.decoding.requests import model_device, sync_device, vocab_size
+from msn.errors import MsnError
 
 # The paragraph of the copy prompt (this project's own text).
 PARAGRAPH = (
@@ -126,6 +127,11 @@ def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 12
     ``model_path`` side by side on held-out code prompts (the MSN model's ``prompts.jsonl``)."""
     from msn.loading import load_for_inference
 
+    # Everything that can be wrong is checked before the first decode.
+    if out:
+        _writable(out)
+    path = _msn_model(msn_model)
+    prompts = heldout_code_prompts(path, code_prompts) if path is not None else ()
     model, tokenizer = load_for_inference(model_path, device, dtype)
     print(f"msn demo: {len(PROMPTS)} prompts, ar and {method}, {repeats} paired runs each (median of the pairs' speedups), "
           f"{max_new_tokens} new tokens at most, on {model_device(model)}")
@@ -137,11 +143,9 @@ def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 12
     print(f"geometric mean speedup over ar: {report['geomean_speedup']:.2f}x; every output identical to ar: "
           f"{'yes' if report['all_identical'] else 'NO'}")
     identical = report["all_identical"]
-    path = _msn_model(msn_model)
     if path is None:
         print(MSN_NOTE)
     else:
-        prompts = heldout_code_prompts(path, code_prompts)
         print("-" * 60)
         print(f"held-out code: {len(prompts)} prompts, {model_path} against the MSN model {path}, ar and {method}, "
               f"{code_repeats} paired runs each")
@@ -176,7 +180,15 @@ def _msn_model(msn_model: str | None):
     if msn_model in (None, "none"):
         return None
     if msn_model != "auto":
-        return Path(msn_model)
+        from msn.adapter import is_adapter_folder
+
+        p = Path(msn_model).expanduser()
+        if not p.is_dir():
+            raise MsnError(f"--msn-model {msn_model} is not a folder; give a checkpoint or an adapter folder")
+        if not (p / "config.json").is_file() and not is_adapter_folder(p):
+            raise MsnError(f"--msn-model {msn_model} holds neither config.json nor adapter_config.json; give a "
+                           "checkpoint or an adapter folder")
+        return p
     if shipped_adapter(SHIPPED_MSN_MODEL) is None:
         print(f"msn demo: no {SHIPPED_MSN_MODEL} adapter has been produced yet (msn reproduce --preset gpu makes it)")
         return None
@@ -186,15 +198,39 @@ def _msn_model(msn_model: str | None):
 SHIPPED_MSN_MODEL = "smollm2-msn-code"
 
 
+def _writable(out: str) -> None:
+    """``--out`` can be written (checked before any work; the report is written at the end)."""
+    from pathlib import Path
+
+    p = Path(out).expanduser()
+    if p.is_dir():
+        raise MsnError(f"--out {out} is a folder; give a file path for the JSON report")
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise MsnError(f"--out {out} cannot be written ({e.strerror or e}); choose another path") from None
+    if not existed:
+        p.unlink()
+
+
 def heldout_code_prompts(path, n: int) -> tuple[DemoPrompt, ...]:
     """The first ``n`` prompts of ``path/prompts.jsonl`` (the held-out prompts an MSN model was
     measured on), else the demo's own code prompt."""
     from pathlib import Path
 
+    from msn.data.records import jsonl_lines
+
     file = Path(path) / "prompts.jsonl"
     if not file.is_file():
         return tuple(p for p in PROMPTS if p.kind == "code")
-    rows = [json.loads(line)["turns"][0] for line in file.read_text().splitlines() if line.strip()]
+    rows = []
+    for lineno, row in jsonl_lines(file):
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+            raise MsnError(f"{file}:{lineno}: expected {{\"turns\": [\"a prompt\", ...]}}")
+        rows.append(turns[0])
     return tuple(DemoPrompt(f"held-out {i + 1}", text) for i, text in enumerate(rows[:n]))
 
 

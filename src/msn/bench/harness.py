@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import statistics
 import sys
 import time
@@ -24,7 +26,7 @@ from msn.decoding.engine import generate
 from msn.decoding.requests import context_limit, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
-from msn.paths import ensure_output_dir
+from msn.paths import check_apart, ensure_output_dir
 
 # Baselines run by transformers' own generate(): plain greedy (what users run today), with a
 # static cache (compiled where transformers does so), and its prompt lookup.
@@ -198,6 +200,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     prints the table and, as the last stdout line, the summary as one JSON document."""
     from msn.loading import load_for_inference
 
+    check_apart(cfg.out, "--out", {"--model": cfg.model, "--questions": cfg.questions,
+                                   "--bench": cfg.bench if cfg.bench not in ("spec-bench", "mt-bench", "humaneval") else None})
     out = ensure_output_dir(cfg.out, "--out")
     questions = load_questions(cfg.bench, cfg.questions, cfg.limit, cfg.categories)
     if model is None:
@@ -209,7 +213,8 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                        f"of {limit} positions; give at most {limit - 1} (longer prompts are cut to fit)")
     device = next(model.parameters()).device
     counter = ForwardCounter(model)
-    log = Progress(out / PROGRESS, cfg)
+    log = Progress(out / PROGRESS, cfg, model_key(model))
+    log.reusable(questions)
     tables = MethodTables(model, cfg)
     try:
         with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
@@ -279,28 +284,73 @@ def _same_settings(old: dict | None, new: dict) -> bool:
     return all(old.get(k, defaults.get(k)) == v for k, v in new.items()) and set(old) <= set(new)
 
 
+def question_key(q: Question) -> str:
+    """A question's content key: its turns' text (a record is reused only for the same text)."""
+    return hashlib.sha256(json.dumps(q.turns).encode()).hexdigest()[:16]
+
+
+def model_key(model) -> str:
+    """The content key of a model: a hash of its weights' bytes (so a rerun after a fine-tune into
+    the same folder, or with another model at the same path, never reuses the old records)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 class Progress:
     """``OUT/progress.jsonl``: each finished question's records, written as soon as every
     method has run on it, so an interrupted bench loses at most the question in progress.
-    A rerun with the same settings and ``--out`` skips the questions already there (a
-    finished bench: nothing to run); other settings are refused in one line."""
+    A rerun with the same settings, model weights and ``--out`` skips the questions already
+    there whose text is unchanged (a finished bench: nothing to run); a question whose text
+    changed is measured again, saying so; other settings or weights are refused in one line.
+    A last line cut by a kill is dropped."""
 
-    def __init__(self, path: Path, cfg: BenchConfig):
+    def __init__(self, path: Path, cfg: BenchConfig, weights: str):
         self.path = path
         settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "out"}))
+        settings["model_weights"] = weights
         self.done: dict[str, dict] = {}
         if path.exists():
-            lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            if not lines or not _same_settings(lines[0].get("settings"), settings):
-                raise MsnError(f"{path.parent} holds an earlier bench with other settings ({path.name}); "
+            lines = []
+            raw = path.read_text(encoding="utf-8", errors="replace").splitlines()
+            for n, line in enumerate(raw):
+                if not line.strip():
+                    continue
+                try:
+                    lines.append(json.loads(line))
+                except ValueError:
+                    if n != len(raw) - 1:
+                        raise MsnError(f"{path}:{n + 1}: not a bench record; delete {path.name} to start "
+                                       "again") from None
+                    logging.getLogger("msn.bench").warning("%s: its last line was cut (a killed run); that "
+                                                           "question is measured again", path)
+            if not lines or not isinstance(lines[0], dict) or not _same_settings(lines[0].get("settings"), settings):
+                old = lines[0].get("settings", {}) if lines and isinstance(lines[0], dict) else {}
+                what = "other model weights" if old.get("model_weights") not in (None, weights) and \
+                    _same_settings({k: v for k, v in old.items() if k != "model_weights"},
+                                   {k: v for k, v in settings.items() if k != "model_weights"}) else "other settings"
+                raise MsnError(f"{path.parent} holds an earlier bench with {what} ({path.name}); "
                                "give another --out, or delete that file to start again")
             self.done = {entry["question_id"]: entry for entry in lines[1:]}
+            path.write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
         else:
             path.write_text(json.dumps({"settings": settings}) + "\n")
         self.resumed = len(self.done)
 
-    def add(self, qid: str, records: dict, latency: dict, profiles: dict) -> None:
-        entry = {"question_id": qid, "records": records, "latency": latency,
+    def reusable(self, questions: list[Question]) -> None:
+        """Drops the records of questions whose text changed since they were measured (saying so)."""
+        for q in questions:
+            entry = self.done.get(q.qid)
+            if entry is not None and entry.get("text_key") != question_key(q):
+                logging.getLogger("msn.bench").warning(
+                    "question %s changed since the earlier run in %s: measured again", q.qid, self.path.parent)
+                del self.done[q.qid]
+        self.resumed = len(self.done)
+
+    def add(self, q: Question, records: dict, latency: dict, profiles: dict) -> None:
+        entry = {"question_id": q.qid, "text_key": question_key(q), "records": records, "latency": latency,
                  "profile": {m: {"seconds": p.seconds, "steps": p.steps} for m, p in profiles.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(entry) + "\n")
@@ -417,7 +467,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
             part.steps = p.steps - steps
             part.seconds = {k: v - seconds[k] for k, v in p.seconds.items()}
             spent[m] = part
-        log.add(q.qid, {m: per_method[(q.qid, m)] for m in cfg.methods}, latency, spent)
+        log.add(q, {m: per_method[(q.qid, m)] for m in cfg.methods}, latency, spent)
     bar.close()
     records = []
     for rec in per_method.values():

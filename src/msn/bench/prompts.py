@@ -52,6 +52,7 @@ def _read_jsonl(path: Path) -> list[tuple[int, dict]]:
 
 def _from_rows(rows: list[tuple[int, dict]], path: Path, mt_as_one: bool) -> list[Question]:
     out = []
+    seen: dict[str, int] = {}
     for i, (lineno, r) in enumerate(rows):
         turns = r.get("turns") or ([r["prompt"]] if isinstance(r.get("prompt"), str) else None)
         if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
@@ -59,7 +60,12 @@ def _from_rows(rows: list[tuple[int, dict]], path: Path, mt_as_one: bool) -> lis
         cat = r.get("category", "all")
         if mt_as_one and cat in MT_BENCH_CATEGORIES:
             cat = "mt_bench"
-        out.append(Question(str(r.get("question_id", i)), cat, turns))
+        qid = str(r.get("question_id", i))
+        if qid in seen:
+            raise MsnError(f"{path}:{lineno}: question_id {qid} was used on line {seen[qid]} too; give each "
+                           "question its own id")
+        seen[qid] = lineno
+        out.append(Question(qid, cat, turns))
     return out
 
 

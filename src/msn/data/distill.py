@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from msn.errors import MsnError
+from msn.paths import check_apart
 
 ANSWERS = "answers.jsonl"      # one line per generated answer: {"index", "response", "finished"}
 
@@ -68,8 +69,7 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
     src = data_dir / "train.jsonl"
     if not src.is_file():
         raise MsnError(f"--data {data_dir}: no train.jsonl there; build one with msn data stdlib-code")
-    if out.resolve() == data_dir.resolve():
-        raise MsnError(f"--out {out} is the --data folder: write the distilled set to a folder of its own")
+    check_apart(out, "--out", {"--data": data_dir, "--model": model_path})
     if max_new_tokens < 1 or batch_size < 1 or (limit is not None and limit < 1):
         raise MsnError("--max-new-tokens, --batch-size and --limit must be positive")
     if (out / "info.json").exists():

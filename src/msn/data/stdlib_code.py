@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from msn.errors import MsnError
-from msn.paths import ensure_output_dir
+from msn.paths import check_apart, ensure_output_dir
 
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib2to3", "turtledemo"}
 PROMPT = "Write the Python function `{name}{signature}` for the module `{module}`.\n\nDocstring:\n{doc}"
@@ -73,6 +73,7 @@ def build(out_dir: str | Path, held_out_percent: int = 10, max_lines: int = 40,
         raise MsnError(f"standard library folder {root} not found")
     if not 0 < held_out_percent < 100:
         raise MsnError(f"held-out percent must be between 1 and 99, got {held_out_percent}")
+    check_apart(out_dir, "--out", {})
     ensure_output_dir(out_dir, "--out")
     files = sorted(p for p in root.rglob("*.py") if not (SKIP_DIRS & set(p.relative_to(root).parts)))
     train, heldout = [], []

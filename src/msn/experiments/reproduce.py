@@ -340,6 +340,9 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         if steps < 1:
             raise MsnError(f"--steps must be positive, got {steps}")
         preset = replace(preset, steps=steps)
+    from msn.paths import check_apart
+
+    check_apart(out, "--out", {"--base-model": base_model, "--data": data})
     _same_settings(out, preset_name, preset)
     known = ["base", *preset.names, *preset.checkpoints, *preset.adapters]
     models = tuple(models or known)
