@@ -272,3 +272,64 @@ def test_rank_above_full_rank_and_an_unrelated_base(pair, tmp_path, capsys):
     stranger = tiny_checkpoint(tmp_path / "stranger", seed=5)
     _one_line(capsys, ["export-lora", "--base", str(stranger), "--tuned", str(tuned), "--out", str(tmp_path / "b"),
                        "--rank", "2"], "was not fine-tuned from this base")
+
+
+# -- 5. Server edges -------------------------------------------------------------------------------
+
+def test_lone_surrogates_get_a_400_naming_the_field(pair):
+    import httpx2 as httpx
+    from fastapi.testclient import TestClient
+
+    from msn.loading import load_for_inference
+    from msn.serve import Server
+
+    base, _ = pair
+    model, tok = load_for_inference(str(base), "cpu", "float32")
+    srv = Server(model, tok, name="tiny", method="ar", max_batch=2)
+    with TestClient(srv.app) as client:
+        raw = b'{"model": "tiny", "messages": [{"role": "user", "content": "a\\ud800b"}], "max_tokens": 2}'
+        r = client.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].content", r.text
+        r = client.post("/v1/completions", content=b'{"model": "tiny", "prompt": "\\udfff", "max_tokens": 2}',
+                        headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    del httpx
+
+
+def test_a_client_that_never_finishes_its_head_is_disconnected():
+    import socket
+    import threading
+
+    import uvicorn
+
+    from msn.serve import head_timeout_protocol
+    from test_serve import free_port
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    port = free_port()
+    uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off",
+                                       http=head_timeout_protocol(0.5)))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not uv.started:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    try:
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")         # and never the blank line
+        slow.settimeout(5)
+        start = time.time()
+        assert slow.recv(100) == b"" and time.time() - start < 4     # closed by the server
+        fast = socket.create_connection(("127.0.0.1", port))         # a whole head is still served
+        fast.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        fast.settimeout(5)
+        assert b"200" in fast.recv(100)
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)

@@ -7,14 +7,18 @@ batched steps and hands each row's new tokens to its request's asyncio queue. A 
 that disconnects has its row cancelled at the next step.
 
 Requests decode greedily unless they give ``temperature`` >= 1e-5 (then ``top_p``, ``top_k``
-and ``seed`` apply): the default is msn's, greedy and identical to ``msn generate``.
+and ``seed`` apply): the default is msn's, greedy and identical to ``msn generate``. The values
+are checked by the rules of ``msn.generate`` and the CLI, with one difference taken from vLLM's
+API: ``top_k`` 0 or -1 means no top-k filter (``msn generate`` and ``msn.generate`` leave it out).
 
 Protection, as ``vllm serve`` and the OpenAI API: every request is validated whole before it
 joins the batch; a row whose own decoding raises fails alone (its client gets an error, the
 other rows go on); ``--api-key`` (or ``MSN_API_KEY``) guards every ``/v1`` route; a body is
 refused above ``--max-body-mb`` (413) or nested deeper than ``MAX_JSON_DEPTH`` (400) before it
-is parsed; prompts are tokenized off the event loop; SIGINT/SIGTERM end every stream with a
-final error event and exit 0; ``/metrics`` speaks Prometheus.
+is parsed; a string that is not valid text (a lone UTF-16 surrogate) is a 400 naming its field; a
+client that does not send a whole request head within ``HEAD_TIMEOUT_S`` is disconnected;
+prompts are tokenized off the event loop; SIGINT/SIGTERM end every stream with a final error
+event and exit 0; ``/metrics`` speaks Prometheus.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ ROLES = {"system", "user", "assistant", "developer"}
 MAX_BODY_MB = 8          # default request-size limit (--max-body-mb)
 MAX_JSON_DEPTH = 64      # deeper JSON is refused before parsing (OpenAI bodies nest 4-5 levels)
 SHUTDOWN_S = 5           # a stopping server ends its streams and closes within about this long
+HEAD_TIMEOUT_S = 10      # a client must send a whole request head within this long, or is disconnected
 
 
 class ApiError(Exception):
@@ -214,6 +219,66 @@ def json_depth_exceeds(raw: bytes, limit: int) -> bool:
     brackets = _STRING.sub(b"", raw).translate(None, _NOT_BRACKETS)
     steps = (1 if b in (0x5B, 0x7B) else -1 for b in brackets)
     return max(itertools.accumulate(steps), default=0) > limit
+
+
+def invalid_text(value, where: str = "") -> str | None:
+    """The field path of the first string in a parsed JSON body that is not valid Unicode text (a
+    lone UTF-16 surrogate such as ``"\\ud800"``, which JSON allows and UTF-8 cannot encode), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for k, v in items:
+        found = invalid_text(v, f"{where}[{k}]" if isinstance(k, int) else f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return None
+
+
+def head_timeout_protocol(seconds: float = HEAD_TIMEOUT_S):
+    """uvicorn's h11 protocol with a deadline on each request head: a connection that has not sent
+    a whole head within ``seconds`` of connecting (or of its previous response) is closed, so slow
+    clients cannot hold connections without limit. Bodies are bounded by ``--max-body-mb``."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutH11(H11Protocol):
+        _head_timer = None
+
+        def _waiting(self) -> bool:
+            return self.cycle is None or self.cycle.response_complete
+
+        def _arm(self) -> None:
+            if self._head_timer is None and self._waiting():
+                self._head_timer = self.loop.call_later(seconds, self._late)
+
+        def _disarm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _late(self) -> None:
+            self._head_timer = None
+            if self._waiting() and not self.transport.is_closing():
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            self._arm()
+            super().data_received(data)
+            if not self._waiting():
+                self._disarm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeadTimeoutH11
 
 
 def _refuse_constant(name: str):
@@ -473,6 +538,9 @@ class Server:
                 raise ApiError(400, f"the request body is not valid JSON: {e}") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "the request body must be a JSON object")
+            bad = invalid_text(body)
+            if bad:
+                raise ApiError(400, f"{bad} is not valid text (a lone UTF-16 surrogate); send UTF-8 text", bad)
             return body
 
         @app.get("/metrics")
@@ -668,5 +736,5 @@ def serve(model_path: str, *, method: str = "tr-jacobi", host: str = "127.0.0.1"
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    Quiet(uvicorn.Config(server.app, host=host, port=port, log_level="info",
+    Quiet(uvicorn.Config(server.app, host=host, port=port, log_level="info", http=head_timeout_protocol(),
                          timeout_graceful_shutdown=SHUTDOWN_S)).run()
