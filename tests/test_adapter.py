@@ -176,11 +176,11 @@ def test_fetch_without_a_produced_adapter_says_so_in_one_line(tmp_path, monkeypa
     from msn.cli import main
 
     monkeypatch.setattr(f, "adapters_dir", lambda: tmp_path / "none")
-    with pytest.raises(MsnError, match="no smollm2-msn-code adapter has been produced yet"):
+    with pytest.raises(MsnError, match="no smollm2-msn-code adapter in this copy of msn"):
         f.fetch("smollm2-msn-code", tmp_path, log=lambda *_: None)
     assert main(["fetch", "smollm2-msn-code", "--cache-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "msn reproduce --preset gpu" in err
+    assert err.count("\n") == 1 and "msn reproduce --preset cpu" in err
 
 
 def test_the_shipped_adapter_folder_is_complete_or_absent():

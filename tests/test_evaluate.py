@@ -195,3 +195,52 @@ def test_reproduce_cpu_smoke(tmp_path):
     # Another budget into the same folder would mix runs: refused in one line.
     with pytest.raises(MsnError, match="other settings"):
         run("cpu-smoke", out, base_model=str(base), steps=6)
+
+
+def _figures(res: dict) -> dict:
+    """What a reproduction measured, without wall times and paths."""
+    return {n: {k: v for k, v in e.items() if k not in ("seconds", "path", "train_minutes")}
+            for n, e in res["models"].items()}
+
+
+@pytest.mark.slow
+def test_reproduce_cpu_smoke_killed_in_training_and_in_evaluation_gives_the_same_figures(tmp_path, monkeypatch):
+    """A run interrupted once while training (after its first checkpoint) and once while evaluating,
+    then continued, measures exactly what an uninterrupted run measures."""
+    import msn.experiments.reproduce as rp
+    import msn.train as tr
+
+    base = tiny_checkpoint(tmp_path / "base")
+    straight = rp.run("cpu-smoke", tmp_path / "straight", base_model=str(base))
+
+    calls = {"train": 0, "eval": 0}
+    real_run, real_eval = tr.run, rp._evaluate_one
+
+    def train_then_die(cfg, callbacks=None):
+        from transformers import TrainerCallback
+
+        class Die(TrainerCallback):
+            def on_save(self, args, state, control, **kw):
+                if calls["train"] == 0:
+                    calls["train"] += 1
+                    raise KeyboardInterrupt
+        return real_run(cfg, [*(callbacks or []), Die()])
+
+    def eval_then_die(*args):
+        if calls["eval"] == 2:
+            calls["eval"] += 1
+            raise KeyboardInterrupt
+        calls["eval"] += 1
+        return real_eval(*args)
+
+    monkeypatch.setattr(tr, "run", train_then_die)
+    monkeypatch.setattr(rp, "_evaluate_one", eval_then_die)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        rp.run("cpu-smoke", out, base_model=str(base))            # killed in the first variant's training
+    assert list((out / "sft").glob("checkpoint-*")) and not (out / "sft" / "msn_config.json").exists()
+    with pytest.raises(KeyboardInterrupt):
+        rp.run("cpu-smoke", out, base_model=str(base))            # killed in the third evaluation
+    resumed = rp.run("cpu-smoke", out, base_model=str(base))
+    assert calls == {"train": 1, "eval": 3 + len(resumed["models"]) - 2}
+    assert _figures(resumed) == _figures(straight)

@@ -98,8 +98,8 @@ class KnownAdapter:
 KNOWN_ADAPTERS: dict[str, KnownAdapter] = {
     "smollm2-msn-code": KnownAdapter(
         base="smollm2-135m-instruct",
-        description="SmolLM2-135M-Instruct fine-tuned with MSN on the stdlib code set (msn reproduce --preset gpu), "
-                    "a LoRA adapter merged into the base",
+        description="SmolLM2-135M-Instruct fine-tuned with MSN on its own answers to stdlib code prompts "
+                    "(msn reproduce --preset cpu), a LoRA adapter merged into the base",
         license="Apache-2.0 (the base model's)",
     ),
 }
@@ -295,9 +295,9 @@ def _fetch_adapter(key: str, cache_dir, log) -> Path:
     spec = KNOWN_ADAPTERS[key]
     folder = shipped_adapter(key)
     if folder is None:
-        raise MsnError(f"no {key} adapter has been produced yet: `msn reproduce --preset gpu` makes it on a GPU "
-                       f"(scripts/gpu_reproduce.sh) and it ships in msn/adapters/{key}/ once committed; until then "
-                       f"use {spec.base}")
+        raise MsnError(f"no {key} adapter in this copy of msn (msn/adapters/{key}/ holds no weights): "
+                       f"`msn reproduce --preset cpu` (about 2 hours on 2 cores) or `--preset gpu` makes one; "
+                       f"until then use {spec.base}")
     stamp = f"{key} {_sha256(folder / ADAPTER_WEIGHTS)} over {spec.base}\n"
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / key

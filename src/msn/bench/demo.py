@@ -190,7 +190,7 @@ def _msn_model(msn_model: str | None):
                            "checkpoint or an adapter folder")
         return p
     if shipped_adapter(SHIPPED_MSN_MODEL) is None:
-        print(f"msn demo: no {SHIPPED_MSN_MODEL} adapter has been produced yet (msn reproduce --preset gpu makes it)")
+        print(f"msn demo: no {SHIPPED_MSN_MODEL} adapter in this copy of msn (msn reproduce --preset cpu makes it)")
         return None
     return fetch(SHIPPED_MSN_MODEL, log=lambda m: print(m, flush=True))
 
