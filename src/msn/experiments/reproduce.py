@@ -407,19 +407,14 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
     if to_export:
         times["export_s"] = round(time.time() - t, 1)
 
-    to_eval = [n for n in models if not (out / f"eval_{n}.json").exists()]
-    t = time.time()
-    final = lambda n: n in preset.names or n == "base"  # noqa: E731  (not a checkpoint, not an adapter)
-    _run_all([(n, (paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset,
-                   final(n) and (n != "base" or preset.humaneval_base),
-                   str(own_words) if own_words and (final(n) or n.endswith(LORA)) else None))
-              for n in to_eval], _evaluate_one, "eval", out, preset.parallel)
-    if to_eval:
-        times["eval_s"] = round(time.time() - t, 1)
-    _save(out / "times.json", times)
-    entries = {n: json.loads((out / f"eval_{n}.json").read_text()) for n in models}
     spans_of = dict(preset.variants)
-    for n, e in entries.items():
+
+    def load_entries() -> dict:
+        """The evaluations finished so far, with what the run knows of each model."""
+        return {n: _entry(n) for n in models if (out / f"eval_{n}.json").exists()}
+
+    def _entry(n: str) -> dict:
+        e = json.loads((out / f"eval_{n}.json").read_text())
         he_file = out / f"eval_{n}.humaneval.jsonl"
         if e.get("humaneval_pass1") is not None and he_file.exists():
             e["humaneval_passed"] = [json.loads(line)["passed"] for line in he_file.read_text().splitlines() if line]
@@ -431,8 +426,9 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
             e["train_minutes"] = None if spent is None else round(spent / 60 * e["train_step"] / preset.steps, 1)
         if n.endswith(LORA):
             e["adapter"] = {k: v for k, v in json.loads((out / n / REPORT).read_text()).items() if k != "per_layer"}
+        return e
 
-    def write(timing) -> dict:
+    def write(timing, entries) -> dict:
         times["this_call_s"] = round(time.time() - t_all, 1)
         _save(out / "times.json", times)
         results = {"config": {"preset": preset_name, **asdict(preset), "torch": torch.__version__,
@@ -450,7 +446,26 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
             (folder / "README.md").write_text(model_card(results))
         return results
 
-    results = write(None)       # what the evaluation measured, kept even if the timing is cut short
+    to_eval = [n for n in models if not (out / f"eval_{n}.json").exists()]
+    final = lambda n: n in preset.names or n == "base"  # noqa: E731  (not a checkpoint, not an adapter)
+    jobs = [(n, (paths[n], str(out / f"eval_{n}.json"), str(data_dir), str(questions), preset,
+                 final(n) and (n != "base" or preset.humaneval_base),
+                 str(own_words) if own_words and (final(n) or n.endswith(LORA)) else None)) for n in to_eval]
+    if preset.parallel and len(jobs) > 1:
+        t = time.time()
+        _run_all(jobs, _evaluate_one, "eval", out, True)
+        times["eval_s"] = round(time.time() - t, 1)
+    else:
+        for job in jobs:        # one after another, the results written after each
+            t = time.time()
+            try:
+                _run_all([job], _evaluate_one, "eval", out, False)
+            finally:
+                times["eval_s"] = round(time.time() - t + times.get("eval_s", 0), 1)
+            write(None, load_entries())
+    _save(out / "times.json", times)
+    entries = load_entries()
+    results = write(None, entries)       # what the evaluation measured, kept even if the timing is cut short
     msn_models = [n for n in models if spans_of.get(n) and n in preset.names]
     if msn_models and preset.timing_prompts:
         best = _best(entries, msn_models)
@@ -459,7 +474,7 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         t = time.time()
         timing = time_alone(best, paths[best], out / "timing", questions, preset)
         times.setdefault("timing_s", round(time.time() - t, 1))
-        results = write(timing)
+        results = write(timing, entries)
     print(json.dumps({"out": str(out), "times": times, "claim": results["claim"]}))
     return results
 
@@ -565,8 +580,8 @@ def model_card(results: dict) -> str:
         f"# {base} fine-tuned with MSN ({a['from']}), as a LoRA adapter", "",
         f"A LoRA adapter over {base} that makes the model verify its own guesses of several future tokens: with "
         "msn's `tr-jacobi` decoder it accepts more tokens per step than the same model after plain fine-tuning, "
-        "and its output is exactly its own greedy output. msn loads the folder merged into the base "
-        + (f"(`msn fetch` of the shipped copy fetches `{known}` and saves it merged)." if known else "."), "",
+        "and its output is exactly its own greedy output. msn loads the folder merged into the base"
+        + (f" (`msn fetch` of the shipped copy fetches `{known}` and saves it merged)." if known else "."), "",
         "## How it was made", "",
         f"- `msn reproduce --preset {cfg['preset']}` on {cfg['device']} (torch {cfg['torch']}): full fine-tuning "
         f"of every variant with identical data and seed, {cfg['steps']} steps, batch {cfg['batch_size']}, max "
