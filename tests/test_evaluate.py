@@ -203,6 +203,12 @@ def _figures(res: dict) -> dict:
             for n, e in res["models"].items()}
 
 
+def _differences(a, b, where="") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b), key=str) for d in _differences(a.get(k), b.get(k), f"{where}.{k}")]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"[:200]]
+
+
 @pytest.mark.slow
 def test_reproduce_cpu_smoke_killed_in_training_and_in_evaluation_gives_the_same_figures(tmp_path, monkeypatch):
     """A run interrupted once while training (after its first checkpoint) and once while evaluating,
@@ -243,4 +249,5 @@ def test_reproduce_cpu_smoke_killed_in_training_and_in_evaluation_gives_the_same
         rp.run("cpu-smoke", out, base_model=str(base))            # killed in the third evaluation
     resumed = rp.run("cpu-smoke", out, base_model=str(base))
     assert calls == {"train": 1, "eval": 3 + len(resumed["models"]) - 2}
-    assert _figures(resumed) == _figures(straight)
+    a, b = _figures(resumed), _figures(straight)
+    assert a == b, _differences(a, b)

@@ -331,6 +331,18 @@ def save_outcomes(key: dict, outcomes: list[Outcome]) -> None:
                                      for o in outcomes])
 
 
+def forget_outcomes(model) -> None:
+    """Deletes the scored steps kept on disk for ``model`` with the default drafting settings, so its
+    next generation starts cold (a measurement that must not depend on what ran before)."""
+    from msn.decoding.config import DecodeConfig
+    from msn.paths import stored_path
+
+    cfg = DecodeConfig()
+    for drafts in ("paper", "merged"):
+        stored_path("acceptance", acceptance_key(model, cfg.retrieve_len, cfg.retrieve_ngram, drafts)) \
+            .unlink(missing_ok=True)
+
+
 def load_outcomes(key: dict) -> list[Outcome]:
     try:
         return [Outcome(tuple(r[0]), int(r[1]), bool(r[2]), r[3] if len(r) > 3 else None,

@@ -308,9 +308,11 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
     for name in tqdm(order, desc="acceptance", disable=not progress):
         method, options = ACCEPT_METHODS[name]
         if name in RECYCLING:
+            from msn.decoding.autotree import forget_outcomes
             from msn.decoding.recycle import reset_tables
 
-            reset_tables(model)        # cold: no row learns from another row's pass over these prompts
+            reset_tables(model)        # cold: no row learns from another row's pass over these prompts,
+            forget_outcomes(model)     # nor from an earlier run's (kept on disk)
         outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
                                      max_batch=batch, **options)
     table = {}
@@ -347,7 +349,7 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
 
     check_apart(out, "--out", {"--base-model": base_model, "--data": data})
     _same_settings(out, preset_name, preset)
-    known = ["base", *preset.names, *preset.checkpoints, *preset.adapters]
+    known = ["base", *preset.names, *preset.adapters, *preset.checkpoints]     # the order of evaluation
     models = tuple(models or known)
     unknown = sorted(set(models) - set(known))
     if unknown:
