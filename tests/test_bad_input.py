@@ -72,7 +72,7 @@ CLI_CASES = [
     (["bench", "--model", "{ckpt}", "--out", "o", "--questions", "/no/q.jsonl"], "does not exist"),
     (["bench", "--model", "{ckpt}", "--out", "o", "--methods", "ar,medusa"], "unknown method"),
     (["bench", "--model", "/no/such/model", "--out", "o", "--bench", "{good}"], "does not exist"),
-    (["bench", "--model", "{ckpt}", "--out", "{good}", "--bench", "{good}"], "is a file, not a folder"),
+    (["bench", "--model", "{ckpt}", "--out", "{good}", "--bench", "{good}"], "is the --bench file"),
     (["data", "stdlib-code", "--out", "{good}/x"], "which is a file"),
     (["fetch", "no-such-model"], "unknown model"),
     # Numbers that are not numbers, and seeds beyond 64 bits.

@@ -345,8 +345,11 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         if steps < 1:
             raise MsnError(f"--steps must be positive, got {steps}")
         preset = replace(preset, steps=steps)
+    from msn.experiments.stages import check_data
     from msn.paths import check_apart
 
+    if data is not None:
+        check_data(data)
     check_apart(out, "--out", {"--base-model": base_model, "--data": data})
     _same_settings(out, preset_name, preset)
     known = ["base", *preset.names, *preset.adapters, *preset.checkpoints]     # the order of evaluation

@@ -58,10 +58,7 @@ def prepare(out: Path, prompts: int, base_model: str | None, data: str | None = 
         if not (data_dir / "info.json").exists():
             build(data_dir)
     else:
-        data_dir = Path(data)
-        missing = [f for f in ("train.jsonl", "heldout.jsonl") if not (data_dir / f).is_file()]
-        if missing:
-            raise MsnError(f"--data {data}: no {' or '.join(missing)} there; build one with msn data stdlib-code")
+        data_dir = check_data(data)
     if base_model is None:
         base = str(fetch("smollm2-135m-instruct", log=lambda m: print(m, file=sys.stderr)))
     else:
@@ -72,6 +69,15 @@ def prepare(out: Path, prompts: int, base_model: str | None, data: str | None = 
         questions.write_text("".join(json.dumps({"question_id": i, "category": "stdlib-heldout",
                                                  "turns": [r["prompt"]]}) + "\n" for i, r in enumerate(rows)))
     return base, data_dir, questions
+
+
+def check_data(data: str) -> Path:
+    """A given ``--data`` folder: it must hold a built stdlib code set."""
+    data_dir = Path(data)
+    missing = [f for f in ("train.jsonl", "heldout.jsonl") if not (data_dir / f).is_file()]
+    if missing:
+        raise MsnError(f"--data {data}: no {' or '.join(missing)} there; build one with msn data stdlib-code")
+    return data_dir
 
 
 def _gguf_file(path: Path) -> Path | None:
