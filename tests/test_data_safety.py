@@ -333,3 +333,23 @@ def test_a_client_that_never_finishes_its_head_is_disconnected():
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+# -- 5b. A batch is checked whole before any decoding ---------------------------------------------
+
+def test_a_bad_prompt_in_a_batch_is_named_before_any_row_decodes(pair, monkeypatch):
+    import msn
+    from msn.decoding import batch as b
+    from msn.loading import load_for_inference
+
+    base, _ = pair
+    model, _ = load_for_inference(str(base), "cpu", "float32")
+    decoded = []
+    real_step = b.BatchDecoder.step
+    monkeypatch.setattr(b.BatchDecoder, "step", lambda self: decoded.append(1) or real_step(self))
+    good = [5, 6, 7]
+    with pytest.raises(MsnError, match=r"prompt 2 of the batch: .*outside the vocabulary|prompt 2 of the batch"):
+        msn.generate(model, [good, good, [5, 10**6]], method="ar", max_new_tokens=4)
+    with pytest.raises(MsnError, match="prompt 1 of the batch: .*context"):
+        msn.generate(model, [good, list(range(3, 90)) * 40], method="pld", max_new_tokens=4)
+    assert decoded == []

@@ -356,6 +356,13 @@ def generate_batch(model, prompts, *, method: str = "tr-jacobi", max_new_tokens:
     sampling_keys = ("do_sample", "temperature", "top_k", "top_p", "seed", "sample_drafts")
     sampling = {k: options.pop(k) for k in sampling_keys if k in options}
     decoder = BatchDecoder(model, method, **options)
+    # Every prompt is checked before the first is decoded; an error names the prompt.
+    for index, prompt in enumerate(prompts):
+        ids = prompt if isinstance(prompt, torch.Tensor) else torch.tensor([list(prompt)], dtype=torch.long)
+        try:
+            validate_request(model, ids, max_new_tokens, fit_context)
+        except MsnError as e:
+            raise MsnError(f"prompt {index} of the batch: {e}") from None
     results: dict[int, DecodeResult] = {}
     order: dict[int, int] = {}
     pending = list(enumerate(prompts))
