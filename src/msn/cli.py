@@ -321,8 +321,13 @@ def cmd_reproduce(a) -> int:
                        data="--data", steps="--steps")
         ablation(Path(a.out), base_model=a.base_model)
     else:
+        from msn.errors import MsnInterrupted
+
         models = tuple(m for m in a.models.split(",") if m) if a.models else None
-        run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data, a.steps)
+        try:
+            run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data, a.steps)
+        except KeyboardInterrupt:
+            raise MsnInterrupted(f"run the same command again to continue where it stopped (--out {a.out})") from None
     return 0
 
 
