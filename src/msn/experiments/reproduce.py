@@ -50,12 +50,14 @@ ACCEPT_METHODS = {
     # Recycled candidates: the anchor, and TR-Jacobi at the reference size with merged drafts.
     "recycle": ("recycle", {}),
     "tr-jacobi-merged": ("tr-jacobi", {"tree": "reference", "drafts": "merged"}),
-    # msn's default decoder as a user gets it: the tree sized by this machine's measured step
-    # latency (cached per model and machine), merged drafts.
+    # msn's default decoder as a user gets it: one request at a time, the tree sized by this
+    # machine's measured step latency (cached per model and machine), merged drafts.
     "default": ("tr-jacobi", {}),
 }
+# Rows decoded one prompt at a time (a batch sizes the automatic tree for all its rows at once).
+ONE_AT_A_TIME = ("default",)
 # Rows scored on the code requests in a user's own words (``msn.bench.prompts.CODE_REQUESTS``).
-OWN_WORDS_METHODS = ("ar", "tree-noret", "tr-jacobi-merged", "default")
+OWN_WORDS_METHODS = ("ar", "tree-noret", "tr-jacobi", "default")
 # Rows that draft from the model's recycled candidate table: each starts it empty.
 RECYCLING = ("recycle", "tr-jacobi-merged", "default")
 
@@ -162,7 +164,7 @@ PRESETS = {
     # prompts (self-distilled), 120 steps of 4, evaluated at 60 and 120 steps.
     "cpu": Preset(steps=120, lr=1e-4, warmup=0, data="self", curve=(0.5,), heldout_loss_examples=100,
                   accept_prompts=10, accept_stride=50, accept_tokens=128, accept_batch=10,
-                  accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "tr-jacobi-merged", "default", "pld"),
+                  accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "default", "pld"),
                   humaneval_tokens=320, humaneval_batch=16, humaneval_base=False, own_words=True,
                   timing_prompts=5, timing_tokens=128, timing_methods=("ar", "hf-generate", "pld", "tr-jacobi"),
                   adapter_mib=16),
@@ -314,7 +316,7 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
             reset_tables(model)        # cold: no row learns from another row's pass over these prompts,
             forget_outcomes(model)     # nor from an earlier run's (kept on disk)
         outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
-                                     max_batch=batch, **options)
+                                     max_batch=1 if name in ONE_AT_A_TIME else batch, **options)
     table = {}
     for name in order:
         rs = outputs[name]
