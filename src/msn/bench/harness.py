@@ -18,7 +18,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from msn.bench.prompts import Question, load_questions
 from msn.bench.report import plots, summarize, table
-from msn.data.records import encode_prompt, ensure_chat_template
+from msn.data.records import appended_lines, encode_prompt, ensure_chat_template
 from msn.decoding import cpu
 from msn.decoding.config import (DEFAULT_MAX_NEW_TOKENS, DRAFT_CHOICES, METHODS, TREE_CHOICES, DecodeConfig,
                                 exactness_contract)
@@ -313,19 +313,10 @@ class Progress:
         settings["model_weights"] = weights
         self.done: dict[str, dict] = {}
         if path.exists():
-            lines = []
-            raw = path.read_text(encoding="utf-8", errors="replace").splitlines()
-            for n, line in enumerate(raw):
-                if not line.strip():
-                    continue
-                try:
-                    lines.append(json.loads(line))
-                except ValueError:
-                    if n != len(raw) - 1:
-                        raise MsnError(f"{path}:{n + 1}: not a bench record; delete {path.name} to start "
-                                       "again") from None
-                    logging.getLogger("msn.bench").warning("%s: its last line was cut (a killed run); that "
-                                                           "question is measured again", path)
+            lines, cut = appended_lines(path, "a bench record")
+            if cut:
+                logging.getLogger("msn.bench").warning("%s: its last line was cut (a killed run); that question "
+                                                       "is measured again", path)
             if not lines or not isinstance(lines[0], dict) or not _same_settings(lines[0].get("settings"), settings):
                 old = lines[0].get("settings", {}) if lines and isinstance(lines[0], dict) else {}
                 what = "other model weights" if old.get("model_weights") not in (None, weights) and \

@@ -28,18 +28,15 @@ ANSWERS = "answers.jsonl"      # one line per generated answer: {"index", "respo
 
 def _read_answers(path: Path) -> dict[int, dict]:
     """The answers written so far; a last line cut by a kill is dropped (and rewritten later)."""
-    done: dict[int, dict] = {}
+    from msn.data.records import appended_lines
+
     if not path.exists():
-        return done
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines):
-        try:
-            row = json.loads(line)
-            done[int(row["index"])] = row
-        except (ValueError, KeyError, TypeError):
-            if n != len(lines) - 1:
-                raise MsnError(f"{path}:{n + 1}: not an answer record; delete the file to start again") from None
-    return done
+        return {}
+    rows, _ = appended_lines(path, "an answer record")
+    try:
+        return {int(row["index"]): row for row in rows}
+    except (KeyError, TypeError, ValueError):
+        raise MsnError(f"{path}: not answer records; delete {path.name} to start again") from None
 
 
 def select(records: list[dict], limit: int | None, seed: int) -> list[int]:

@@ -176,3 +176,20 @@ def build_examples(tokenizer, conversations: list[list[dict]], max_length: int) 
         examples.append({"input_ids": t.input_ids, "labels": t.labels, "noise_mask": t.noise_mask,
                          "index": len(examples)})
     return examples, dropped
+
+
+def appended_lines(path: Path, what: str) -> tuple[list, bool]:
+    """The JSON values of a file that msn appends to line by line (progress, answers): a last line
+    cut by a kill is left out (returned ``True`` as ``cut``); a bad line before it is one error."""
+    raw = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+    rows, cut = [], False
+    for n, line in enumerate(raw):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if n != len(raw) - 1:
+                raise MsnError(f"{path}:{n + 1}: not {what}; delete {Path(path).name} to start again") from None
+            cut = True
+    return rows, cut
