@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,13 @@ class TrainConfig:
             ``resume``, such a folder is refused.
         gradient_checkpointing: trade compute for memory.
         seed: seed of data order, noise and initialisation of LoRA weights.
+        packing: padding-free batches (each batch's samples in one row, attention kept
+            within each sample; see ``msn.data.collate.MsnCollator``). None (default) packs
+            when ``msn.data.packing.check_packing`` finds the model keeps packed samples
+            apart, else pads with a warning; True refuses such a model; False pads.
+        num_proc: processes that tokenize the data (default: several for large files).
+        profile_steps: train this many steps, print the throughput and write no model
+            (``msn train --profile N``); ``output_dir`` is then only a scratch folder.
     """
 
     model: str
@@ -78,6 +86,9 @@ class TrainConfig:
     overwrite: bool = False
     gradient_checkpointing: bool = False
     seed: int = 42
+    packing: bool | None = None
+    num_proc: int | None = None
+    profile_steps: int = 0
 
     def __post_init__(self):
         if isinstance(self.noise, dict):
@@ -102,6 +113,10 @@ class TrainConfig:
             raise MsnError(f"learning rate must be positive, got {self.lr}")
         if self.max_steps <= 0 and self.epochs <= 0:
             raise MsnError("give a positive number of epochs or max_steps")
+        if self.profile_steps < 0:
+            raise MsnError(f"--profile must be a positive number of steps, got {self.profile_steps}")
+        if self.num_proc is not None and self.num_proc <= 0:
+            raise MsnError(f"num_proc must be positive, got {self.num_proc}")
         if self.lora_r < 0:
             raise MsnError(f"lora_r must be >= 0, got {self.lora_r}")
         if self.warmup < 0:
@@ -124,20 +139,10 @@ class TrainConfig:
         return asdict(self)
 
 
-def _dataset(tokenizer, path: str, max_length: int, what: str):
-    from msn.data.records import build_examples, load_conversations
+def _dataset(tokenizer, path: str, cfg: "TrainConfig", what: str):
+    from msn.data.tokenized import tokenized_dataset
 
-    conversations = load_conversations(path)
-    empty = sum(any(m["role"] == "assistant" and not m["content"].strip() for m in c) for c in conversations)
-    if empty:
-        log.warning("%s: %d record(s) have an empty assistant response; they train on the end-of-turn "
-                    "tokens only and receive no noise", path, empty)
-    examples, dropped = build_examples(tokenizer, conversations, max_length)
-    if not examples:
-        raise MsnError(f"{path}: no {what} example keeps a response token within max_length={max_length}")
-    if dropped:
-        log.warning("%s: %d sample(s) dropped: no response token within max_length=%d", path, dropped, max_length)
-    return examples
+    return tokenized_dataset(tokenizer, path, cfg.max_length, what, num_proc=cfg.num_proc)
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
@@ -176,6 +181,8 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     """
     from msn.paths import FolderLock, ensure_output_dir
 
+    if cfg.profile_steps:
+        return _profile(cfg, callbacks)
     if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
         raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
     if not os.path.exists(cfg.data):
@@ -194,6 +201,88 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         return _run_locked(cfg, callbacks)
     finally:
         lock.release()
+
+
+def _profile(cfg: TrainConfig, callbacks: list | None) -> dict:
+    """``--profile N``: N steps in a scratch folder (deleted after), no checkpoint, no model."""
+    import dataclasses
+    import tempfile
+
+    if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
+        raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
+    if not os.path.exists(cfg.data):
+        raise MsnError(f"data file {cfg.data} does not exist")
+    with tempfile.TemporaryDirectory(prefix="msn-profile-") as scratch:
+        probe = dataclasses.replace(cfg, output_dir=scratch, max_steps=cfg.profile_steps, eval_data=None,
+                                    eval_steps=None, resume=False, overwrite=False,
+                                    logging_steps=min(cfg.logging_steps, cfg.profile_steps))
+        summary = _run_locked(probe, callbacks)
+    return {"profile_steps": cfg.profile_steps, **summary}
+
+
+class Throughput:
+    """Training speed, counted on the batches the optimizer steps take: tokens and response
+    tokens per second, the padding share and an ETA for each log line (``read``) and the
+    whole run (``summary``); also the time from the start of ``msn train`` to the first
+    optimizer step."""
+
+    def __init__(self, started: float):
+        self.started = started
+        self.first_step_s: float | None = None
+        self.train_start: float | None = None
+        self.start_step = 0                 # the step training (re)started from
+        self.tokens = self.response_tokens = self.slots = 0
+        self.last = None                    # (time, tokens, response tokens, slots) at the previous log
+
+    def count(self, inputs: dict) -> None:
+        """Adds one micro-batch (padded: the attention mask marks tokens; packed: every slot is one)."""
+        ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+        self.slots += ids.numel()
+        self.tokens += int(mask.sum()) if mask is not None else ids.numel()
+        self.response_tokens += int((inputs["labels"] != -100).sum())
+
+    def _counts(self, now: float):
+        return now, self.tokens, self.response_tokens, self.slots
+
+    def callback(self):
+        from transformers import TrainerCallback
+
+        meter = self
+
+        class Clock(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kw):
+                meter.train_start = time.monotonic()
+                meter.last = meter._counts(meter.train_start)
+                meter.start_step = state.global_step
+
+            def on_step_end(self, args, state, control, **kw):
+                if meter.first_step_s is None:
+                    meter.first_step_s = time.monotonic() - meter.started
+
+        return Clock()
+
+    def read(self, state) -> dict:
+        now = time.monotonic()
+        t0, tok0, resp0, slots0 = self.last or self._counts(now)
+        self.last = self._counts(now)
+        dt = max(now - t0, 1e-9)
+        done = state.global_step - self.start_step
+        per_step = (now - self.train_start) / done if done and self.train_start else None
+        left = max(state.max_steps - state.global_step, 0)
+        return {"tokens_per_s": round((self.tokens - tok0) / dt, 1),
+                "response_tokens_per_s": round((self.response_tokens - resp0) / dt, 1),
+                "padding_share": round(1 - (self.tokens - tok0) / (self.slots - slots0), 4)
+                if self.slots > slots0 else 0.0,
+                **({"eta_s": round(per_step * left, 1)} if per_step is not None else {})}
+
+    def summary(self) -> dict:
+        wall = time.monotonic() - self.train_start if self.train_start else None
+        return {"seconds_to_first_step": round(self.first_step_s, 2) if self.first_step_s is not None else None,
+                "train_seconds": round(wall, 1) if wall else None,
+                "tokens": self.tokens, "response_tokens": self.response_tokens,
+                "tokens_per_s": round(self.tokens / wall, 1) if wall else None,
+                "response_tokens_per_s": round(self.response_tokens / wall, 1) if wall else None,
+                "padding_share": round(1 - self.tokens / self.slots, 4) if self.slots else 0.0}
 
 
 def _earlier_run(output_dir: Path) -> str | None:
@@ -255,11 +344,15 @@ def _same_inputs(cfg: TrainConfig, out: Path, resuming: bool) -> None:
 
 def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     import shutil
+    import time
+
+    started = time.monotonic()
 
     import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from msn.data.collate import MsnCollator, epoch_callback
+    from msn.data.packing import check_packing
     from msn.data.records import ensure_chat_template
 
     out = Path(cfg.output_dir)
@@ -289,8 +382,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     if ensure_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; using ChatML")
-    train_set = _dataset(tokenizer, cfg.data, cfg.max_length, "training")
-    eval_set = _dataset(tokenizer, cfg.eval_data, cfg.max_length, "eval") if cfg.eval_data else None
+    packing = check_packing(model, len(tokenizer), cfg.packing)
 
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -302,8 +394,9 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
                                                      task_type="CAUSAL_LM"))
         except ValueError as e:
             raise MsnError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
-    collator = MsnCollator(cfg.noise, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), seed=cfg.seed)
-    eval_collator = MsnCollator(NoiseConfig(enabled=False), tokenizer.pad_token_id, len(tokenizer))
+    collator = MsnCollator(cfg.noise, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), seed=cfg.seed,
+                           packing=packing)
+    eval_collator = MsnCollator(NoiseConfig(enabled=False), tokenizer.pad_token_id, len(tokenizer), packing=packing)
     is_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
         output_dir=cfg.output_dir,
@@ -319,9 +412,10 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         fp16=cfg.precision == "fp16",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
+        save_strategy="no" if cfg.profile_steps else "steps",
         save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit or None,
-        eval_strategy="steps" if eval_set is not None and cfg.eval_steps else "no",
+        eval_strategy="steps" if cfg.eval_data and cfg.eval_steps else "no",
         eval_steps=cfg.eval_steps,
         seed=cfg.seed,
         report_to="none",
@@ -330,8 +424,13 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         ddp_backend="gloo" if is_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         use_cpu=is_cpu,
     )
+    # Several processes: the first tokenizes into the cache, the others then read it.
+    with args.main_process_first(desc="tokenizing the data"):
+        train_set = _dataset(tokenizer, cfg.data, cfg, "training")
+        eval_set = _dataset(tokenizer, cfg.eval_data, cfg, "eval") if cfg.eval_data else None
+    meter = Throughput(started)
 
-    class EvalWithCleanInputs(Trainer):
+    class MsnTrainer(Trainer):
         def get_eval_dataloader(self, eval_dataset=None):
             self.data_collator, saved = eval_collator, self.data_collator
             try:
@@ -339,13 +438,18 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
             finally:
                 self.data_collator = saved
 
-    class NoiseStats(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kw):
-            if logs is not None and "loss" in logs:
-                logs["noise_too_short"] = collator.too_short
+        def training_step(self, model, inputs, *rest, **kw):
+            meter.count(inputs)
+            return super().training_step(model, inputs, *rest, **kw)
 
-    trainer = EvalWithCleanInputs(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                                  data_collator=collator, processing_class=tokenizer, callbacks=[epoch_callback(collator), NoiseStats(), *(callbacks or [])])
+        def log(self, logs, *rest, **kw):
+            if "loss" in logs:
+                logs.update(meter.read(self.state), noise_too_short=collator.too_short)
+            super().log(logs, *rest, **kw)
+
+    trainer = MsnTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                         data_collator=collator, processing_class=tokenizer,
+                         callbacks=[epoch_callback(collator), meter.callback(), *(callbacks or [])])
     resume_from = latest
     if resume_from:
         log.warning("resuming from %s", resume_from)
@@ -362,12 +466,14 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         "resumed_from": resume_from,
         "noise_stats": collator.stats(),
         "train_examples": len(train_set),
+        "packing": packing,
+        "throughput": meter.summary(),
     }
     if eval_set is not None:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     if collator.too_short:
         log.warning("%d sample(s) had a response too short for a noise span and stayed clean", collator.too_short)
-    if trainer.is_world_process_zero():
+    if trainer.is_world_process_zero() and not cfg.profile_steps:
         save_final(trainer.model, tokenizer, cfg, summary)
     return summary
 

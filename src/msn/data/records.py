@@ -71,35 +71,39 @@ def jsonl_lines(path: Path):
 def load_conversations(path: str | os.PathLike) -> list[list[dict]]:
     """Reads records from a JSONL file (line-numbered errors) or anything ``datasets``
     loads (a .json/.csv/.parquet file or a saved dataset folder)."""
+    out = list(iter_conversations(path))
+    if not out:
+        raise MsnError(f"{path}: the data set is empty")
+    return out
+
+
+def iter_conversations(path: str | os.PathLike):
+    """The records of ``path`` one at a time, each checked (see ``load_conversations``)."""
     p = Path(path)
     if not p.exists():
         raise MsnError(f"data file {p} does not exist")
-    out = []
     if p.is_file() and p.suffix in (".jsonl", ".ndjson"):
         for lineno, rec in jsonl_lines(p):
-            out.append(_check_record(rec, f"{p}:{lineno}"))
-    else:
-        import datasets
+            yield _check_record(rec, f"{p}:{lineno}")
+        return
+    import datasets
 
-        try:
-            if p.is_dir():
-                ds = datasets.load_from_disk(str(p))
-            else:
-                kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
-                if kind is None:
-                    raise MsnError(f"{p}: unsupported data format; use .jsonl, .json, .csv, .parquet or a saved dataset")
-                ds = datasets.load_dataset(kind, data_files=str(p), split="train")
-        except MsnError:
-            raise
-        except UnicodeDecodeError:
-            raise MsnError(f"{p}: not UTF-8 text; save the file as UTF-8") from None
-        except Exception as e:  # datasets raises many types for unreadable files
-            raise MsnError(f"{p}: cannot read data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-        for i, rec in enumerate(ds):
-            out.append(_check_record(rec, f"{p}[row {i}]"))
-    if not out:
-        raise MsnError(f"{p}: the data set is empty")
-    return out
+    try:
+        if p.is_dir():
+            ds = datasets.load_from_disk(str(p))
+        else:
+            kind = {".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(p.suffix)
+            if kind is None:
+                raise MsnError(f"{p}: unsupported data format; use .jsonl, .json, .csv, .parquet or a saved dataset")
+            ds = datasets.load_dataset(kind, data_files=str(p), split="train")
+    except MsnError:
+        raise
+    except UnicodeDecodeError:
+        raise MsnError(f"{p}: not UTF-8 text; save the file as UTF-8") from None
+    except Exception as e:  # datasets raises many types for unreadable files
+        raise MsnError(f"{p}: cannot read data ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for i, rec in enumerate(ds):
+        yield _check_record(rec, f"{p}[row {i}]")
 
 
 def ensure_chat_template(tokenizer) -> bool:
