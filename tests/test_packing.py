@@ -151,3 +151,41 @@ def test_packed_training_follows_the_padded_run(folder, tmp_path):
     assert all(e["tokens_per_s"] > 0 and e["response_tokens_per_s"] > 0 for e in logged)
     assert logged[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in logged)
     assert packed["throughput"]["seconds_to_first_step"] > 0
+
+
+def test_packed_sdpa_attends_per_sample_and_falls_back_elsewhere(monkeypatch):
+    """msn's packed sdpa runs causal sdpa on each sample's slice of a packed row, gives the
+    padded model's logits, and leaves every other call (a padding mask, decoding) to sdpa."""
+    from msn.data import packing
+
+    model = tiny_model("llama", vocab_size=VOCAB).eval()
+    assert packing.use_packed_attention(model) == "sdpa"
+    assert model.config._attn_implementation == packing.PACKED_SDPA
+    calls = []
+    real = packing.packed_attention
+
+    def counting(module, q, *a, **k):
+        calls.append(q.shape[2])
+        return real(module, q, *a, **k)
+
+    from transformers import AttentionInterface
+    AttentionInterface.register(packing.PACKED_SDPA, counting)
+    try:
+        padded_c, packed_c = pair(enabled=False)
+        feats = features(3)
+        with torch.no_grad():
+            a = model(**padded_c(feats)).logits
+            b = model(**packed_c(feats), use_cache=False).logits[0]
+            greedy = model.generate(torch.tensor([feats[0]["input_ids"]]), max_new_tokens=4, do_sample=False)
+        ends = [0]
+        for f in feats:
+            ends.append(ends[-1] + len(f["input_ids"]))
+        for row, (s, e) in enumerate(zip(ends[:-1], ends[1:])):
+            assert torch.allclose(a[row, : e - s], b[s:e], atol=1e-5)
+        assert greedy.shape[1] == len(feats[0]["input_ids"]) + 4
+        assert packing._sample_bounds(torch.cat([torch.arange(e - s) for s, e in zip(ends[:-1], ends[1:])])[None]) \
+            == list(zip(ends[:-1], ends[1:]))
+        assert packing.packed_matches_alone(model, VOCAB)
+    finally:
+        AttentionInterface.register(packing.PACKED_SDPA, real)
+    assert ends[-1] in calls and 1 in calls        # the packed row, and decoding one token at a time

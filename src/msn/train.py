@@ -352,7 +352,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from msn.data.collate import MsnCollator, epoch_callback
-    from msn.data.packing import check_packing
+    from msn.data.packing import check_packing, use_packed_attention
     from msn.data.records import ensure_chat_template
 
     out = Path(cfg.output_dir)
@@ -382,7 +382,10 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     if ensure_chat_template(tokenizer):
         log.warning("the tokenizer has no chat template; using ChatML")
+    restore = use_packed_attention(model) if cfg.packing is not False else None
     packing = check_packing(model, len(tokenizer), cfg.packing)
+    if restore and not packing:
+        model.set_attn_implementation(restore)
 
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -473,8 +476,15 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         summary["eval_loss"] = trainer.evaluate()["eval_loss"]
     if collator.too_short:
         log.warning("%d sample(s) had a response too short for a noise span and stayed clean", collator.too_short)
+    model, state = trainer.model, None
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Sharded weights: every process takes part in gathering the whole state dict.
+        state = trainer.accelerator.get_state_dict(trainer.model)
+        model = trainer.accelerator.unwrap_model(trainer.model)
+    if restore and packing:
+        (model.get_base_model() if hasattr(model, "get_base_model") else model).set_attn_implementation(restore)
     if trainer.is_world_process_zero() and not cfg.profile_steps:
-        save_final(trainer.model, tokenizer, cfg, summary)
+        save_final(model, tokenizer, cfg, summary, state_dict=state)
     return summary
 
 
@@ -497,7 +507,11 @@ def _save_from_checkpoint(cfg: TrainConfig, checkpoint: str) -> dict:
     return summary
 
 
-def save_final(model, tokenizer, cfg: TrainConfig, summary: dict) -> None:
+def save_final(model, tokenizer, cfg: TrainConfig, summary: dict, state_dict: dict | None = None) -> None:
+    """Writes the final model, tokenizer and ``msn_config.json`` into ``cfg.output_dir``.
+
+    ``state_dict``: the gathered weights of a sharded (FSDP, DeepSpeed) model; None saves
+    ``model``'s own."""
     import transformers
 
     import msn
@@ -510,7 +524,7 @@ def save_final(model, tokenizer, cfg: TrainConfig, summary: dict) -> None:
         model = model.merge_and_unload()
     # Written beside the folder, then renamed in, msn_config.json last: a kill at any moment
     # leaves complete files only, and msn_config.json marks a complete final model.
-    model.save_pretrained(staged)
+    model.save_pretrained(staged, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(staged)
     record = {"msn_version": msn.__version__, "transformers_version": transformers.__version__,
               "config": cfg.to_dict(), "summary": summary}

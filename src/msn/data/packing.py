@@ -7,6 +7,13 @@ confines each token's attention to its own sample. A model whose code builds its
 another way (remote code, an old architecture) would let the samples see each other and
 train on wrong contexts without any error, so ``check_packing`` runs the model once on two
 short packed samples and compares each with the sample run alone.
+
+On sdpa models, training swaps in ``PACKED_SDPA`` (``packed_attention``), registered under msn's
+own name with transformers' ``AttentionInterface``: it runs causal sdpa on each sample's slice
+instead of one masked sdpa over the whole row, so attention costs the sum of the samples'
+squares, not the square of their sum (on a 2-core CPU, SmolLM2-135M, four samples of 140-320
+tokens: forward plus backward 2.98 s against 3.50 s with the row's mask and 4.45 s padded).
+Layers with a sliding window, attention sinks or a padding mask fall back to transformers' sdpa.
 """
 
 from __future__ import annotations
@@ -16,6 +23,52 @@ import torch
 from msn.errors import MsnError
 
 PROBE_LENGTHS = (7, 5)
+PACKED_SDPA = "msn_packed_sdpa"
+_last_bounds: list = [None, None]       # (position_ids tensor, its samples' bounds): one forward's layers share it
+
+
+def _sample_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
+    """[start, end) of each sample in a single packed row, or None when it is not one."""
+    if _last_bounds[0] is position_ids:
+        return _last_bounds[1]
+    bounds = None
+    if position_ids.dim() == 2 and position_ids.shape[0] == 1:
+        starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+        if starts and starts[0] == 0:
+            bounds = list(zip(starts, [*starts[1:], position_ids.shape[1]]))
+    _last_bounds[:] = [position_ids, bounds]
+    return bounds
+
+
+def packed_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
+    """sdpa over each packed sample's own slice (causal), concatenated; transformers' sdpa when
+    the call is not a packed training row (a padding mask, a cache, a sliding window, sinks)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    bounds = _sample_bounds(position_ids) if position_ids is not None else None
+    plain = (bounds is None or key.shape[2] != query.shape[2] or getattr(module, "sliding_window", None)
+             or kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None)
+    if plain:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids, **kwargs)
+    outs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None,
+                                   is_causal=True, **kwargs)[0] for a, b in bounds]
+    return torch.cat(outs, dim=1), None
+
+
+def use_packed_attention(model) -> str | None:
+    """Switches an sdpa model to ``PACKED_SDPA`` (registered once, under msn's name); returns the
+    implementation to restore, or None when the model keeps its own (eager, flash attention)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != "sdpa":
+        return None
+    if PACKED_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(PACKED_SDPA, packed_attention)
+        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
+    model.set_attn_implementation(PACKED_SDPA)
+    return before
 
 
 @torch.no_grad()
