@@ -183,6 +183,10 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
 
     if cfg.profile_steps:
         return _profile(cfg, callbacks)
+    sharded = _sharding_asked()
+    if cfg.merge_lora and sharded:
+        raise MsnError(f"--merge-lora is not supported under {sharded[0]}: save the adapter and merge it afterwards "
+                       "(peft's merge_and_unload, or msn generate/serve, which load adapter folders merged)")
     if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
         raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
     if not os.path.exists(cfg.data):
@@ -201,6 +205,13 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         return _run_locked(cfg, callbacks)
     finally:
         lock.release()
+
+
+def _sharding_asked() -> list[str]:
+    """The sharded set-ups ``accelerate launch`` asked for (FSDP, DeepSpeed), read from the
+    variables its launcher sets."""
+    return [name for name, var in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+            if os.environ.get(var, "").lower() in ("1", "true")]
 
 
 def _profile(cfg: TrainConfig, callbacks: list | None) -> dict:
@@ -453,6 +464,9 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     trainer = MsnTrainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=[epoch_callback(collator), meter.callback(), *(callbacks or [])])
+    if "FSDP" in _sharding_asked() and not trainer.is_fsdp_enabled:
+        raise MsnError("the accelerate config asks for FSDP, but accelerate runs FSDP on GPUs only (on this machine it "
+                       "would train unsharded); on CPUs use DDP: torchrun --nproc_per_node N -m msn train ...")
     resume_from = latest
     if resume_from:
         log.warning("resuming from %s", resume_from)
