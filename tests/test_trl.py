@@ -83,3 +83,32 @@ def test_msn_collator_with_msn_pretokenized_data(tmp_path):
     data = datasets.Dataset.from_list(rows)
     collator = train(tmp_path, data, dataset_kwargs={"skip_prepare_dataset": True}, remove_unused_columns=False)
     check(collator, responses_only=True)
+
+
+def test_packed_msn_collator_in_sftrainer_and_trls_own_padding_free_refusal(tmp_path):
+    """MsnCollator(packing=True) trains under SFTTrainer with one padding-free row per batch;
+    TRL's own padding-free mode refuses a custom collator in one line (its ValueError)."""
+    tok = tiny_tokenizer()
+    data = datasets.Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
+                                        "completion": [{"role": "assistant", "content": c}]} for p, c in PAIRS])
+    collator = Recording(NoiseConfig(span_len=3, num_spans=2), pad_token_id=tok.pad_token_id,
+                         vocab_size=len(tok), seed=1, packing=True)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "a"), max_steps=3, per_device_train_batch_size=2, report_to=[],
+                         save_strategy="no", logging_steps=1, use_cpu=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = trl.SFTTrainer(model=tiny_model("llama", vocab_size=len(tok)), args=args, train_dataset=data,
+                                 processing_class=tok, data_collator=collator)
+        losses = [e["loss"] for e in trainer.train() and trainer.state.log_history if "loss" in e]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    for clean, batch in collator.seen:
+        lengths = [len(ids) for ids in clean]
+        assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
+        assert torch.equal(batch["position_ids"][0], torch.cat([torch.arange(n) for n in lengths]))
+        changed = batch["input_ids"][0] != torch.tensor(sum(clean, []))
+        assert not (changed & (batch["labels"][0] == IGNORE_INDEX)).any()     # noise only where a label counts
+    padding_free = trl.SFTConfig(output_dir=str(tmp_path / "b"), max_steps=1, report_to=[], use_cpu=True,
+                                 padding_free=True, max_length=None)
+    with pytest.raises(ValueError, match="custom data collator is not supported"):
+        trl.SFTTrainer(model=tiny_model("llama", vocab_size=len(tok)), args=padding_free, train_dataset=data,
+                       processing_class=tok, data_collator=collator)

@@ -2,7 +2,7 @@
 
 In a Spec-Bench ``evaluation/inference_*.py`` script::
 
-    from msn.specbench import forward
+    from msn.bench.specbench import forward
     run_eval(model=model, tokenizer=tokenizer, forward_func=forward, ...)
 """
 

@@ -48,7 +48,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         input_ids: (1, T) prompt ids. A batch, (B, T) with ``attention_mask`` (padding on
             either side) or a list of prompts (lists of ids or (1, T) tensors), is decoded
             in batched steps (``msn.decoding.batch``) and returns one result per prompt.
-        method: ``ar``, ``jacobi``, ``tr-jacobi``, ``pld`` or ``lookahead``.
+        method: one of ``METHODS``: ``ar``, ``jacobi``, ``tr-jacobi``, ``pld``, ``lookahead`` or ``recycle``.
         max_new_tokens: at most this many new tokens.
         eos_token_id: one id or several; None takes the model's generation config.
         on_tokens: called with each step's newly accepted tokens (for streaming).
