@@ -18,7 +18,7 @@ from pathlib import Path
 
 def main() -> None:
     import msn
-    from msn.adapter import export_lora
+    from msn.adapter_export import export_lora
     from msn.data.records import encode_prompt, ensure_chat_template
     from msn.evaluate import heldout_loss
     from msn.experiments.reproduce import acceptance

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 from msn import adapter as ad
+from msn import adapter_export as ex
+from msn.loading import merged_model
 from msn.errors import MsnError
 from tiny import tiny_checkpoint, tiny_model, tiny_tokenizer
 
@@ -43,19 +45,19 @@ def test_full_rank_adapter_reproduces_the_tuned_model(tmp_path, family):
     from msn.loading import load_model
 
     base, tuned = _tuned_pair(tmp_path, TIED_LLAMA if family == "tied-llama" else family)
-    report = ad.export_lora(base, tuned, tmp_path / "a", rank=64, dtype="float32", log=lambda *_: None)
+    report = ex.export_lora(base, tuned, tmp_path / "a", rank=64, dtype="float32", log=lambda *_: None)
     # Asked above every layer's full rank (32 here), it stores the full rank, not zero padding.
     assert report["kept"]["min"] == pytest.approx(1.0) and report["rank"] == 32
     assert "model.norm" in report["whole_modules"]
     want = _logits(load_model(str(tuned)).eval())
-    got = _logits(ad.merged_model(tmp_path / "a").eval())
+    got = _logits(merged_model(tmp_path / "a").eval())
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(_logits(load_model(str(base)).eval()), want, atol=1e-2)
 
 
 def test_lower_rank_is_the_truncated_svd_and_reports_what_it_keeps(tmp_path):
     base, tuned = _tuned_pair(tmp_path, "llama")
-    report = ad.export_lora(base, tuned, tmp_path / "a", rank=4, dtype="float32", log=lambda *_: None)
+    report = ex.export_lora(base, tuned, tmp_path / "a", rank=4, dtype="float32", log=lambda *_: None)
     from msn.loading import load_model
 
     b, t, m = (load_model(str(p)) for p in (base, tuned, tmp_path / "a"))
@@ -76,11 +78,11 @@ def test_lower_rank_is_the_truncated_svd_and_reports_what_it_keeps(tmp_path):
 
 def test_budget_picks_a_rank_that_fits(tmp_path):
     base, tuned = _tuned_pair(tmp_path, "llama")
-    report = ad.export_lora(base, tuned, tmp_path / "a", budget_mib=0.3, log=lambda *_: None)
+    report = ex.export_lora(base, tuned, tmp_path / "a", budget_mib=0.3, log=lambda *_: None)
     assert 1 <= report["rank"] < 32 and report["dtype"] == "bfloat16"
-    assert report["bytes"] <= 0.3 * ad.MiB
+    assert report["bytes"] <= 0.3 * ex.MiB
     with pytest.raises(MsnError, match="not even rank 1 fits"):
-        ad.export_lora(base, tuned, tmp_path / "b", budget_mib=0.01, log=lambda *_: None)
+        ex.export_lora(base, tuned, tmp_path / "b", budget_mib=0.01, log=lambda *_: None)
 
 
 def test_peft_loads_the_folder_and_msn_decodes_it_merged(tmp_path):
@@ -93,9 +95,9 @@ def test_peft_loads_the_folder_and_msn_decodes_it_merged(tmp_path):
     from msn.loading import load_for_inference, load_model
 
     base, tuned = _tuned_pair(tmp_path, "qwen2")
-    ad.export_lora(base, tuned, tmp_path / "a", rank=64, dtype="float32", log=lambda *_: None)
+    ex.export_lora(base, tuned, tmp_path / "a", rank=64, dtype="float32", log=lambda *_: None)
     peft = PeftModel.from_pretrained(load_model(str(base)), str(tmp_path / "a")).eval()
-    torch.testing.assert_close(_logits(peft), _logits(ad.merged_model(tmp_path / "a")), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(_logits(peft), _logits(merged_model(tmp_path / "a")), atol=1e-4, rtol=1e-4)
     model, tok = load_for_inference(str(tmp_path / "a"), device="cpu", dtype="float32")
     ref, _ = load_for_inference(str(tuned), device="cpu", dtype="float32")
     ids = torch.tensor([tok.encode("def add(a, b):")])
@@ -107,16 +109,16 @@ def test_what_export_refuses(tmp_path):
     base, tuned = _tuned_pair(tmp_path, "llama")
     other = tiny_checkpoint(tmp_path / "other", "qwen2")
     with pytest.raises(MsnError, match="parameter"):
-        ad.export_lora(other, tuned, tmp_path / "x", rank=2, log=lambda *_: None)
+        ex.export_lora(other, tuned, tmp_path / "x", rank=2, log=lambda *_: None)
     with pytest.raises(MsnError, match="equals the base model"):
-        ad.export_lora(base, base, tmp_path / "x", rank=2, log=lambda *_: None)
+        ex.export_lora(base, base, tmp_path / "x", rank=2, log=lambda *_: None)
     norms_only = _tuned_pair(tmp_path / "n", "llama", only="norm")[1]
     with pytest.raises(MsnError, match="a LoRA adapter needs a changed linear layer"):
-        ad.export_lora(base, norms_only, tmp_path / "x", rank=2, log=lambda *_: None)
+        ex.export_lora(base, norms_only, tmp_path / "x", rank=2, log=lambda *_: None)
     with pytest.raises(MsnError, match="exactly one of --rank and --budget-mib"):
-        ad.export_lora(base, tuned, tmp_path / "x", log=lambda *_: None)
+        ex.export_lora(base, tuned, tmp_path / "x", log=lambda *_: None)
     with pytest.raises(MsnError, match="--rank must be positive"):
-        ad.export_lora(base, tuned, tmp_path / "x", rank=0, log=lambda *_: None)
+        ex.export_lora(base, tuned, tmp_path / "x", rank=0, log=lambda *_: None)
 
 
 def test_the_cli_writes_an_adapter(tmp_path, capsys):
@@ -149,7 +151,7 @@ def shipped(tmp_path, monkeypatch):
                                                                      license="test"))
     monkeypatch.setattr(f, "adapters_dir", lambda: tmp_path / "adapters")
     folder = tmp_path / "adapters" / "tiny-msn"
-    ad.export_lora(cache / "tiny-base", tuned, folder, rank=64, dtype="float32", base_ref="tiny-base",
+    ex.export_lora(cache / "tiny-base", tuned, folder, rank=64, dtype="float32", base_ref="tiny-base",
                    log=lambda *_: None)
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
     return cache, folder, tuned
@@ -227,7 +229,7 @@ def test_collect_brings_back_few_small_files_that_join(tmp_path, monkeypatch):
     monkeypatch.setitem(f.KNOWN_MODELS, "tiny-base", f.KnownModel(parts=(), version="0", sha256="a" * 64,
                                                                   license="test", description="test"))
     out = tmp_path / "run"
-    ad.export_lora(base, tuned, out / "msn-lora", rank=8, dtype="float32", log=lambda *_: None)
+    ex.export_lora(base, tuned, out / "msn-lora", rank=8, dtype="float32", log=lambda *_: None)
     for name in ("README.md", "prompts.jsonl"):
         (out / "msn-lora" / name).write_text("x\n")
     (out / "results.json").write_text(json.dumps({"adapter": {"model": "msn-lora"}}))

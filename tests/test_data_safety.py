@@ -83,7 +83,7 @@ def test_bench_and_self_distill_never_write_into_a_model_or_their_data(capsys, p
 
 
 def test_stale_staging_from_a_killed_export_is_never_moved_in(pair, tmp_path):
-    from msn.adapter import export_lora
+    from msn.adapter_export import export_lora
 
     base, tuned = pair
     out = tmp_path / "adapter"
@@ -159,7 +159,7 @@ def test_a_cut_last_progress_line_is_dropped_and_measured_again(pair, tmp_path):
 
 def test_truncated_fetched_model_and_adapter_weights_are_caught(pair, tmp_path, capsys):
     from msn import fetch as f
-    from msn.adapter import export_lora
+    from msn.adapter_export import export_lora
 
     base, tuned = pair
     folder = tmp_path / "cached"
@@ -264,7 +264,7 @@ def test_sigterm_during_training_is_handled_like_ctrl_c(pair, tmp_path):
 # -- 6. Quiet oddities ----------------------------------------------------------------------------
 
 def test_rank_above_full_rank_and_an_unrelated_base(pair, tmp_path, capsys):
-    from msn.adapter import export_lora
+    from msn.adapter_export import export_lora
 
     base, tuned = pair
     report = export_lora(base, tuned, tmp_path / "a", rank=10_000, log=lambda *_: None)

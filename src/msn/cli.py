@@ -62,7 +62,7 @@ def cmd_fetch(a) -> int:
 # -- export-lora -------------------------------------------------------------------------
 
 def cmd_export_lora(a) -> int:
-    from msn.adapter import export_lora
+    from msn.adapter_export import export_lora
 
     report = export_lora(a.base, a.tuned, a.out, rank=a.rank, budget_mib=a.budget_mib, dtype=a.dtype,
                          device=a.device, log=lambda m: print(m, file=sys.stderr))

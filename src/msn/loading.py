@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 from msn.errors import MsnError
@@ -59,7 +60,7 @@ def load_model(path: str, dtype=None, **kwargs):
     adapter merged."""
     from transformers import AutoModelForCausalLM
 
-    from msn.adapter import is_adapter_folder, merged_model
+    from msn.adapter import is_adapter_folder
 
     local = os.path.isdir(path)
     if local and is_adapter_folder(path):
@@ -133,3 +134,24 @@ def load_for_inference(path: str, device: str | None = "auto", dtype: str | None
         model = load_model(path, dtype=resolve_dtype(dtype, dev), attn_implementation="eager")
     tokenizer = load_tokenizer(path)
     return model.to(dev).eval(), tokenizer
+
+
+def merged_model(path: str | os.PathLike, dtype=None, base: str | None = None, **kwargs):
+    """The model of an adapter folder: its base (``base``, else the one it names) with the adapter
+    merged in float32, then cast to ``dtype``."""
+    import torch
+    from peft import PeftModel
+
+    from safetensors import SafetensorError
+
+    from msn.adapter import ADAPTER_WEIGHTS, base_of
+
+    model = load_model(base or base_of(path), dtype=torch.float32, **kwargs)
+    try:
+        with warnings.catch_warnings():     # the tied-embedding warning: merging keeps the tie
+            warnings.simplefilter("ignore")
+            model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MsnError(f"cannot apply the adapter {path}: {first} (is {ADAPTER_WEIGHTS} complete?)") from None
+    return model.to(dtype) if dtype is not None else model

@@ -528,9 +528,8 @@ def save_final(model, tokenizer, cfg: TrainConfig, summary: dict, state_dict: di
     ``model``'s own."""
     import transformers
 
-    import msn
-
     from msn.paths import replace_folder_files
+    from msn.version import __version__
 
     out = Path(cfg.output_dir)
     staged = out / STAGING
@@ -540,7 +539,7 @@ def save_final(model, tokenizer, cfg: TrainConfig, summary: dict, state_dict: di
     # leaves complete files only, and msn_config.json marks a complete final model.
     model.save_pretrained(staged, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(staged)
-    record = {"msn_version": msn.__version__, "transformers_version": transformers.__version__,
+    record = {"msn_version": __version__, "transformers_version": transformers.__version__,
               "config": cfg.to_dict(), "summary": summary}
     (staged / "msn_config.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "msn_config.json").unlink(missing_ok=True)

@@ -69,7 +69,7 @@ def latency_key(model, device, dtype) -> dict:
     import torch
     import transformers
 
-    import msn
+    from msn.version import __version__
     from msn.decoding import cpu
 
     cfg = model.config.to_json_string(use_diff=False)
@@ -78,7 +78,7 @@ def latency_key(model, device, dtype) -> dict:
             "device": name, "dtype": str(dtype).replace("torch.", ""),
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "threads": torch.get_num_threads(), "msn": msn.__version__, "ladder": list(LADDER),
+            "threads": torch.get_num_threads(), "msn": __version__, "ladder": list(LADDER),
             **({"cpu_gemm": cpu.enabled(), "one_row": cpu.padded(model), "cpu_pack": cpu.prepacked(model)}
                if device.type == "cpu" else {})}
 

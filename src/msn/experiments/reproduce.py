@@ -30,7 +30,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT, export_lora
+from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT
+from msn.adapter_export import export_lora
 from msn.errors import MsnError
 from msn.experiments.stages import prepare, train_stage, variant_noise
 from msn.noise import DEFAULT_NOISE_SPANS
