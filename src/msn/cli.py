@@ -277,7 +277,7 @@ def cmd_bench(a) -> int:
                              max_new_tokens=a.max_new_tokens, questions=a.questions, limit=a.limit,
                              categories=a.categories.split(",") if a.categories else None,
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree, drafts=a.drafts,
-                             reset_recycle=a.reset_recycle or None,
+                             reset_recycle=a.reset_recycle or None, cold=a.cold or None,
                              warmup=a.warmup, seed=a.seed, profile=a.profile or None, graphs=a.graphs,
                              compile=a.compile,
                              **_sampling(a)))
@@ -293,7 +293,26 @@ def cmd_demo(a) -> int:
     if a.max_new_tokens <= 0:
         raise MsnError(f"--max-new-tokens must be positive, got {a.max_new_tokens}")
     return main(a.model, method=a.method, max_new_tokens=a.max_new_tokens, repeats=a.repeats, device=a.device,
-                dtype=a.dtype, out=a.out, msn_model=a.msn_model)
+                dtype=a.dtype, out=a.out, msn_model=a.msn_model, cold=a.cold)
+
+
+def cmd_cache(a) -> int:
+    from msn.paths import DECODING_STATE, STORE_KINDS, cache_root, clear_store, store_info
+
+    if a.action == "info":
+        rows = store_info()
+        if a.json:
+            print(json.dumps({"store": str(cache_root()), "kinds": rows}))
+            return 0
+        print(f"msn's store: {cache_root()} (set MSN_CACHE_DIR to move it)")
+        for r in rows:
+            print(f"  {r['kind']:<11} {r['entries']:>5} entries {r['bytes'] / 2**20:>9.1f} MiB"
+                  f"{'  newest ' + r['newest'] if r['newest'] else ''}  {r['what']}")
+        return 0
+    kinds = list(STORE_KINDS) if a.all else (a.kinds or list(DECODING_STATE))
+    for r in clear_store(kinds):
+        print(f"cleared {r['kind']}: {r['entries']} entries, {r['bytes'] / 2**20:.1f} MiB")
+    return 0
 
 
 # -- reproduce ---------------------------------------------------------------------------
@@ -501,6 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
     b.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
     _drafts_flag(b)
+    b.add_argument("--cold", action="store_true", help="start from an empty store of decoding state (step "
+                   "latencies, scored tree steps, recycled tables) and leave the store as it was: two cold runs "
+                   "measure the same (`msn cache info` shows what a warm run reads)")
     b.add_argument("--reset-recycle", action="store_true", help="empty the model's recycled candidate table "
                    "(~/.cache/msn/recycle) first, so recycle and tr-jacobi start cold; summary.json records "
                    "recycle_table: cold or warm")
@@ -525,6 +547,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     d.add_argument("--repeats", type=int, default=5,
                    help="paired runs per prompt (default 5; the median of the pairs' speedups)")
+    d.add_argument("--cold", action="store_true", help="decode against an empty store of decoding state and "
+                   "leave the store as it was (a second warm run reads what the first measured)")
     d.add_argument("--msn-model", default="auto", help="an MSN-trained model (a folder or an adapter folder) to "
                    "compare with --model side by side on held-out code prompts (its prompts.jsonl); auto "
                    "(default): the adapter shipped with msn, where one has been produced; none: skip")
@@ -559,6 +583,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "inside model.generate(custom_generate=DIR, trust_remote_code=True)")
     x.add_argument("dir", help="folder to write (custom_generate/generate.py goes inside)")
     x.set_defaults(func=cmd_export_generate)
+
+    c = sub.add_parser("cache", help="show or clear what msn keeps between runs (decoding state, tokenized data, "
+                       "models)", description="msn keeps, in one folder ($MSN_CACHE_DIR, else ~/.cache/msn), what "
+                       "outlives a run: decoding state (step latencies, the CPU kernel decision, scored tree steps, "
+                       "recycled candidate tables: a second run of a command is faster than the first because of "
+                       "it), training data tokenized by msn train, and fetched models.")
+    csub = c.add_subparsers(dest="action", required=True, metavar="ACTION")
+    ci = csub.add_parser("info", help="each kind: entries, size, newest entry, what it is")
+    ci.add_argument("--json", action="store_true", help="one JSON document instead of the table")
+    cc = csub.add_parser("clear", help="delete decoding state (default), or the kinds named")
+    cc.add_argument("kinds", nargs="*", metavar="KIND", help="latency, one-row, acceptance, recycle, tokenized, models "
+                    "(default: the four kinds of decoding state)")
+    cc.add_argument("--all", action="store_true", help="every kind, fetched models and tokenized data included")
+    c.set_defaults(func=cmd_cache)
 
     r = sub.add_parser("reproduce", help="MSN vs plain SFT on SmolLM2-135M with the stdlib code set, end to end",
                        description="Fetch, build data, fine-tune SFT and MSN with identical settings, evaluate "

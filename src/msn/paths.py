@@ -1,8 +1,16 @@
 """Output folders, created up front with one clear error when that cannot be done, and
-msn's cache of measurements (JSON files named by what they depend on)."""
+msn's store: what outlives a call, in one folder (``cache_root()``), one subfolder per kind
+(``STORE_KINDS``), each entry a file named by a hash of what it depends on.
+
+Decoding state (``DECODING_STATE``: step latencies, the CPU kernel decision, scored tree steps,
+recycled candidate tables) makes a second run of the same command faster than the first;
+``msn cache info`` shows it, ``msn cache clear`` deletes it, and ``msn bench --cold`` /
+``msn demo --cold`` run against an empty store (``empty_decoding_state``) and leave it as it was.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -38,10 +46,74 @@ def cache_root() -> Path:
     return Path(root)
 
 
+STORE_KINDS = {
+    "latency": "measured step latency t(n) per model shape, device, dtype and threads (--tree auto)",
+    "one-row": "the CPU kernel decision per model shape and machine (one row computed as two)",
+    "acceptance": "scored tree steps per model (--tree auto starts from them)",
+    "recycle": "recycled candidate tables per model weights (recycle; tr-jacobi's merged drafts)",
+    "tokenized": "training data tokenized by msn train, per data file, tokenizer and settings",
+    "models": "models fetched by msn fetch",
+}
+DECODING_STATE = ("latency", "one-row", "acceptance", "recycle")
+_COLD_ROOT: list[Path | None] = [None]      # set inside empty_decoding_state()
+_ENDED: set[Path] = set()                   # empty stores whose block has ended (deleted)
+
+
 def stored_path(kind: str, key: dict, suffix: str = ".json") -> Path:
-    """Where msn's cache keeps (``kind``, ``key``): a file named by a hash of the key."""
+    """Where msn's store keeps (``kind``, ``key``): a file named by a hash of the key."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / kind / f"{digest}{suffix}"
+    root = _COLD_ROOT[0] if kind in DECODING_STATE and _COLD_ROOT[0] is not None else cache_root()
+    return root / kind / f"{digest}{suffix}"
+
+
+@contextlib.contextmanager
+def empty_decoding_state():
+    """Within the block, decoding state is read from and written to an empty throw-away folder:
+    a run starts cold and leaves the store as it was."""
+    with tempfile.TemporaryDirectory(prefix="msn-cold-") as tmp:
+        before, _COLD_ROOT[0] = _COLD_ROOT[0], Path(tmp)
+        try:
+            yield
+        finally:
+            _COLD_ROOT[0] = before
+            _ENDED.add(Path(tmp))
+
+
+def discarded(path: Path) -> bool:
+    """Whether ``path`` lay in an empty store whose block has ended: nothing is to be written there."""
+    return any(root == path or root in path.parents for root in _ENDED)
+
+
+def store_info(kinds=None) -> list[dict]:
+    """Per kind of the store: what it holds, its folder, entries, bytes and newest entry (UTC)."""
+    import datetime
+
+    rows = []
+    for kind in kinds or STORE_KINDS:
+        folder = cache_root() / kind
+        entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+        files = [f for e in entries for f in ([e] if e.is_file() else e.rglob("*")) if f.is_file()]
+        newest = max((f.stat().st_mtime for f in files), default=None)
+        rows.append({"kind": kind, "what": STORE_KINDS[kind], "folder": str(folder), "entries": len(entries),
+                     "bytes": sum(f.stat().st_size for f in files),
+                     "newest": datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).strftime(
+                         "%Y-%m-%d %H:%M") if newest else None})
+    return rows
+
+
+def clear_store(kinds) -> list[dict]:
+    """Deletes every entry of ``kinds``; returns what each held (``store_info``'s rows)."""
+    import shutil
+
+    unknown = [k for k in kinds if k not in STORE_KINDS]
+    if unknown:
+        raise MsnError(f"unknown cache kind {unknown[0]!r}; choose from {', '.join(STORE_KINDS)}")
+    rows = store_info(kinds)
+    for kind in kinds:
+        folder = cache_root() / kind
+        if folder.is_dir():
+            shutil.rmtree(folder)
+    return rows
 
 
 def read_stored(kind: str, key: dict):

@@ -121,10 +121,23 @@ def run_demo(model, tokenizer, *, method: str = "tr-jacobi", prompts=PROMPTS, ma
 
 def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 128, repeats: int = 5,
          device: str = "auto", dtype: str = "auto", options: dict | None = None, out: str | None = None,
-         msn_model: str | None = "auto", code_prompts: int = 3, code_repeats: int = 3) -> int:
+         msn_model: str | None = "auto", code_prompts: int = 3, code_repeats: int = 3, cold: bool = False) -> int:
     """The demo on ``model_path``; then, where an MSN model is at hand (``msn_model``: a folder, an
     adapter folder, ``auto`` for the adapter shipped with msn, None for none), that model and
-    ``model_path`` side by side on held-out code prompts (the MSN model's ``prompts.jsonl``)."""
+    ``model_path`` side by side on held-out code prompts (the MSN model's ``prompts.jsonl``).
+    ``cold``: decode against an empty store of decoding state and leave the store as it was."""
+    import contextlib
+
+    from msn.bench.harness import decoding_state
+    from msn.paths import empty_decoding_state
+
+    with empty_decoding_state() if cold else contextlib.nullcontext():
+        return _main(model_path, method, max_new_tokens, repeats, device, dtype, options, out, msn_model, code_prompts,
+                     code_repeats, decoding_state(cold))
+
+
+def _main(model_path, method, max_new_tokens, repeats, device, dtype, options, out, msn_model, code_prompts,
+          code_repeats, state) -> int:
     from msn.loading import load_for_inference
 
     # Everything that can be wrong is checked before the first decode.
@@ -158,6 +171,7 @@ def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 12
         print(side_by_side(side, method))
         report["heldout_code"] = {"msn_model": str(path), **side}
         identical = identical and all(r["all_identical"] for r in side.values())
+    report["decoding_state"] = state
     if out:
         with open(out, "w") as f:
             json.dump(report, f, indent=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,7 +27,8 @@ from msn.decoding.engine import generate
 from msn.decoding.requests import context_limit, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
-from msn.paths import check_apart, ensure_output_dir
+from msn.paths import (DECODING_STATE, cache_root, check_apart, empty_decoding_state, ensure_output_dir,
+                       store_info)
 
 # Baselines run by transformers' own generate(): plain greedy (what users run today), with a
 # static cache (compiled where transformers does so), and its prompt lookup.
@@ -78,6 +80,9 @@ class BenchConfig:
         tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
             settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
         drafts: TR-Jacobi's draft sources (None: ``DecodeConfig``'s default, merged).
+        cold: run against an empty store of decoding state (step latencies, scored tree steps,
+            recycled tables; ``msn.paths.empty_decoding_state``) and leave the store as it was,
+            so two cold runs measure the same; ``summary.json`` records which (``decoding_state``).
         reset_recycle: empty the model's recycled candidate table (in memory and on disk)
             before the run, so it starts cold; ``summary.json`` records how it started. Each
             method keeps a table of its own through the run, started from the same state
@@ -109,6 +114,7 @@ class BenchConfig:
     tree: str | None = None
     drafts: str | None = None
     reset_recycle: bool = False
+    cold: bool = False
     do_sample: bool = False
     temperature: float | None = None
     top_k: int | None = None
@@ -194,6 +200,19 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
     return Run(r.tokens, r.steps, r.accept_lengths, r.steps + 1, r.info)
 
 
+def decoding_state(cold: bool) -> dict:
+    """How a run starts (printed, and kept in ``summary.json``): ``cold`` (an empty store), or
+    warm with the entries of each kind of decoding state that the store holds."""
+    entries = {row["kind"]: row["entries"] for row in store_info(DECODING_STATE)}
+    where = str(cache_root())
+    if cold:
+        print(f"decoding state: cold (an empty store; {where} is left as it was)", file=sys.stderr)
+        return {"cold": True}
+    held = ", ".join(f"{k} {n}" for k, n in entries.items() if n) or "nothing"
+    print(f"decoding state: warm, from {where} ({held}; --cold starts from none)", file=sys.stderr)
+    return {"cold": False, "entries": entries, "store": where}
+
+
 def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], float] = time.perf_counter,
               progress: bool = True) -> dict:
     """Runs the benchmark, writes records.jsonl, summary.json and plots to ``cfg.out``,
@@ -215,14 +234,19 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     counter = ForwardCounter(model)
     log = Progress(out / PROGRESS, cfg, model_key(model))
     log.reusable(questions)
-    tables = MethodTables(model, cfg)
-    try:
-        with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
-            records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device, progress,
-                                                  log, tables)
-    finally:
-        counter.handle.remove()
-        tables.keep()
+    state = decoding_state(cfg.cold)
+    with contextlib.ExitStack() as stack:
+        if cfg.cold:
+            stack.enter_context(empty_decoding_state())
+        tables = MethodTables(model, cfg)
+        try:
+            with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
+                records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device,
+                                                      progress, log, tables)
+        finally:
+            counter.handle.remove()
+            tables.keep()
+        one_row, prepacked = cpu.padded(model), cpu.prepacked(model)
     with open(out / "records.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -230,9 +254,10 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
                "profile": profiles,
                "config": {**asdict(cfg), "device": str(device), "dtype": str(model.dtype).replace("torch.", ""),
                           "torch": torch.__version__, "questions_run": len(questions),
-                          "cpu_one_row_as_two": cpu.padded(model),
-                          "cpu_prepacked": cpu.prepacked(model),
+                          "cpu_one_row_as_two": one_row,
+                          "cpu_prepacked": prepacked,
                           "recycle_table": tables.started,
+                          "decoding_state": state,
                           "questions_from_earlier_runs": log.resumed,
                           "exactness": exactness_contract(str(model.dtype).replace("torch.", ""), cfg.sampling) +
                           ("; shown by tests/test_sampling.py (chi-square against the exact joint). With one "

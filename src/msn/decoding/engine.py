@@ -43,6 +43,13 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     autoregressive decoding. Sampling (``do_sample=True``): every method returns tokens
     distributed exactly as one-token sampling with the same logits processing.
 
+    What it keeps between calls (the tokens never depend on it, only the speed and, for
+    ``tr-jacobi``'s automatic tree, which tree is tried): the model's measured step latency and
+    CPU kernel decision, ``--tree auto``'s scored steps and the recycled candidate table, read
+    from and written to msn's store (``msn.paths.cache_root()``; ``msn cache info``). Inside
+    ``with msn.paths.empty_decoding_state():`` a call starts from nothing and leaves the store
+    as it was.
+
     Args:
         model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
         input_ids: (1, T) prompt ids. A batch, (B, T) with ``attention_mask`` (padding on

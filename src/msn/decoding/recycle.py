@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from msn.decoding.tree import Path
-from msn.paths import stored_path
+from msn.paths import discarded, stored_path
 
 K = 8           # candidates kept per token, the paper's k (int32: 1 MB for a 32k vocabulary, 8 MB for 262k)
 
@@ -133,6 +133,9 @@ class RecycleTable:
         self.cold = True            # nothing loaded from disk or learnt since it was made or reset
         self.dirty = False
         self.saved_at = 0.0
+        # Where it lives, fixed when it is made: a table made in an empty store (--cold) is
+        # saved there, never over the store's own.
+        self._path = _table_path(key) if key is not None else None
         self._levels: dict = {}     # (RecycleTree, host|device) -> its levels' (parent column, rank) indices
 
     def fill(self, tree: RecycleTree, root: int) -> torch.Tensor:
@@ -186,12 +189,13 @@ class RecycleTable:
     # -- what a process keeps: one table per model, saved on disk ---------------------------
 
     def path(self):
-        return _table_path(self.key)
+        return self._path
 
     def save(self, every_s: float = 5.0, force: bool = False) -> None:
         """Writes the table to disk (atomic rename) when it changed, at most every ``every_s``
         seconds unless ``force``; a read-only cache only costs a cold start later."""
-        if self.key is None or not self.dirty or (not force and time.monotonic() - self.saved_at < every_s):
+        if self.key is None or not self.dirty or (not force and time.monotonic() - self.saved_at < every_s) \
+                or discarded(self._path):
             return
         path = self.path()
         try:
@@ -242,9 +246,10 @@ def table_key(model, k: int = K) -> dict:
 
 
 def table_for(model, vocab: int, device, k: int = K) -> RecycleTable:
-    """The process's table of ``model``: made (and loaded from disk) on first use, then shared."""
+    """The process's table of ``model``: made (and loaded from disk) on first use, then shared
+    (one per store: a table made in an empty store, ``--cold``, is not the store's own)."""
     key = table_key(model, k)
-    name = repr(sorted(key.items())) + str(device)
+    name = repr(sorted(key.items())) + str(device) + str(_table_path(key))
     table = _TABLES.get(name)
     if table is None or table.ids.shape[0] != vocab:
         table = RecycleTable(vocab, device, k, key)
