@@ -7,18 +7,14 @@ from msn.bench.prompts import load_questions
 from msn.bench.report import summarize
 from msn.decoding import cpu
 from msn.errors import MsnError
-from tiny import tiny_tokenizer, tiny_model
+from tiny import tiny_llama_and_tokenizer
 
 METHODS = ["ar", "pld", "lookahead", "jacobi", "tr-jacobi", "hf-pld"]
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = tiny_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tok))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return tiny_llama_and_tokenizer()
 
 
 @pytest.fixture

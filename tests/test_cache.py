@@ -10,7 +10,7 @@ import pytest
 
 from msn import paths
 from msn.bench.harness import BenchConfig, run_bench
-from tiny import tiny_model, tiny_tokenizer
+from tiny import tiny_llama_and_tokenizer
 
 BIN = Path(sys.executable).parent
 METHODS = ["ar", "pld", "jacobi", "tr-jacobi", "recycle"]
@@ -57,11 +57,7 @@ def test_info_shows_each_kind_and_clear_deletes_decoding_state_only(store):
 
 @pytest.fixture(scope="module")
 def tiny():
-    tok = tiny_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tok))
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model, tok
+    return tiny_llama_and_tokenizer()
 
 
 def test_cold_bench_runs_measure_the_same_and_leave_the_store_as_it_was(tiny, store, tmp_path, capsys):

@@ -116,3 +116,13 @@ def tiny_training_folder(folder, records: list[dict]):
         for r in records:
             f.write(json.dumps(r) + "\n")
     return folder
+
+
+def tiny_llama_and_tokenizer():
+    """A tiny Llama and ``tiny_tokenizer``, with the tokenizer's end and padding ids in the
+    model's generation config (what the bench and the server read)."""
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return model, tok
