@@ -154,8 +154,8 @@ def test_grouped_attention_equals_one_call(family, models, monkeypatch):
     ps = [torch.randint(3, 96, (1, n), generator=g) for n in (400, 5, 380, 9, 3, 12)]
     expected = own(model, ps, [])
     joined = []
-    real = ragged._in_groups
-    monkeypatch.setattr(ragged, "_in_groups", lambda *a, **k: joined.append(a[1]) or real(*a, **k))
+    real = ragged.in_groups
+    monkeypatch.setattr(ragged, "in_groups", lambda *a, **k: joined.append(a[1]) or real(*a, **k))
     for method in METHODS:
         tree = {"tree": "reference"} if method == "tr-jacobi" else {}
         joined.clear()
@@ -194,8 +194,8 @@ def test_a_grouped_forward_has_the_logits_of_one_call(models, monkeypatch):
     groups = ragged.plan(lengths, past, width)
     assert groups is not None and len(groups.bounds) >= 2
     ran = []
-    real = ragged._in_groups
-    monkeypatch.setattr(ragged, "_in_groups", lambda *a, **k: ran.append(1) or real(*a, **k))
+    real = ragged.in_groups
+    monkeypatch.setattr(ragged, "in_groups", lambda *a, **k: ran.append(1) or real(*a, **k))
     logits = []
     for p in (None, groups):
         cache = kv.merge_rows(None, [copy.deepcopy(c) for c in singles], list(range(len(lengths))))

@@ -106,3 +106,30 @@ def test_the_package_has_no_import_cycle():
     graph = {name: _runtime_imports(path, set(modules)) - {name} for name, path in modules.items()}
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]     # the check finds one
+
+
+TRANSFORMERS_NAMES = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention",
+                      "paged_attention", "sdpa_paged", "eager_paged"}
+
+
+def test_src_writes_no_environment_and_registers_over_no_transformers_name():
+    """No file in src/msn assigns to ``os.environ`` (or calls its writers, or ``os.putenv``), and no
+    ``register`` call (transformers' AttentionInterface, AttentionMaskInterface) names an
+    implementation transformers itself defines: msn registers under its own names only."""
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                bad += [f"{path.name}:{node.lineno}" for t in targets
+                        if isinstance(t, ast.Subscript) and "environ" in ast.unparse(t.value)]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner, name = ast.unparse(node.func.value), node.func.attr
+                if ("environ" in owner and name in ("pop", "update", "setdefault", "clear", "__setitem__")) \
+                        or (owner == "os" and name in ("putenv", "unsetenv")):
+                    bad.append(f"{path.name}:{node.lineno}")
+                if name == "register" and node.args and isinstance(node.args[0], ast.Constant) \
+                        and node.args[0].value in TRANSFORMERS_NAMES:
+                    bad.append(f"{path.name}:{node.lineno} registers over {node.args[0].value!r}")
+    assert not bad, bad

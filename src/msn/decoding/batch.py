@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from msn.decoding import attention
 from msn.decoding import cache as kv
 from msn.decoding import cpu
 from msn.decoding import ragged
@@ -83,6 +84,7 @@ class BatchDecoder:
     def __init__(self, model, method: str = "tr-jacobi", **options):
         DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
+        attention.use(model)       # msn's attention function for an sdpa model (chosen once)
         one_row_kernel(model)      # measured once per model: a one-row step's CPU kernel (and the latency key)
         cpu.prepack(model)         # batched steps feed several inputs: their CPU weights' layout, made once
         self.model = model

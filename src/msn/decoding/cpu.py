@@ -200,32 +200,6 @@ def one_row_linears(model):
     return skinny_linears(model) if padded(model) else contextlib.nullcontext()
 
 
-_GQA_SWITCH = "TRANSFORMERS_SDPA_FORCE_GQA"    # transformers' switch: sdpa's enable_gqa even with a mask
-
-
-@contextlib.contextmanager
-def shared_kv_heads(device: torch.device):
-    """Forwards with a custom mask on CPU: grouped-query attention runs in sdpa
-    (``enable_gqa``) instead of transformers copying every key/value head group
-    (``repeat_kv``), which transformers does whenever a mask is given.
-
-    The results are identical. The copy grows with rows x context. Measured on this
-    project's CPU for 8 rows x 900 positions of SmolLM2's attention shapes, one thread,
-    the attention call took 6.8 ms with it against 27.3 ms with the copy.
-    """
-    if device.type != "cpu" or not _SDPA_GQA or os.environ.get(_GQA_SWITCH) is not None:
-        yield
-        return
-    os.environ[_GQA_SWITCH] = "1"
-    try:
-        yield
-    finally:
-        os.environ.pop(_GQA_SWITCH, None)
-
-
-_SDPA_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__doc__ or "")
-
-
 @contextlib.contextmanager
 def masked_forward(model, device: torch.device):
     """The context of every forward with several inputs and a custom mask (a tree step,
@@ -234,5 +208,7 @@ def masked_forward(model, device: torch.device):
     if device.type != "cpu":
         yield
         return
+    from msn.decoding.attention import shared_kv_heads
+
     with shared_kv_heads(device), skinny_linears(model):
         yield

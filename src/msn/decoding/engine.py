@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from msn.decoding import attention
 from msn.decoding import cache as kv
 from msn.decoding import cpu
 from msn.decoding import graphs as fixed
@@ -82,6 +83,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         raise MsnError("max_batch applies to a batch of prompts (a list, or (B, T) ids with an attention_mask)")
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
+    attention.use(model)           # msn's attention function for an sdpa model (chosen once)
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
     device = model_device(model)
     sampler = request_sampler(cfg, generator, device)

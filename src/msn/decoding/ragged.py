@@ -9,8 +9,8 @@ decoding, attention reads memory and little else, and the padding costs as much 
 entries.
 
 ``grouped_attention(plan)`` splits the batch into groups of consecutive rows of similar
-length for the duration of a forward. Each group calls the model's own ``sdpa`` attention
-on its rows, with views of its keys, values and mask cut to its longest row plus the
+length for the duration of a forward. Each group calls sdpa (through msn's attention
+function, ``msn.decoding.attention``) on its rows, with views of its keys, values and mask cut to its longest row plus the
 step's inputs; the outputs are put back together in row order. The result is that of one
 call up to float rounding of the kernel's blocks. ``plan`` chooses the groups from the
 row lengths by an estimate of the memory read (``group_rows``); one group is the plain
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -76,55 +75,39 @@ def plan(lengths: list[int], past: int, width: int) -> Plan | None:
 
 
 _PLAN: contextvars.ContextVar[Plan | None] = contextvars.ContextVar("msn_ragged_plan", default=None)
-_LOCK = threading.Lock()
-_USERS = 0
-_ORIGINAL = None
 
 
-def _grouped(module, query, key, value, attention_mask, *args, **kwargs):
-    p = _PLAN.get()
-    original = _ORIGINAL
-    if (p is None or attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != p.rows
-            or key.shape[-2] != p.past + p.width or attention_mask.shape[-1] != key.shape[-2]
-            or kwargs.get("position_bias") is not None):
-        return original(module, query, key, value, attention_mask, *args, **kwargs)
-    return _in_groups(original, p, module, query, key, value, attention_mask, *args, **kwargs), None
+def current_plan() -> Plan | None:
+    return _PLAN.get()
 
 
-def _in_groups(attend, p: Plan, module, query, key, value, attention_mask, *args, **kwargs) -> torch.Tensor:
+def applies(p: Plan, query, key, attention_mask, kwargs: dict) -> bool:
+    """Whether an attention call is one of the batched step's (its rows, its context and inputs)."""
+    return not (attention_mask is None or attention_mask.dim() != 4 or query.shape[0] != p.rows
+                or key.shape[-2] != p.past + p.width or attention_mask.shape[-1] != key.shape[-2]
+                or kwargs.get("position_bias") is not None)
+
+
+def in_groups(attend, p: Plan, module, query, key, value, attention_mask, **kwargs) -> torch.Tensor:
+    """``attend`` on each group's rows, keys, values and mask cut to its context; outputs in row order."""
     outs = []
     for a, b, keep in p.bounds:
         end = keep + p.width
         out, _ = attend(module, query[a:b], key[a:b, :, :end], value[a:b, :, :end], attention_mask[a:b, ..., :end],
-                        *args, **kwargs)
+                        **kwargs)
         outs.append(out)
     return torch.cat(outs, dim=0)
 
 
 @contextlib.contextmanager
 def grouped_attention(p: Plan | None):
-    """Within the block, ``sdpa`` attention calls of this thread with ``p``'s batch shape
-    run group by group; every other call (other shapes, other threads) is unchanged."""
-    global _USERS, _ORIGINAL
+    """Within the block, msn's attention (``msn.decoding.attention``) runs this thread's calls of
+    ``p``'s batch shape group by group; every other call (other shapes, other threads) is unchanged."""
     if p is None:
         yield
         return
-    from transformers import AttentionInterface    # transformers' registry of attention functions
-
-    with _LOCK:
-        if _USERS == 0:
-            current = AttentionInterface()["sdpa"]
-            if current is not _grouped:
-                _ORIGINAL = current
-            AttentionInterface.register("sdpa", _grouped)
-        _USERS += 1
     token = _PLAN.set(p)
     try:
         yield
     finally:
         _PLAN.reset(token)
-        with _LOCK:
-            _USERS -= 1
-            if _USERS == 0:
-                # _ORIGINAL stays set: a forward still running in another thread may call it.
-                AttentionInterface.register("sdpa", _ORIGINAL)

@@ -18,7 +18,7 @@ from msn.decoding.sampling import Sampler, check_generator
 from msn.decoding.windows import layer_masks
 from msn.errors import MsnError
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", "msn_sdpa")     # msn_sdpa: msn.decoding.attention
 
 
 @dataclass
