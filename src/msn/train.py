@@ -187,10 +187,7 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
     if cfg.merge_lora and sharded:
         raise MsnError(f"--merge-lora is not supported under {sharded[0]}: save the adapter and merge it afterwards "
                        "(peft's merge_and_unload, or msn generate/serve, which load adapter folders merged)")
-    if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
-        raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
-    if not os.path.exists(cfg.data):
-        raise MsnError(f"data file {cfg.data} does not exist")
+    _check_inputs(cfg)
     if cfg.eval_data and not os.path.exists(cfg.eval_data):
         raise MsnError(f"eval data file {cfg.eval_data} does not exist")
     out = ensure_output_dir(cfg.output_dir, "--output-dir").resolve()
@@ -207,6 +204,14 @@ def run(cfg: TrainConfig, callbacks: list | None = None) -> dict:
         lock.release()
 
 
+def _check_inputs(cfg: TrainConfig) -> None:
+    """The model folder and the data file exist (before any loading)."""
+    if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
+        raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
+    if not os.path.exists(cfg.data):
+        raise MsnError(f"data file {cfg.data} does not exist")
+
+
 def _sharding_asked() -> list[str]:
     """The sharded set-ups ``accelerate launch`` asked for (FSDP, DeepSpeed), read from the
     variables its launcher sets."""
@@ -219,10 +224,7 @@ def _profile(cfg: TrainConfig, callbacks: list | None) -> dict:
     import dataclasses
     import tempfile
 
-    if cfg.model.startswith((os.sep, ".", "~")) and not os.path.isdir(cfg.model):
-        raise MsnError(f"model path {cfg.model} does not exist or is not a folder; run `msn fetch` or give a checkpoint folder")
-    if not os.path.exists(cfg.data):
-        raise MsnError(f"data file {cfg.data} does not exist")
+    _check_inputs(cfg)
     with tempfile.TemporaryDirectory(prefix="msn-profile-") as scratch:
         probe = dataclasses.replace(cfg, output_dir=scratch, max_steps=cfg.profile_steps, eval_data=None,
                                     eval_steps=None, resume=False, overwrite=False,
@@ -315,19 +317,18 @@ def _fingerprint(path: str | None) -> str | None:
     """sha256 of a data file (of the names and sizes of a folder's files), or None."""
     import hashlib
 
+    from msn.paths import sha256_file
+
     if not path:
         return None
     p = Path(path)
-    h = hashlib.sha256()
     if p.is_file():
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    elif p.is_dir():
-        for f in sorted(q for q in p.rglob("*") if q.is_file()):
-            h.update(f"{f.relative_to(p)} {f.stat().st_size}\n".encode())
-    else:
+        return sha256_file(p)
+    if not p.is_dir():
         return None
+    h = hashlib.sha256()
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p)} {f.stat().st_size}\n".encode())
     return h.hexdigest()
 
 
@@ -354,10 +355,8 @@ def _same_inputs(cfg: TrainConfig, out: Path, resuming: bool) -> None:
 
 
 def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
-    import shutil
-    import time
-
     started = time.monotonic()
+    import shutil
 
     import torch
     from transformers import Trainer, TrainingArguments

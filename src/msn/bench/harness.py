@@ -82,7 +82,9 @@ class BenchConfig:
         drafts: TR-Jacobi's draft sources (None: ``DecodeConfig``'s default, merged).
         cold: run against an empty store of decoding state (step latencies, scored tree steps,
             recycled tables; ``msn.paths.empty_decoding_state``) and leave the store as it was,
-            so two cold runs measure the same; ``summary.json`` records which (``decoding_state``).
+            so two cold runs start from the same state (methods that choose from latency they
+            measure, like the automatic tree, may still choose differently); ``summary.json``
+            records which (``decoding_state``).
         reset_recycle: empty the model's recycled candidate table (in memory and on disk)
             before the run, so it starts cold; ``summary.json`` records how it started. Each
             method keeps a table of its own through the run, started from the same state

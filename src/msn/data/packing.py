@@ -18,9 +18,14 @@ Layers with a sliding window, attention sinks or a padding mask fall back to tra
 
 from __future__ import annotations
 
+import logging
+
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from msn.errors import MsnError
+
+log = logging.getLogger("msn.train")
 
 PROBE_LENGTHS = (7, 5)
 PACKED_SDPA = "msn_packed_sdpa"
@@ -43,8 +48,6 @@ def _sample_bounds(position_ids: torch.Tensor) -> list[tuple[int, int]] | None:
 def packed_attention(module, query, key, value, attention_mask, position_ids=None, **kwargs):
     """sdpa over each packed sample's own slice (causal), concatenated; transformers' sdpa when
     the call is not a packed training row (a padding mask, a cache, a sliding window, sinks)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     bounds = _sample_bounds(position_ids) if position_ids is not None else None
     plain = (bounds is None or key.shape[2] != query.shape[2] or getattr(module, "sliding_window", None)
              or kwargs.get("s_aux") is not None or kwargs.get("softcap") is not None)
@@ -58,17 +61,9 @@ def packed_attention(module, query, key, value, attention_mask, position_ids=Non
 def use_packed_attention(model) -> str | None:
     """Switches an sdpa model to ``PACKED_SDPA`` (registered once, under msn's name); returns the
     implementation to restore, or None when the model keeps its own (eager, flash attention)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+    from msn.decoding.attention import choose
 
-    before = getattr(model.config, "_attn_implementation", None)
-    if before != "sdpa":
-        return None
-    if PACKED_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(PACKED_SDPA, packed_attention)
-        AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
-    model.set_attn_implementation(PACKED_SDPA)
-    return before
+    return choose(model, PACKED_SDPA, packed_attention)
 
 
 @torch.no_grad()
@@ -100,9 +95,7 @@ def check_packing(model, vocab_size: int, asked: bool | None) -> bool:
     if asked:
         raise MsnError(f"--packing: this model ({type(model).__name__}, attention {impl!r}) lets packed samples "
                        "attend to each other; train with --no-packing (padded batches)")
-    import logging
-
-    logging.getLogger("msn.train").warning(
+    log.warning(
         "packed samples would attend to each other in this model (%s, attention %r): padded batches instead",
         type(model).__name__, impl)
     return False

@@ -30,15 +30,15 @@ PARALLEL_FROM = 20_000      # records from which tokenization uses several proce
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """sha256 of a data file, or of the names, sizes and hashes of a folder's files."""
+    """sha256 of a data file, or of the names and hashes of a folder's files."""
+    from msn.paths import sha256_file
+
     p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
     h = hashlib.sha256()
-    files = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file())
-    for f in files:
-        h.update(f"{f.relative_to(p) if f != p else ''} {f.stat().st_size}\n".encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+    for f in sorted(q for q in p.rglob("*") if q.is_file()):
+        h.update(f"{f.relative_to(p)} {sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

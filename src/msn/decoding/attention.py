@@ -21,6 +21,7 @@ import contextlib
 import contextvars
 
 import torch
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from msn.decoding import ragged
 
@@ -31,8 +32,6 @@ _SDPA_GQA = "enable_gqa" in (torch.nn.functional.scaled_dot_product_attention.__
 
 def attention(module, query, key, value, attention_mask, **kwargs):
     """(batch, query length, heads, head dim) output and no weights, as transformers' sdpa."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if torch.compiler.is_compiling():
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     p = ragged.current_plan()
@@ -42,8 +41,6 @@ def attention(module, query, key, value, attention_mask, **kwargs):
 
 
 def _one(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if (_GQA.get() and attention_mask is not None and getattr(module, "num_key_value_groups", 1) > 1
             and kwargs.get("position_bias") is None and kwargs.get("softcap") is None):
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -67,15 +64,23 @@ def shared_kv_heads(device: torch.device):
         _GQA.reset(token)
 
 
-def use(model) -> None:
-    """Chooses ``MSN_SDPA`` for an sdpa model (registering it the first time); other
-    implementations (eager) are left as they are."""
+def choose(model, name: str, function) -> str | None:
+    """Switches an sdpa model to the attention ``function`` registered under msn's own ``name``
+    (with sdpa's mask builder; registered the first time); returns the implementation it replaced,
+    or None when the model keeps its own (eager, flash attention)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return
-    if MSN_SDPA not in ALL_MASK_ATTENTION_FUNCTIONS:
-        AttentionInterface.register(MSN_SDPA, attention)
-        AttentionMaskInterface.register(MSN_SDPA, sdpa_mask)
-    model.set_attn_implementation(MSN_SDPA)
+    before = getattr(model.config, "_attn_implementation", None)
+    if before != "sdpa":
+        return None
+    if name not in ALL_MASK_ATTENTION_FUNCTIONS:
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, sdpa_mask)
+    model.set_attn_implementation(name)
+    return before
+
+
+def use(model) -> None:
+    """Chooses ``MSN_SDPA`` for an sdpa model; other implementations (eager) are left as they are."""
+    choose(model, MSN_SDPA, attention)

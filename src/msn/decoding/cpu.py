@@ -46,6 +46,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from msn.decoding.attention import shared_kv_heads
+
 MAX_ROWS = 32          # rows of a (W @ x^T)^T product above which F.linear's own kernel is kept
 PACK_HINT = 16         # the row count oneDNN's weight layout is chosen for (2..512 rows measured alike)
 _LINEARS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -208,7 +210,5 @@ def masked_forward(model, device: torch.device):
     if device.type != "cpu":
         yield
         return
-    from msn.decoding.attention import shared_kv_heads
-
     with shared_kv_heads(device), skinny_linears(model):
         yield

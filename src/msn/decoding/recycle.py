@@ -249,7 +249,7 @@ def table_for(model, vocab: int, device, k: int = K) -> RecycleTable:
     """The process's table of ``model``: made (and loaded from disk) on first use, then shared
     (one per store: a table made in an empty store, ``--cold``, is not the store's own)."""
     key = table_key(model, k)
-    name = repr(sorted(key.items())) + str(device) + str(_table_path(key))
+    name = f"{_table_path(key)} {device}"      # the path names the key (its hash) and the store
     table = _TABLES.get(name)
     if table is None or table.ids.shape[0] != vocab:
         table = RecycleTable(vocab, device, k, key)
