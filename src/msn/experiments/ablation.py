@@ -66,7 +66,8 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
         for step in range(cfg.eval_every, cfg.steps + 1, cfg.eval_every):
             final = step == cfg.steps
             path = target if final else target / f"checkpoint-{step}"
-            entry = evaluate_checkpoint(str(path), target / f"eval-{step}", data, questions,
+            # Evaluations go beside the model, never into its folder (a bench refuses that).
+            entry = evaluate_checkpoint(str(path), out / "evals" / name / f"eval-{step}", data, questions,
                                          cfg.final_methods if final else cfg.methods, cfg.max_new_tokens,
                                          cfg.max_length, cfg.loss_examples)
             record(name, spans, step, entry)
@@ -76,7 +77,8 @@ def ablation(out: Path, cfg: Ablation = Ablation(), base_model: str | None = Non
     if msn_runs and cfg.trees:
         target = out / f"msn-spans{msn_runs[0]}"
         for tree in cfg.trees:
-            entry = evaluate_checkpoint(str(target), target / f"tree-{tree}", data, questions, ("ar", "tr-jacobi"),
+            entry = evaluate_checkpoint(str(target), out / "evals" / target.name / f"tree-{tree}", data, questions,
+                                         ("ar", "tr-jacobi"),
                                          cfg.max_new_tokens, cfg.max_length, 0, tree=tree)
             record(f"msn-spans{msn_runs[0]} tree={tree}", msn_runs[0], cfg.steps, entry)
     summary = _ablation_summary(rows, cfg)
