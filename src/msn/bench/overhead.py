@@ -20,7 +20,8 @@ from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
 from msn.decoding.engine import generate
 from msn.decoding.requests import sync_device
-from msn.decoding.tree import compile_tree
+from msn.decoding.step import forward, prefill, tree_inputs
+from msn.decoding.tree import chain, compile_tree, compiled_on
 
 FIXED_SHAPE = ("ar", "jacobi", "tr-jacobi")
 
@@ -63,17 +64,20 @@ def measure(model, ids: torch.Tensor, method: str, max_new_tokens: int, **option
 
 @torch.inference_mode()
 def bare_forward_ms(model, context: int, n: int, repeats: int = 10) -> float:
-    """Median ms of one forward of ``n`` tokens after a ``context``-token cache."""
+    """Median ms of one forward of ``n`` tokens (a chain, through the step module's forward:
+    its mask, no verification, no cache compaction) after a ``context``-token cache."""
     device = next(model.parameters()).device
     ids = torch.randint(model.config.vocab_size, (1, context), device=device)
+    tree = compiled_on(tuple(chain(n - 1)), str(device))
     times = []
     for _ in range(repeats + 2):
         cache = kv.new_cache(model)
-        model(input_ids=ids, **kv.cache_kwargs(model, cache))
-        q = torch.randint(model.config.vocab_size, (1, n), device=device)
+        prefill(model, ids, cache)
+        cand = torch.randint(model.config.vocab_size, (max(n - 1, 1), 1), device=device)
+        inputs = tree_inputs([0], [context], [tree], [cand], context, None, device)
         sync_device(device)
         t0 = time.perf_counter()
-        model(input_ids=q, **kv.cache_kwargs(model, cache))
+        forward(model, inputs, kv.cache_kwargs(model, cache))
         sync_device(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(times[2:])

@@ -31,12 +31,11 @@ from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
 from msn.decoding.requests import (DecodeResult, Output, check_model, context_limit, model_device, request_sampler,
                                    resolve_eos, sync_device, validate_request)
-from msn.decoding.step import choose, prefill, read_verdict, verify
+from msn.decoding.step import RowStep, batch_step, choose, prefill
 from msn.decoding.timing import one_row_kernel, step_latency
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi
-from msn.decoding.tree import compiled_on, offset_attention_bias, offset_key_positions
-from msn.decoding.windows import layer_masks
+from msn.decoding.tree import compiled_on
 from msn.errors import MsnError
 
 
@@ -82,9 +81,10 @@ class BatchDecoder:
     """
 
     def __init__(self, model, method: str = "tr-jacobi", **options):
-        DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
+        cfg = DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
         attention.use(model)       # msn's attention function for an sdpa model (chosen once)
+        cpu.configure(model, cfg.cpu_kernels == "auto", cfg.cpu_prepack == "auto")
         one_row_kernel(model)      # measured once per model: a one-row step's CPU kernel (and the latency key)
         cpu.prepack(model)         # batched steps feed several inputs: their CPU weights' layout, made once
         self.model = model
@@ -267,71 +267,32 @@ class BatchDecoder:
             except Exception as e:          # noqa: BLE001 - any fault of this row's own
                 failed[r] = e
                 drafts.append(((), None))
-        trees = [compiled_on(paths, str(device)) for paths, _ in drafts]
-        width = max(t.num_inputs for t in trees)
         past = kv.cache_length(self.cache)
-        ids = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        positions = torch.zeros(len(rows), width, dtype=torch.long, device=device)
-        seen = torch.eye(width, dtype=torch.bool, device=device).repeat(len(rows), 1, 1)   # padding sees itself
-        for r, (row, tree, (_, cand)) in enumerate(zip(rows, trees, drafts)):
-            n = tree.num_inputs
-            ids[r, 0] = row.root
-            if n > 1:
-                ids[r, 1:n] = cand[tree.node_pos, tree.node_col]
-            positions[r] = row.length
-            positions[r, :n] += tree.depths
-            seen[r, :n, :n] = tree.ancestor
-        if self.limit is not None:
-            positions.clamp_max_(self.limit - 1)
-        lengths = torch.tensor([row.length for row in rows], device=device)
-        # Row r's inputs sit at [length_r, length_r + width) (``kv.rows_at``).
-        slots = torch.arange(past + width, device=device)
-        mask = offset_attention_bias(seen, lengths, slots, self.model.dtype)
-        masks = layer_masks(self.model.config)
-        if masks.sliding:
-            mask = masks.build(mask, positions, offset_key_positions(lengths, slots, positions))
+        width = max(compiled_on(paths, str(device)).num_inputs for paths, _ in drafts)
         groups = ragged.plan([row.length for row in rows], past, width)
-        with cpu.masked_forward(self.model, device), ragged.grouped_attention(groups), kv.rows_at(self.cache, lengths):
-            logits = self.model(input_ids=ids, position_ids=positions, attention_mask=mask,
-                                **kv.cache_kwargs(self.model, self.cache)).logits
-        packed, preds = [], []
-        for r, (row, tree) in enumerate(zip(rows, trees)):
-            n = tree.num_inputs
-            p, pred = torch.zeros(0, dtype=torch.long, device=device), None
-            if r not in failed:
-                try:
-                    p, pred = verify(tree, ids[r, :n], logits[r, :n], row.sampler, row.sample_drafts,
-                                     len(row.out.tokens))
-                except Exception as e:          # noqa: BLE001
-                    failed[r] = e
-            packed.append(p)
-            preds.append(pred)
-        host = torch.cat(packed).tolist()          # the step's one sync
+        steps = [RowStep(row.root, row.length, paths, cand, row.sampler, row.sample_drafts, len(row.out.tokens),
+                         skip=r in failed) for r, (row, (paths, cand)) in enumerate(zip(rows, drafts))]
+        results = batch_step(self.model, self.cache, steps, self.limit, groups)
         self.steps += 1
         self.timings.setdefault((len(rows), width), collections.deque(maxlen=8)).append(
             time.perf_counter() - started)
-        keeps, done, offset = [], [], 0
-        for r, (row, tree) in enumerate(zip(rows, trees)):
-            size = packed[r].numel()
-            offset += size
-            keep = [0]              # a failed row keeps its root only; it leaves the batch below
-            if r not in failed:
+        done, kept = [], 0
+        for r, (row, result) in enumerate(zip(rows, results)):
+            verified = isinstance(result, tuple)          # else skipped (None) or failed in the step
+            taken = 1 + result[1].accepted if verified else 1
+            row.length += taken          # the step kept the root and the accepted path
+            kept += taken
+            if isinstance(result, Exception):
+                failed[r] = result
+            elif verified:
                 try:
-                    new, feedback = read_verdict(host[offset - size : offset], drafts[r][0],
-                                                 logits[r, : tree.num_inputs], preds[r],
-                                                 row.sampler if row.sample_drafts else None)
-                    keep = [0] + feedback.path[: feedback.accepted]
-                    if self._advance(row, new, feedback):
+                    if self._advance(row, *result):
                         done.append(r)
-                except Exception as e:          # noqa: BLE001
+                except Exception as e:          # noqa: BLE001 - its callback raised
                     failed[r] = e
-            keeps.append(keep)
         if self.width is not None:
             self.realized.setdefault(self.width, collections.deque(maxlen=16)).append(
-                (sum(len(k) for k in keeps), time.perf_counter() - started))
-        kv.keep_paths(self.cache, [row.length for row in rows], keeps)
-        for row, keep in zip(rows, keeps):
-            row.length += len(keep)
+                (kept, time.perf_counter() - started))
         finished = [self._finish(rows[r]) for r in done if r not in failed]
         for r, e in failed.items():
             if rows[r].proposer is not None:

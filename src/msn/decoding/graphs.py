@@ -22,7 +22,6 @@ Greedy decoding only: sampling draws from a ``torch.Generator`` per step and run
 from __future__ import annotations
 
 import collections
-import contextlib
 import logging
 import threading
 import time
@@ -32,10 +31,8 @@ from dataclasses import dataclass, field
 import torch
 
 from msn.decoding import cache as kv
-from msn.decoding import cpu
-from msn.decoding.tree import CompiledTree, compiled_on, offset_attention_bias, offset_key_positions, tree_positions
-from msn.decoding.windows import layer_masks
-from msn.decoding.verify import greedy_verify
+from msn.decoding.step import fixed_device_step
+from msn.decoding.tree import CompiledTree, compiled_on
 
 MIN_CAPACITY = 256         # positions; buffers are the next power of two past a request's need
 KEEP_BUCKETS = 6           # buffer sizes (each with its captured trees) kept per model, least recently used
@@ -230,23 +227,8 @@ class StaticSteps:
         ``kernels``: the CPU kernels of ``cpu.masked_forward`` (module swaps, which a compiled
         step leaves to inductor); ``cache_kwargs``: ``kv.cache_kwargs`` of the buffers, made
         outside a compiled step (it looks the keyword up in a cache dynamo would trace through)."""
-        buf, tree = self.buf, shape.tree
-        offsets = buf.slots[: tree.num_inputs]                       # 0..n-1
-        positions = tree_positions(tree, buf.ctx, self.max_position)
-        mask = offset_attention_bias(tree.ancestor[None], buf.ctx, buf.slots, self.dtype)
-        masks = layer_masks(model.config)
-        if masks.sliding:
-            mask = masks.build(mask, positions[None], offset_key_positions(buf.ctx, buf.slots, positions[None]))
-        with kv.writing_at(buf.cache, buf.ctx + offsets), \
-                (cpu.masked_forward(model, self.device) if kernels else contextlib.nullcontext()):
-            logits = model(input_ids=shape.ids[None], position_ids=positions[None], attention_mask=mask,
-                           **(cache_kwargs or kv.cache_kwargs(model, buf.cache))).logits[0]
-        pred = logits.argmax(dim=-1)
-        verdict = greedy_verify(tree, shape.ids, pred)
-        if shape.moves:
-            keep = torch.cat([offsets[:1], tree.leaf_paths.index_select(0, verdict.best.view(1))[0]])
-            kv.move_entries(buf.cache, buf.ctx + keep, buf.ctx + offsets[: keep.numel()])
-        return torch.cat([verdict.pack(), pred]), logits, pred
+        return fixed_device_step(model, self.buf.cache, self.buf.ctx, self.buf.slots, shape.tree, shape.ids,
+                                 shape.moves, self.max_position, kernels=kernels, cache_kwargs=cache_kwargs)
 
     def _capture(self, model, shape: _Shape):
         """Runs the step once on a side stream (its result is this step's), then captures it.
