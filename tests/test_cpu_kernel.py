@@ -1,5 +1,6 @@
 """The CPU kernel for a few rows (msn.decoding.cpu): same products up to float rounding,
-only inside its block, only on plain float32 CPU linears, and off with MSN_CPU_GEMM=0."""
+only inside its block, only on plain float32 CPU linears, off with cpu_kernels="off"
+(MSN_CPU_GEMM=0 its default), and layers turned once, never swapped per step."""
 
 import pytest
 import torch
@@ -27,7 +28,28 @@ def test_products_match_and_forwards_are_restored(monkeypatch):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         model(input_ids=x)
         assert calls                              # after the block, F.linear again
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not any("forward" in m.__dict__ for m in model.modules())     # no forward assigned
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert all(type(m) is cpu.FewRowLinear for m in linears)              # turned once, visibly
+    cpu.restore(model)
+    assert all(type(m) is torch.nn.Linear for m in linears)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(input_ids=x).logits, want, rtol=0, atol=0)
+
+
+def test_layers_are_turned_once_and_not_touched_per_step(monkeypatch):
+    """A step sets a context variable; it neither assigns nor deletes an attribute of any layer."""
+    model = tiny_model("llama").eval()
+    x = torch.randint(3, 90, (1, 4))
+    with torch.inference_mode(), cpu.skinny_linears(model):
+        model(input_ids=x)
+    touched = []
+    monkeypatch.setattr(torch.nn.Module, "__setattr__",
+                        lambda self, k, v: touched.append(k) or object.__setattr__(self, k, v))
+    monkeypatch.setattr(torch.nn.Module, "__delattr__", lambda self, k: touched.append(k) or object.__delattr__(self, k))
+    with torch.inference_mode(), cpu.skinny_linears(model):
+        model(input_ids=x)
+    assert not touched
 
 
 def _packed_calls(monkeypatch):
@@ -40,19 +62,18 @@ def _packed_calls(monkeypatch):
 def test_one_row_many_rows_other_dtypes_and_the_switch_keep_f_linear(monkeypatch):
     model = tiny_model("qwen2").eval()
     calls = _linear_calls(model, monkeypatch)
-    monkeypatch.setenv("MSN_CPU_PACK", "0")          # without the prepacked product: (W @ x^T)^T up to MAX_ROWS
+    cpu.configure(model, prepack=False)          # without the prepacked product: (W @ x^T)^T up to MAX_ROWS
     with torch.inference_mode():
         for ids in (torch.randint(3, 90, (1, 1)), torch.randint(3, 90, (1, cpu.MAX_ROWS + 1))):
             calls.clear()
             with cpu.skinny_linears(model):
                 model(input_ids=ids)
             assert calls, ids.shape
-        monkeypatch.setenv("MSN_CPU_GEMM", "0")
+        cpu.configure(model, kernels=False)
         calls.clear()
         with cpu.skinny_linears(model):
             model(input_ids=torch.randint(3, 90, (1, 4)))
         assert calls
-        monkeypatch.delenv("MSN_CPU_GEMM")
         half = tiny_model("llama").eval().to(torch.bfloat16)
         calls.clear()
         with cpu.skinny_linears(half):
@@ -65,11 +86,10 @@ def test_a_module_whose_forward_is_owned_elsewhere_is_left_alone():
     hooked = next(m for m in model.modules() if type(m) is torch.nn.Linear)
     owner = hooked.forward                    # a bound method stored on the instance, as accelerate's hooks do
     hooked.forward = owner
-    cpu._LINEARS.pop(model, None)
     with torch.inference_mode(), cpu.skinny_linears(model):
         assert hooked.__dict__["forward"] is owner
         model(input_ids=torch.randint(3, 90, (1, 4)))
-    assert hooked.__dict__["forward"] is owner
+    assert hooked.__dict__["forward"] is owner and type(hooked) is torch.nn.Linear
 
 
 def test_one_row_as_two_rows_where_decided(monkeypatch):
@@ -86,11 +106,10 @@ def test_one_row_as_two_rows_where_decided(monkeypatch):
                 cpu.set_padded(model, on)
                 calls.clear()
                 with cpu.one_row_linears(model):
-                    assert any("forward" in m.__dict__ for m in model.modules()) is bool(on)
                     got = model(input_ids=ids).logits
                 assert bool(calls) is not bool(on), on
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-            monkeypatch.setenv("MSN_CPU_GEMM", "0")
+            cpu.configure(model, kernels=False)
             assert not cpu.padded(model)
         finally:
             cpu.set_padded(model, None)
@@ -99,7 +118,7 @@ def test_one_row_as_two_rows_where_decided(monkeypatch):
 def test_the_one_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
     """timing.one_row_kernel times one-token forwards both ways once, keeps the verdict on
     disk (a new model object of the same config reads it, measuring nothing), and applies it;
-    a bf16 model, or MSN_CPU_GEMM=0, measures nothing and stays with F.linear."""
+    a bf16 model, or kernels switched off, measures nothing and stays with F.linear."""
     from msn.decoding import timing
 
     monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
@@ -119,8 +138,9 @@ def test_the_one_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(timing, "measure_one_row", lambda *a, **k: pytest.fail("measured again"))
     assert timing.one_row_kernel(again) is True and len(measured) == 1   # read from disk
     assert timing.one_row_kernel(tiny_model("qwen2").eval().to(torch.bfloat16)) is False
-    monkeypatch.setenv("MSN_CPU_GEMM", "0")
-    assert timing.one_row_kernel(tiny_model("llama").eval()) is False and not cpu.padded(again)
+    off = tiny_model("llama").eval()
+    cpu.configure(off, kernels=False)
+    assert timing.one_row_kernel(off) is False and not cpu.padded(off)
 
 
 def test_greedy_outputs_with_one_row_as_two_rows(models):
@@ -186,12 +206,11 @@ def test_no_prepacking_where_a_second_copy_does_not_fit_or_switched_off(monkeypa
         assert not used
         monkeypatch.undo()
         used = _packed_calls(monkeypatch)
-        monkeypatch.setenv("MSN_CPU_PACK", "0")
         other = tiny_model("llama").eval()
+        cpu.configure(other, prepack=False)
         with cpu.skinny_linears(other):
             other(input_ids=ids)
         assert not used
-        monkeypatch.delenv("MSN_CPU_PACK")
         fresh = tiny_model("llama").eval()
         with cpu.skinny_linears(fresh):
             fresh(input_ids=ids)
@@ -215,5 +234,32 @@ def test_a_tree_method_prepacks_before_its_first_step_and_ar_does_not(monkeypatc
     monkeypatch.setattr(engine, "make_proposer", lambda *a, **k: pytest.fail("stop after the set-up"))
     with pytest.raises(pytest.fail.Exception):
         engine.generate(model, ids, method="pld", max_new_tokens=4, eos_token_id=[])
-    linears = {m for m in model.modules() if type(m) is torch.nn.Linear}
+    linears = {m for m in model.modules() if isinstance(m, torch.nn.Linear)}
     assert set(reordered) == linears and all(m in cpu._PACKS for m in linears)
+
+
+def test_the_environment_switches_are_decode_config_defaults(monkeypatch):
+    """MSN_CPU_GEMM / MSN_CPU_PACK are read once, as DecodeConfig's defaults (shown in the
+    resolved config); generate() applies the config's switches to the model."""
+    from msn.decoding.config import DecodeConfig
+    from msn.decoding.engine import generate
+    from msn.errors import MsnError
+
+    assert (DecodeConfig().cpu_kernels, DecodeConfig().cpu_prepack) == ("auto", "auto")
+    monkeypatch.setenv("MSN_CPU_GEMM", "0")
+    monkeypatch.setenv("MSN_CPU_PACK", "0")
+    assert DecodeConfig().to_dict()["cpu_kernels"] == "off" and DecodeConfig().cpu_prepack == "off"
+    monkeypatch.delenv("MSN_CPU_GEMM")
+    monkeypatch.delenv("MSN_CPU_PACK")
+    with pytest.raises(MsnError, match="cpu_kernels must be one of auto, off"):
+        DecodeConfig(cpu_kernels="fast")
+    model = tiny_model("llama").eval()
+    calls = _linear_calls(model, monkeypatch)
+    ids = torch.randint(3, 90, (1, 6))
+    counts = {}
+    for switch in ("off", "auto"):
+        calls.clear()
+        generate(model, ids, method="tr-jacobi", tree="small", max_new_tokens=4, eos_token_id=[], cpu_kernels=switch)
+        counts[switch] = len(calls)
+        assert cpu.enabled(model) is (switch == "auto")
+    assert counts["off"] > counts["auto"]          # off: the tree steps' linears too are F.linear

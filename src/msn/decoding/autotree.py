@@ -79,7 +79,7 @@ def latency_key(model, device, dtype) -> dict:
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "msn": __version__, "ladder": list(LADDER),
-            **({"cpu_gemm": cpu.enabled(), "one_row": cpu.padded(model), "cpu_pack": cpu.prepacked(model)}
+            **({"cpu_gemm": cpu.enabled(model), "one_row": cpu.padded(model), "cpu_pack": cpu.prepacked(model)}
                if device.type == "cpu" else {})}
 
 

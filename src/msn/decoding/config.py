@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import os
+from dataclasses import asdict, dataclass, field, fields
 
 from msn.decoding.checks import check_seed, is_int
 from msn.errors import MsnError
@@ -29,6 +30,14 @@ DRAFT_CHOICES = ("merged", "paper")
 TREE_CHOICES = ("auto", "reference", "medium", "small", "chain")
 GRAPH_CHOICES = ("auto", "on", "off")
 COMPILE_CHOICES = ("auto", "on", "off")
+KERNEL_CHOICES = ("auto", "off")
+# The CLI convenience for the CPU kernel switches: read here and nowhere else, as the
+# defaults of DecodeConfig.cpu_kernels / cpu_prepack, so the resolved config shows them.
+KERNEL_ENV = {"cpu_kernels": "MSN_CPU_GEMM", "cpu_prepack": "MSN_CPU_PACK"}
+
+
+def _kernel_default(name: str):
+    return lambda: "off" if os.environ.get(KERNEL_ENV[name], "1") == "0" else "auto"
 
 
 @dataclass
@@ -88,6 +97,14 @@ class DecodeConfig:
             Greedy decoding only. A request's first step of each shape pays the compilation
             (``DecodeResult.info["step"]["compile_s"]``); a step that fails to compile runs
             eagerly from then on.
+        cpu_kernels: float32 CPU steps compute their linear layers with the kernels of
+            ``msn.decoding.cpu`` (a few rows as (W @ x^T)^T or with prepacked weights, one row
+            as two where timing says so): ``auto`` (default) or ``off`` (``F.linear``
+            throughout). The logits differ by float rounding only; greedy outputs are
+            identical either way. Default ``off`` when the environment has ``MSN_CPU_GEMM=0``.
+        cpu_prepack: several-row products read weights reordered once into oneDNN's layout
+            where this torch has the ops and a second copy fits: ``auto`` (default) or ``off``.
+            Default ``off`` when the environment has ``MSN_CPU_PACK=0``.
     """
 
     method: str = "tr-jacobi"
@@ -110,6 +127,8 @@ class DecodeConfig:
     sample_drafts: bool = False
     graphs: str = "auto"
     compile: str = "auto"
+    cpu_kernels: str = field(default_factory=_kernel_default("cpu_kernels"))
+    cpu_prepack: str = field(default_factory=_kernel_default("cpu_prepack"))
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -160,6 +179,9 @@ class DecodeConfig:
                 raise MsnError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
             if value == "on" and self.do_sample and self.sampling_params() is not None:
                 raise MsnError(f"{name}='on' applies to greedy decoding; sampling runs eagerly (use {name}='auto')")
+        for name in KERNEL_ENV:
+            if getattr(self, name) not in KERNEL_CHOICES:
+                raise MsnError(f"{name} must be one of {', '.join(KERNEL_CHOICES)}, got {getattr(self, name)!r}")
 
     def sampling_params(self):
         """The validated ``SamplingParams``, or None when decoding is greedy (no sampling,

@@ -19,9 +19,16 @@ forwards both ways (``msn.decoding.engine.one_row_kernel``); the padded row's pr
 the same up to float rounding.
 
 The results differ from ``F.linear``'s by float rounding only (max |logit| difference
-4e-5 to 7e-5 on SmolLM2; each is as close to a float64 forward as the other). ``MSN_CPU_GEMM=0``
-turns it off. Modules are swapped only for the duration of a step's forward and only
-where nothing else (accelerate hooks, compiled modules) owns their ``forward``.
+4e-5 to 7e-5 on SmolLM2; each is as close to a float64 forward as the other).
+``DecodeConfig(cpu_kernels="off")`` turns it off (``MSN_CPU_GEMM=0`` sets that default).
+
+How the kernels reach the layers: the first time a model takes a step here, each of its
+plain float32 CPU ``nn.Linear`` layers becomes a ``FewRowLinear`` (its class changed in
+place, as peft and bitsandbytes replace layers: same parameters, hooks and state dict; a
+layer whose ``forward`` something else owns, such as accelerate's hooks, is left alone).
+Outside msn's steps a ``FewRowLinear`` computes ``F.linear`` exactly; inside one
+(``skinny_linears``, a context variable naming the model's layers and kernel), it computes
+the kernel's product. Nothing is swapped per step. ``restore(model)`` turns them back.
 
 Two or more rows, where this torch has oneDNN's prepacked linear
 (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU
@@ -31,7 +38,8 @@ threads, medians of 15 products, (W @ x^T)^T against prepacked): the 49152 x 576
 8.3 -> 5.7 ms, 16 rows 15.3 -> 6.2 ms, 69 rows 63 -> 19 ms; a 576 x 1536 layer 16 rows 0.23
 -> 0.15 ms; whole tree steps of 16 inputs 90-95 -> 59-72 ms. It costs a second copy of
 the weights, so it is used only where those fit in a quarter of the memory available when
-the model is first stepped, and ``MSN_CPU_PACK=0`` turns it off; a torch without the ops, or
+the model is first stepped, and ``DecodeConfig(cpu_prepack="off")`` (default from
+``MSN_CPU_PACK=0``) turns it off; a torch without the ops, or
 whose packed product strays from ``F.linear`` beyond float rounding on a probe, keeps
 (W @ x^T)^T.
 """
@@ -39,6 +47,7 @@ whose packed product strays from ``F.linear`` beyond float rounding on a probe, 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import os
 import weakref
@@ -50,25 +59,33 @@ from msn.decoding.attention import shared_kv_heads
 
 MAX_ROWS = 32          # rows of a (W @ x^T)^T product above which F.linear's own kernel is kept
 PACK_HINT = 16         # the row count oneDNN's weight layout is chosen for (2..512 rows measured alike)
-_LINEARS: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+_LINEARS: "weakref.WeakKeyDictionary[torch.nn.Module, frozenset]" = weakref.WeakKeyDictionary()
 _PADDED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 _PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _FITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+_OPTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[bool, bool]]" = weakref.WeakKeyDictionary()
 
 
-def enabled() -> bool:
-    return os.environ.get("MSN_CPU_GEMM", "1") != "0"
+def configure(model, kernels: bool = True, prepack: bool = True) -> None:
+    """The kernel switches of ``DecodeConfig`` (``cpu_kernels``, ``cpu_prepack``) for ``model``'s
+    later steps; a model never configured uses both where they apply."""
+    _OPTIONS[model] = (bool(kernels), bool(prepack))
+
+
+def enabled(model) -> bool:
+    """Whether ``model``'s steps may use the kernels here (``DecodeConfig.cpu_kernels``)."""
+    return _OPTIONS.get(model, (True, True))[0]
 
 
 def applies(model) -> bool:
     """Whether the kernels here can serve ``model``: float32 on CPU, not switched off."""
     p = next(model.parameters(), None)
-    return enabled() and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
+    return enabled(model) and p is not None and p.device.type == "cpu" and p.dtype == torch.float32
 
 
 def padded(model) -> bool:
     """Whether ``model``'s one-row products are computed as two rows (as decided for it)."""
-    return enabled() and _PADDED.get(model, False)
+    return enabled(model) and _PADDED.get(model, False)
 
 
 def decided(model) -> bool:
@@ -84,17 +101,18 @@ def set_padded(model, on: bool | None) -> None:
         _PADDED[model] = bool(on)
 
 
-def packing() -> bool:
+def packing(model=None) -> bool:
     """Whether several-row products may use oneDNN's prepacked linear: the ops exist in this
-    torch, ``MSN_CPU_PACK`` is not 0, and a probe product matched ``F.linear`` (tried once)."""
-    return os.environ.get("MSN_CPU_PACK", "1") != "0" and _probe()
+    torch, a probe product matched ``F.linear`` (tried once), and ``model`` (if given) was not
+    configured without it (``DecodeConfig.cpu_prepack``)."""
+    return (model is None or _OPTIONS.get(model, (True, True))[1]) and _probe()
 
 
 def prepacked(model) -> bool:
     """Whether ``model``'s several-row products read prepacked weights: the kernels here
-    serve it (``applies``), ``packing()``, and a second copy of its weights fitted when first
-    asked (decided once per model)."""
-    if not (applies(model) and packing()):
+    serve it (``applies``), ``packing(model)``, and a second copy of its weights fitted when
+    first asked (decided once per model)."""
+    if not (applies(model) and packing(model)):
         return False
     if model not in _FITS:
         _FITS[model] = _fits_twice(model)
@@ -156,15 +174,48 @@ def _skinny(module: torch.nn.Linear, x: torch.Tensor, one_row: bool = False, pac
     return y.reshape(*x.shape[:-1], module.weight.shape[0])
 
 
-def _linears(model) -> list:
-    """(module, its few-row forward) for each plain float32 CPU ``nn.Linear`` of the model, found once."""
-    kind = (padded(model), prepacked(model))
-    found = _LINEARS.setdefault(model, {})
-    if kind not in found:
-        found[kind] = [(m, functools.partial(_skinny, m, one_row=kind[0], packed=kind[1])) for m in model.modules()
-                       if type(m) is torch.nn.Linear and m.weight.device.type == "cpu"
-                       and m.weight.dtype == torch.float32]
-    return found[kind]
+# Inside a step: (the ids of the stepping model's FewRowLinear layers, one row as two, prepacked).
+_STEP: contextvars.ContextVar[tuple[frozenset, bool, bool] | None] = contextvars.ContextVar("msn_cpu_step",
+                                                                                           default=None)
+
+
+class FewRowLinear(torch.nn.Linear):
+    """An ``nn.Linear`` that computes the CPU kernel's product inside msn's steps of its model
+    (``skinny_linears``) and ``F.linear`` everywhere else (in a compiled graph too)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        step = None if torch.compiler.is_compiling() else _STEP.get()
+        if step is None or id(self) not in step[0]:
+            return F.linear(x, self.weight, self.bias)
+        return _skinny(self, x, one_row=step[1], packed=step[2])
+
+
+def _linears(model) -> frozenset:
+    """The ids of ``model``'s ``FewRowLinear`` layers: its plain float32 CPU ``nn.Linear``
+    layers whose ``forward`` nothing else owns, turned into ``FewRowLinear`` the first time."""
+    found = _LINEARS.get(model)
+    if found is None:
+        layers = [m for m in model.modules() if type(m) in (torch.nn.Linear, FewRowLinear)
+                  and m.weight.device.type == "cpu" and m.weight.dtype == torch.float32
+                  and "forward" not in m.__dict__]
+        for m in layers:
+            m.__class__ = FewRowLinear
+        found = _LINEARS[model] = frozenset(id(m) for m in layers)
+    return found
+
+
+def restore(model) -> None:
+    """Turns ``model``'s ``FewRowLinear`` layers back into ``nn.Linear`` (msn's steps turn
+    them again when they next run)."""
+    for m in model.modules():
+        if type(m) is FewRowLinear:
+            m.__class__ = torch.nn.Linear
+    _LINEARS.pop(model, None)
+
+
+def _layers(model) -> list:
+    ids = _linears(model)
+    return [m for m in model.modules() if id(m) in ids]
 
 
 def prepack(model) -> None:
@@ -173,32 +224,29 @@ def prepack(model) -> None:
     that cost lands before a generation's timing rather than inside its first tree step.
     Nothing where prepacking does not apply."""
     if prepacked(model):
-        for m, _ in _linears(model):
+        for m in _layers(model):
             _packed_weight(m)
 
 
 @contextlib.contextmanager
 def skinny_linears(model):
-    """Within the block, the model's float32 CPU ``nn.Linear`` layers compute several rows
-    with the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T), and
-    one row as two where ``padded(model)``. A no-op on other devices
-    and dtypes, or with ``MSN_CPU_GEMM=0``; a layer whose ``forward`` something else has
-    replaced is left alone."""
-    swapped = []
-    for m, fast in _linears(model) if enabled() else ():
-        if "forward" not in m.__dict__:
-            m.forward = fast
-            swapped.append(m)
+    """Within the block, the model's float32 CPU linear layers compute several rows with
+    the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T),
+    and one row as two where ``padded(model)``. A no-op on other devices and dtypes, or with
+    the kernels switched off; a layer whose ``forward`` something else has replaced is left alone."""
+    if not applies(model):
+        yield
+        return
+    token = _STEP.set((_linears(model), padded(model), prepacked(model)))
     try:
         yield
     finally:
-        for m in swapped:
-            del m.forward
+        _STEP.reset(token)
 
 
 def one_row_linears(model):
     """``skinny_linears`` for a one-input forward where the model computes one row as two;
-    otherwise nothing (no forwards swapped)."""
+    otherwise nothing."""
     return skinny_linears(model) if padded(model) else contextlib.nullcontext()
 
 

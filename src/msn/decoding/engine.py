@@ -84,6 +84,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
     attention.use(model)           # msn's attention function for an sdpa model (chosen once)
+    cpu.configure(model, cfg.cpu_kernels == "auto", cfg.cpu_prepack == "auto")
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
     device = model_device(model)
     sampler = request_sampler(cfg, generator, device)
