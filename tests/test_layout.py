@@ -133,3 +133,49 @@ def test_src_writes_no_environment_and_registers_over_no_transformers_name():
                         and node.args[0].value in TRANSFORMERS_NAMES:
                     bad.append(f"{path.name}:{node.lineno} registers over {node.args[0].value!r}")
     assert not bad, bad
+
+
+# Modules that run a model for a loss or a probe, not a decoding step (training and its evaluation).
+NOT_DECODING = {"evaluate.py", "data/packing.py"}
+
+
+def _calls_a_model(node: ast.AST) -> bool:
+    """``model(...)``, ``self.model(...)``, ``x.model(...)`` or ``<any of those>.forward(...)``."""
+    if not isinstance(node, ast.Call):
+        return False
+    f = node.func
+    if isinstance(f, ast.Attribute) and f.attr == "forward":
+        f = f.value
+    return (isinstance(f, ast.Name) and f.id == "model") or (isinstance(f, ast.Attribute) and f.attr == "model")
+
+
+def test_only_the_step_module_calls_the_model():
+    """Every decoding forward goes through ``msn.decoding.step``: no other module of src/msn
+    calls a model (training's loss and probe modules apart)."""
+    callers = []
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel in NOT_DECODING or rel == "decoding/step.py":
+            continue
+        callers += [f"{rel}:{n.lineno}" for n in ast.walk(ast.parse(path.read_text())) if _calls_a_model(n)]
+    assert not callers, callers
+    step = ast.parse((PACKAGE / "decoding" / "step.py").read_text())
+    assert sum(map(_calls_a_model, ast.walk(step))) >= 1        # the detector sees the step module's calls
+
+
+def test_no_file_assigns_or_deletes_a_forward():
+    """No file in src/msn assigns to (or deletes, or ``setattr``s) any object's ``forward``:
+    kernels and hooks go through the libraries' own mechanisms."""
+    bad = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = []
+            if isinstance(node, (ast.Assign, ast.Delete)):
+                targets = node.targets
+            elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+                targets = [node.target]
+            bad += [f"{path.name}:{node.lineno}" for t in targets if isinstance(t, ast.Attribute) and t.attr == "forward"]
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("setattr", "delattr") \
+                    and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "forward":
+                bad.append(f"{path.name}:{node.lineno}")
+    assert not bad, bad

@@ -29,8 +29,6 @@ def _proposer(monkeypatch, k=5, max_len=64, version="0.32.0"):
     import msn.vllm as mv
 
     monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(__version__=version))
-    monkeypatch.setattr(mv, "_hook_sampler", lambda: None)      # no engine here: nothing to hook
-    mv._PREDICTIONS.clear()
     from msn.vllm import MsnProposer
 
     cfg = types.SimpleNamespace(speculative_config=types.SimpleNamespace(num_speculative_tokens=k),
@@ -96,7 +94,7 @@ def test_the_jacobi_chain_comes_from_the_last_verification_and_is_scored(monkeyp
     row = [11, 12, 13, 14]                          # no repeated n-gram: retrieval finds nothing
     table, lengths = _batch([row])
     # The last verification fed [14, d1, d2, d3]; 1 draft accepted (sampled: it and the bonus).
-    mv._PREDICTIONS[:] = [[20, 21, 22, 23]]
+    prop._predictions = [[20, 21, 22, 23]]
     assert prop.propose([[13, 14]], lengths, table) == [[22, 23]]    # predictions after d1 and d2
     # The engine then produced 22 and 30: the Jacobi chain had one right draft.
     table, lengths = _batch([row + [22, 30]])
@@ -172,3 +170,41 @@ def test_a_request_that_copies_drafts_where_the_average_one_would_not(monkeypatc
     prop._lengths[0] = 9
     prop._score(0, 4, table[0])                                     # shorter than before: another request
     assert 0 not in prop._rows
+
+
+def test_the_hook_is_on_the_loading_runners_sampler_and_goes_with_the_proposer(monkeypatch):
+    """load_model, called by the runner that holds the proposer as its drafter, puts a forward
+    pre-hook on that runner's rejection sampler (its class untouched) which records each
+    request's argmax; close() removes it; a caller that is not such a runner hooks nothing."""
+    import torch
+
+    class Sampler(torch.nn.Module):
+        def forward(self, metadata, draft_probs, logits, sampling_metadata):
+            logits.zero_()                              # a sampler may change the logits in place
+            return "sampled"
+
+    stock = Sampler.forward
+    prop = _proposer(monkeypatch, k=3)
+
+    class Runner:
+        def __init__(self):
+            self.drafter, self.rejection_sampler, self.model = prop, Sampler(), object()
+
+        def load_model(self):
+            self.drafter.load_model(self.model)
+
+    runner = Runner()
+    runner.load_model()
+    logits = torch.tensor([[0.0, 9, 0], [5, 0, 0], [0, 0, 7], [0, 1, 0]])
+    meta = types.SimpleNamespace(num_draft_tokens=[2, 0])
+    assert runner.rejection_sampler(meta, None, logits, None) == "sampled"
+    assert prop._predictions == [[1, 0, 2], [1]] and Sampler.forward is stock
+    assert "forward" not in vars(runner.rejection_sampler)
+    prop.close()
+    prop._predictions = []
+    runner.rejection_sampler(meta, None, torch.ones(4, 3), None)
+    assert prop._predictions == [] and not runner.rejection_sampler._forward_pre_hooks
+    stranger = _proposer(monkeypatch, k=3)
+    with pytest.warns(UserWarning, match="retrieval chains only"):
+        stranger.load_model(object())
+    assert stranger._hook is None

@@ -8,10 +8,12 @@ proposers see token ids only. ``MsnProposer`` drafts, per request, one of two ch
   occurrence of the request's final n-gram (n from 3 down to 1) in its prompt and output;
 * the **Jacobi chain**: the model's own predictions at the positions after the accepted
   prefix in the last verification (rank 0 of the verification logits there), the drafts an
-  MSN-trained model learns to verify. They come from a small hook on vLLM's rejection
-  sampler that keeps each request's argmax over its verified positions (installed when the
-  first ``MsnProposer`` is built, in that engine's process only; the sampler's result is
-  untouched). Where neither has a guess, a request is seeded with tokens drawn from its own
+  MSN-trained model learns to verify. They come from a forward pre-hook (PyTorch's
+  ``register_forward_pre_hook``) on the engine's own rejection sampler, which keeps each
+  request's argmax over its verified positions. The proposer installs it on the sampler of
+  the model runner that loads it (``load_model``, called by the runner that holds it as its
+  drafter) and removes it when closed or collected; no class is changed, so a process, or an
+  engine, without an msn proposer runs stock vLLM, and the sampler's result is untouched. Where neither has a guess, a request is seeded with tokens drawn from its own
   history now and then (``SEED_EVERY``; ``SEED_RARELY`` once the Jacobi chains measured
   poor, as on a model without MSN training), so the Jacobi chain keeps being measured.
 
@@ -37,7 +39,10 @@ from __future__ import annotations
 
 import collections
 import random
+import sys
 import time
+import warnings
+import weakref
 
 import torch
 
@@ -52,12 +57,6 @@ COST_WINDOW = 64      # engine steps the step-cost fit t = a + b x tokens is bas
 FULL_EVERY = 16       # one step in this many drafts every chain, so dropped ones keep being scored
 ROW_WINDOW = 8        # a request's own latest scored chains, per kind, in its expected acceptance ...
 PRIOR = 2             # ... shrunk towards the kind's mean as if that were this many more chains
-
-# The hooked sampler's predictions of the last verification: per request of the batch, the
-# argmax after each fed token (the last context token, then each draft), in batch order.
-_PREDICTIONS: list[list[int]] = []
-_HOOKED = False
-
 
 def check_version(version: str) -> None:
     """Refuses a vLLM this proposer was not written for."""
@@ -76,22 +75,14 @@ def split_predictions(pred: list[int], num_draft_tokens: list[int]) -> list[list
     return out
 
 
-def _hook_sampler() -> None:
-    """Wraps vLLM's rejection sampler so every verification leaves its predictions in
-    ``_PREDICTIONS`` (read before the sampler may change the logits in place)."""
-    global _HOOKED
-    if _HOOKED:
-        return
-    from vllm.v1.sample import rejection_sampler
-
-    original = rejection_sampler.RejectionSampler.forward
-
-    def forward(self, metadata, draft_probs, logits, sampling_metadata):
-        _PREDICTIONS[:] = split_predictions(logits.argmax(dim=-1).tolist(), list(metadata.num_draft_tokens))
-        return original(self, metadata, draft_probs, logits, sampling_metadata)
-
-    rejection_sampler.RejectionSampler.forward = forward
-    _HOOKED = True
+def _runner_sampler(proposer, frame) -> object | None:
+    """The rejection sampler of the model runner calling ``proposer.load_model`` from ``frame``
+    (vLLM's runners call ``self.drafter.load_model(self.model)``); None when the caller is not
+    a runner holding this proposer."""
+    runner = frame.f_locals.get("self") if frame is not None else None
+    if runner is None or getattr(runner, "drafter", None) is not proposer:
+        return None
+    return getattr(runner, "rejection_sampler", None)
 
 
 class MsnProposer:
@@ -115,7 +106,28 @@ class MsnProposer:
         self._rng = random.Random(seed)
         self._costs: collections.deque = collections.deque(maxlen=COST_WINDOW)   # (tokens fed, seconds)
         self._clock: tuple[float, int] | None = None      # (when the last drafts were handed, tokens they make)
-        _hook_sampler()
+        # The last verification's argmax per request (batch order), left by the sampler's hook.
+        self._predictions: list[list[int]] = []
+        self._hook = None
+
+    def _observe(self, module, args, kwargs) -> None:
+        """The rejection sampler's forward pre-hook: its verification's argmax per request, read
+        before the sampler may change the logits in place."""
+        metadata = args[0] if args else kwargs["metadata"]
+        logits = args[2] if len(args) > 2 else kwargs["logits"]
+        self._predictions = split_predictions(logits.argmax(dim=-1).tolist(), list(metadata.num_draft_tokens))
+
+    def hook(self, sampler) -> None:
+        """Observes ``sampler``'s verifications (a removable forward pre-hook) until ``close``."""
+        self.close()
+        handle = sampler.register_forward_pre_hook(self._observe, with_kwargs=True)
+        self._hook = weakref.finalize(self, handle.remove)
+
+    def close(self) -> None:
+        """Removes the hook from the engine's rejection sampler (also when collected)."""
+        if self._hook is not None:
+            self._hook()
+            self._hook = None
 
     def mean(self, kind: str) -> float | None:
         s = self.scores[kind]
@@ -129,8 +141,8 @@ class MsnProposer:
         if self._clock is not None:
             self._costs.append((self._clock[1], now - self._clock[0]))
         batch = sum(1 for s in sampled_token_ids if len(s))
-        predictions = list(_PREDICTIONS) if len(_PREDICTIONS) == len(sampled_token_ids) else []
-        _PREDICTIONS.clear()
+        predictions = self._predictions if len(self._predictions) == len(sampled_token_ids) else []
+        self._predictions = []
         out = []
         for i, sampled in enumerate(sampled_token_ids):
             n = int(num_tokens_no_spec[i])
@@ -240,4 +252,12 @@ class MsnProposer:
         self._pending[i] = keep
 
     def load_model(self, *args, **kwargs) -> None:
-        """Nothing to load: the drafts come from the requests' own tokens and the verification."""
+        """Nothing to load (the drafts come from the requests' own tokens and the verification):
+        hooks the calling model runner's rejection sampler. Without one (a vLLM that calls
+        this from elsewhere) the Jacobi chain is never offered and a warning says so."""
+        sampler = _runner_sampler(self, sys._getframe(1))
+        if sampler is None:
+            warnings.warn("msn.vllm: no model runner's rejection sampler found; drafting retrieval chains only",
+                          stacklevel=2)
+            return
+        self.hook(sampler)
