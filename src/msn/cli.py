@@ -148,7 +148,7 @@ def cmd_generate(a) -> int:
     else:
         ids = tok(prompt, return_tensors="pt")["input_ids"]
     options = _set({}, tree=a.tree, drafts=a.drafts, window=a.window, seed=a.seed, graphs=a.graphs, compile=a.compile,
-                       **_sampling(a))
+                       cpu_kernels=a.cpu_kernels, cpu_prepack=a.cpu_prepack, **_sampling(a))
     request = dict(method=a.method, max_new_tokens=a.max_new_tokens, fit_context=a.fit_context, **options)
     for _ in range(a.warmup):   # untimed: the first forwards of a process pay one-off set-up costs
         msn.generate(model, ids, **{**request, "max_new_tokens": min(16, a.max_new_tokens)})
@@ -205,7 +205,7 @@ def _drafts_flag(p) -> None:
 
 
 def _graphs_flag(p) -> None:
-    from msn.decoding.config import COMPILE_CHOICES, GRAPH_CHOICES
+    from msn.decoding.config import COMPILE_CHOICES, GRAPH_CHOICES, KERNEL_CHOICES
 
     p.add_argument("--graphs", choices=GRAPH_CHOICES, help="auto (default): on CUDA, greedy steps run on fixed "
                    "KV buffers and each tree's step is captured once as a CUDA graph and replayed; eager elsewhere. "
@@ -214,6 +214,12 @@ def _graphs_flag(p) -> None:
                    "compiled by torch.compile (one compilation per tree and buffer size, paid by the first step of "
                    "each; msn serve and msn bench warm up first), then captured as a CUDA graph; not on CPU. "
                    "on: compiled on every device (greedy only); off: eager. Outputs are identical either way")
+    p.add_argument("--cpu-kernels", choices=KERNEL_CHOICES, help="auto (default): float32 CPU steps compute their "
+                   "linear layers with msn's few-row kernels (one row as two where timing says so); off: F.linear "
+                   "throughout. Logits differ by float rounding only. Default off where MSN_CPU_GEMM=0")
+    p.add_argument("--cpu-prepack", choices=KERNEL_CHOICES, help="auto (default): several-row CPU products read "
+                   "weights reordered once into oneDNN's layout, where the ops exist and a second copy fits; off: "
+                   "never. Default off where MSN_CPU_PACK=0")
 
 
 def _sampling_flags(parser) -> None:
@@ -279,7 +285,7 @@ def cmd_bench(a) -> int:
                              repeats=a.repeats, device=a.device, dtype=a.dtype, tree=a.tree, drafts=a.drafts,
                              reset_recycle=a.reset_recycle or None, cold=a.cold or None,
                              warmup=a.warmup, seed=a.seed, profile=a.profile or None, graphs=a.graphs,
-                             compile=a.compile,
+                             compile=a.compile, cpu_kernels=a.cpu_kernels, cpu_prepack=a.cpu_prepack,
                              **_sampling(a)))
     run_bench(cfg)
     return 0
@@ -521,9 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--warmup", type=int, help="warm-up generations before timing (default 2)")
     b.add_argument("--tree", choices=TREE_CHOICES, help=f"TR-Jacobi tree (default {DecodeConfig.tree})")
     _drafts_flag(b)
-    b.add_argument("--cold", action="store_true", help="start from an empty store of decoding state (step "
-                   "latencies, scored tree steps, recycled tables) and leave the store as it was: two cold runs "
-                   "start from the same state (`msn cache info` shows what a warm run reads)")
+    b.add_argument("--cold", action="store_true", help="start without learned decoding state (scored tree "
+                   "steps, recycled tables) and leave the store's as it was, on the store's calibration (step "
+                   "latency, CPU kernel; measured there once where missing): two cold runs give the same tokens "
+                   "per step (`msn cache info` shows what a warm run reads)")
     b.add_argument("--reset-recycle", action="store_true", help="empty the model's recycled candidate table "
                    "(~/.cache/msn/recycle) first, so recycle and tr-jacobi start cold; summary.json records "
                    "recycle_table: cold or warm")
@@ -548,8 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help=f"default {DEFAULT_MAX_NEW_TOKENS}")
     d.add_argument("--repeats", type=int, default=5,
                    help="paired runs per prompt (default 5; the median of the pairs' speedups)")
-    d.add_argument("--cold", action="store_true", help="decode against an empty store of decoding state and "
-                   "leave the store as it was (a second warm run reads what the first measured)")
+    d.add_argument("--cold", action="store_true", help="decode without learned decoding state (scored tree "
+                   "steps, recycled tables), leaving the store's as it was, on the store's calibration (a second "
+                   "warm run reads what the first learnt)")
     d.add_argument("--msn-model", default="auto", help="an MSN-trained model (a folder or an adapter folder) to "
                    "compare with --model side by side on held-out code prompts (its prompts.jsonl); auto "
                    "(default): the adapter shipped with msn, where one has been produced; none: skip")

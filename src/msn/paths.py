@@ -2,10 +2,13 @@
 msn's store: what outlives a call, in one folder (``cache_root()``), one subfolder per kind
 (``STORE_KINDS``), each entry a file named by a hash of what it depends on.
 
-Decoding state (``DECODING_STATE``: step latencies, the CPU kernel decision, scored tree steps,
-recycled candidate tables) makes a second run of the same command faster than the first;
-``msn cache info`` shows it, ``msn cache clear`` deletes it, and ``msn bench --cold`` /
-``msn demo --cold`` run against an empty store (``empty_decoding_state``) and leave it as it was.
+Decoding state (``DECODING_STATE``) is of two sorts. *Calibration* (``CALIBRATION``: step
+latencies, the CPU kernel decision) is measured once per model shape and machine and then only
+read. *Learned state* (``LEARNED``: scored tree steps, recycled candidate tables) grows with every
+generation and makes a second run of the same command faster than the first. ``msn cache info``
+shows both, ``msn cache clear`` deletes them, and ``msn bench --cold`` / ``msn demo --cold`` run
+without learned state (``empty_decoding_state(LEARNED)``, leaving it as it was) on the store's
+calibration, so two cold runs decide alike.
 """
 
 from __future__ import annotations
@@ -63,29 +66,59 @@ STORE_KINDS = {
     "tokenized": "training data tokenized by msn train, per data file, tokenizer and settings",
     "models": "models fetched by msn fetch",
 }
-DECODING_STATE = ("latency", "one-row", "acceptance", "recycle")
-_COLD_ROOT: list[Path | None] = [None]      # set inside empty_decoding_state()
-_ENDED: set[Path] = set()                   # empty stores whose block has ended (deleted)
+CALIBRATION = ("latency", "one-row")         # measured once per model shape and machine, then read
+LEARNED = ("acceptance", "recycle")          # grows with every generation
+DECODING_STATE = CALIBRATION + LEARNED
+_ROOTS: dict[str, Path] = {}                 # kind -> the folder standing in for the store (empty_decoding_state)
+_ENDED: set[Path] = set()                    # stand-in folders whose block has ended (deleted)
 
 
 def stored_path(kind: str, key: dict, suffix: str = ".json") -> Path:
     """Where msn's store keeps (``kind``, ``key``): a file named by a hash of the key."""
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    root = _COLD_ROOT[0] if kind in DECODING_STATE and _COLD_ROOT[0] is not None else cache_root()
-    return root / kind / f"{digest}{suffix}"
+    return _ROOTS.get(kind, cache_root()) / kind / f"{digest}{suffix}"
 
 
 @contextlib.contextmanager
-def empty_decoding_state():
-    """Within the block, decoding state is read from and written to an empty throw-away folder:
-    a run starts cold and leaves the store as it was."""
+def empty_decoding_state(kinds=DECODING_STATE, start_from: Path | None = None):
+    """Within the block, the decoding state of ``kinds`` is read from and written to a
+    throw-away folder, which starts empty (or as a copy of ``start_from``'s folders of those
+    kinds): a run starts cold and leaves the store as it was. Yields the folder."""
+    import shutil
+
+    unknown = [k for k in kinds if k not in DECODING_STATE]
+    if unknown:
+        raise MsnError(f"unknown kind of decoding state {unknown[0]!r}; choose from {', '.join(DECODING_STATE)}")
     with tempfile.TemporaryDirectory(prefix="msn-cold-") as tmp:
-        before, _COLD_ROOT[0] = _COLD_ROOT[0], Path(tmp)
+        root = Path(tmp)
+        for kind in kinds if start_from is not None else ():
+            if (start_from / kind).is_dir():
+                shutil.copytree(start_from / kind, root / kind)
+        before = {k: _ROOTS.get(k) for k in kinds}
+        _ROOTS.update(dict.fromkeys(kinds, root))
         try:
-            yield
+            yield root
         finally:
-            _COLD_ROOT[0] = before
-            _ENDED.add(Path(tmp))
+            for k, b in before.items():
+                if b is None:
+                    _ROOTS.pop(k, None)
+                else:
+                    _ROOTS[k] = b
+            _ENDED.add(root)
+
+
+def set_state_root(kind: str, root: Path | None) -> Path | None:
+    """Points ``kind`` of decoding state at ``root`` (None: the store); returns what it was
+    (None: the store). ``empty_decoding_state`` is the block form."""
+    before = _ROOTS.pop(kind, None)
+    if root is not None:
+        _ROOTS[kind] = Path(root)
+    return before
+
+
+def state_root(kind: str) -> Path:
+    """The folder that holds ``kind`` now (the store, or a stand-in of ``empty_decoding_state``)."""
+    return _ROOTS.get(kind, cache_root())
 
 
 def discarded(path: Path) -> bool:

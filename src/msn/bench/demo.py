@@ -125,13 +125,14 @@ def main(model_path: str, *, method: str = "tr-jacobi", max_new_tokens: int = 12
     """The demo on ``model_path``; then, where an MSN model is at hand (``msn_model``: a folder, an
     adapter folder, ``auto`` for the adapter shipped with msn, None for none), that model and
     ``model_path`` side by side on held-out code prompts (the MSN model's ``prompts.jsonl``).
-    ``cold``: decode against an empty store of decoding state and leave the store as it was."""
+    ``cold``: decode without learned decoding state (scored tree steps, recycled tables), leaving
+    the store's as it was, on the store's calibration (``msn.bench.harness.decoding_state``)."""
     import contextlib
 
     from msn.bench.harness import decoding_state
-    from msn.paths import empty_decoding_state
+    from msn.paths import LEARNED, empty_decoding_state
 
-    with empty_decoding_state() if cold else contextlib.nullcontext():
+    with empty_decoding_state(LEARNED) if cold else contextlib.nullcontext():
         return _main(model_path, method, max_new_tokens, repeats, device, dtype, options, out, msn_model, code_prompts,
                      code_repeats, decoding_state(cold))
 

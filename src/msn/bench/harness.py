@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import statistics
 import sys
 import time
@@ -27,8 +28,8 @@ from msn.decoding.engine import generate
 from msn.decoding.requests import context_limit, resolve_eos, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
-from msn.paths import (DECODING_STATE, cache_root, check_apart, empty_decoding_state, ensure_output_dir,
-                       store_info)
+from msn.paths import (CALIBRATION, DECODING_STATE, LEARNED, cache_root, check_apart, empty_decoding_state, ensure_output_dir,
+                       set_state_root, state_root, store_info)
 
 # Baselines run by transformers' own generate(): plain greedy (what users run today), with a
 # static cache (compiled where transformers does so), and its prompt lookup.
@@ -80,11 +81,11 @@ class BenchConfig:
         tree: TR-Jacobi tree preset (None: ``DecodeConfig``'s default). Prompt-lookup
             settings are ``DecodeConfig``'s, shared by ``pld`` and ``hf-pld``.
         drafts: TR-Jacobi's draft sources (None: ``DecodeConfig``'s default, merged).
-        cold: run against an empty store of decoding state (step latencies, scored tree steps,
-            recycled tables; ``msn.paths.empty_decoding_state``) and leave the store as it was,
-            so two cold runs start from the same state (methods that choose from latency they
-            measure, like the automatic tree, may still choose differently); ``summary.json``
-            records which (``decoding_state``).
+        cold: run without learned decoding state (scored tree steps, recycled tables:
+            ``msn.paths.empty_decoding_state(LEARNED)``) and leave the store's as it was, on the
+            store's calibration (step latency, the CPU kernel decision; measured and kept in the
+            store where missing), so two cold runs make the same choices and give the same
+            tokens per step; ``summary.json`` records how it started (``decoding_state``).
         reset_recycle: empty the model's recycled candidate table (in memory and on disk)
             before the run, so it starts cold; ``summary.json`` records how it started. Each
             method keeps a table of its own through the run, started from the same state
@@ -100,6 +101,8 @@ class BenchConfig:
         graphs: ``DecodeConfig.graphs`` of every msn method (CUDA-graph steps by default on CUDA).
         compile: ``DecodeConfig.compile`` of every msn method (compiled steps by default on CUDA;
             the warm-up pays the compilations of the shapes it meets).
+        cpu_kernels / cpu_prepack: ``DecodeConfig``'s CPU kernel switches for every msn method
+            (None: its default, ``auto`` unless ``MSN_CPU_GEMM`` / ``MSN_CPU_PACK`` is 0).
         device / dtype: where and how the model runs.
     """
 
@@ -128,6 +131,8 @@ class BenchConfig:
     dtype: str = "auto"
     graphs: str = "auto"
     compile: str = "auto"
+    cpu_kernels: str | None = None
+    cpu_prepack: str | None = None
 
     def __post_init__(self):
         check_methods(self.methods)
@@ -136,10 +141,17 @@ class BenchConfig:
             raise MsnError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
         if self.repeats <= 0 or self.warmup < 0:
             raise MsnError("--repeats must be positive and --warmup non-negative")
-        DecodeConfig(graphs=self.graphs, compile=self.compile, **self.sampling_options())     # validates the decoding options
+        resolved = DecodeConfig(graphs=self.graphs, compile=self.compile, **self.kernel_options(),
+                                **self.sampling_options())        # validates the decoding options
+        self.cpu_kernels, self.cpu_prepack = resolved.cpu_kernels, resolved.cpu_prepack     # validates the decoding options
         hf = [m for m in self.methods if m in HF_METHODS]
         if self.do_sample and hf:
             raise MsnError(f"{', '.join(hf)} run greedy only here; drop them from --methods when sampling")
+
+    def kernel_options(self) -> dict:
+        """The CPU kernel switches given (the others take ``DecodeConfig``'s defaults)."""
+        return {k: v for k, v in dict(cpu_kernels=self.cpu_kernels, cpu_prepack=self.cpu_prepack).items()
+                if v is not None}
 
     def sampling_options(self) -> dict:
         if not self.do_sample:
@@ -195,6 +207,7 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
         options["graphs"] = cfg.graphs
     if cfg.compile != "auto":
         options["compile"] = cfg.compile
+    options.update(cfg.kernel_options())
     # A long prompt's turn is cut to the context (every method alike) rather than failing the bench.
     r = generate(model, ids, method=method, max_new_tokens=cfg.max_new_tokens, profile=profile, fit_context=True,
                  **options)
@@ -203,15 +216,20 @@ def run_method(model, ids: torch.Tensor, method: str, cfg: BenchConfig, counter:
 
 
 def decoding_state(cold: bool) -> dict:
-    """How a run starts (printed, and kept in ``summary.json``): ``cold`` (an empty store), or
-    warm with the entries of each kind of decoding state that the store holds."""
+    """How a run starts (printed, and kept in ``summary.json``): warm, with the entries of each
+    kind of decoding state the store holds, or ``cold``: no learned state (scored tree steps,
+    recycled tables: ``msn.paths.LEARNED``), on the store's calibration (step latency, the CPU
+    kernel decision: measured and kept there where missing), so two cold runs decide alike."""
     entries = {row["kind"]: row["entries"] for row in store_info(DECODING_STATE)}
     where = str(cache_root())
     if cold:
-        print(f"decoding state: cold (an empty store; {where} is left as it was)", file=sys.stderr)
-        return {"cold": True}
+        held = ", ".join(f"{k} {entries[k]}" for k in CALIBRATION)
+        print(f"decoding state: cold (no scored tree steps, no recycled table; {where}'s are left as they are; "
+              f"calibration from {where}: {held} entries, measured there where missing)", file=sys.stderr)
+        return {"cold": True, "calibration": {k: entries[k] for k in CALIBRATION}, "store": where}
     held = ", ".join(f"{k} {n}" for k, n in entries.items() if n) or "nothing"
-    print(f"decoding state: warm, from {where} ({held}; --cold starts from none)", file=sys.stderr)
+    print(f"decoding state: warm, from {where} ({held}; --cold starts without scored steps and recycled tables)",
+          file=sys.stderr)
     return {"cold": False, "entries": entries, "store": where}
 
 
@@ -239,7 +257,7 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     state = decoding_state(cfg.cold)
     with contextlib.ExitStack() as stack:
         if cfg.cold:
-            stack.enter_context(empty_decoding_state())
+            stack.enter_context(empty_decoding_state(LEARNED))
         tables = MethodTables(model, cfg)
         try:
             with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
@@ -375,11 +393,16 @@ class Progress:
 
 
 class MethodTables:
-    """The model's recycled candidate table, one state per method through a bench: each
-    method's generations start from its own state, so a method never drafts from what
-    another one (or an earlier repeat of the same prompt) learnt from the prompt at hand."""
+    """Learned decoding state, one state per method through a bench: the model's recycled
+    candidate table and the scored tree steps ``--tree auto`` and merged drafts choose from
+    (``acceptance`` in msn's store). Each method's generations start from its own state, begun
+    as the bench's starting state, so a method never drafts from what another one (or an
+    earlier repeat of the same prompt) learnt, and its figures do not depend on which other
+    methods share the run."""
 
     def __init__(self, model, cfg: BenchConfig):
+        import tempfile
+
         from msn.decoding import recycle
         from msn.decoding.requests import model_device, vocab_size
 
@@ -390,23 +413,59 @@ class MethodTables:
         self.start = self.table.ids.clone()
         self.states: dict[str, torch.Tensor] = {}
         self.methods = cfg.methods
+        self.scored = state_root("acceptance") / "acceptance"       # the scored steps the bench starts from
+        self.folder = Path(tempfile.mkdtemp(prefix="msn-bench-state-"))
+        self._before: Path | None = None
+
+    def _saved(self, method: str) -> Path:
+        """Method ``method``'s scored steps as it left them (made from the start state)."""
+        root = self.folder / str(self.methods.index(method))
+        if not root.exists():
+            root.mkdir()
+            if self.scored.is_dir():
+                shutil.copytree(self.scored, root / "acceptance")
+        return root
 
     def before(self, method: str) -> None:
+        """A generation of ``method`` starts from its state (every repeat from the same one)."""
         self.table.ids.copy_(self.states.get(method, self.start))
+        work = self.folder / "work"
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(self._saved(method), work)
+        self._before = set_state_root("acceptance", work)
+
+    def release(self) -> None:
+        """After each generation: the store's scored steps are the store's again."""
+        set_state_root("acceptance", self._before)
 
     def after(self, method: str) -> None:
+        """After a prompt's repeats: ``method``'s state is what its last generation left."""
         if not torch.equal(self.table.ids, self.states.get(method, self.start)):
             self.states[method] = self.table.ids.clone()
+        saved = self._saved(method)
+        shutil.rmtree(saved)
+        shutil.copytree(self.folder / "work", saved)
 
     def reset(self) -> None:
         """Back to the state the bench started from (after the warm-up)."""
         self.table.ids.copy_(self.start)
+        self.states.clear()
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir()
 
     def keep(self) -> None:
-        """Leaves the table of ``tr-jacobi`` (else the first method that changed one) in memory and on disk."""
+        """Leaves the state of ``tr-jacobi`` (else the first method that changed one) in memory
+        and in the store: its recycled table, and its scored steps."""
+        main = "tr-jacobi" if "tr-jacobi" in self.methods else None
+        scored = self.folder / str(self.methods.index(main)) / "acceptance" if main else None
+        if scored is not None and scored.is_dir():
+            self.scored.mkdir(parents=True, exist_ok=True)
+            for f in scored.iterdir():
+                shutil.copy2(f, self.scored / f.name)
+        shutil.rmtree(self.folder, ignore_errors=True)
         used = [m for m in self.methods if m in self.states]
         if not used:
-            self.reset()
+            self.table.ids.copy_(self.start)
             return
         main = "tr-jacobi" if "tr-jacobi" in used else used[0]
         self.table.ids.copy_(self.states[main])
@@ -440,7 +499,12 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
         warm = BenchConfig(**{**asdict(cfg), "max_new_tokens": min(16, cfg.max_new_tokens)})
         for _ in range(cfg.warmup):
             for m in cfg.methods:
-                run_method(model, first, m, warm, counter)
+                tables.before(m)
+                try:
+                    run_method(model, first, m, warm, counter)
+                finally:
+                    tables.release()
+                tables.after(m)
         tables.reset()        # the warm-up drafted from the first question: nothing of it is kept
     for q in todo:
         before = {m: (p.steps, dict(p.seconds)) for m, p in profiles.items()}
@@ -454,7 +518,10 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
                 for _ in range(cfg.repeats):
                     prof = profiles.setdefault(m, StepProfile(device)) if cfg.profile and m not in HF_METHODS else None
                     tables.before(m)
-                    run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter, prof), device, clock)
+                    try:
+                        run, wall = _timed(lambda: run_method(model, ids, m, cfg, counter, prof), device, clock)
+                    finally:
+                        tables.release()
                     walls.append(wall)
                 tables.after(m)
                 if m == "ar":

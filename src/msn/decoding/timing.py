@@ -5,7 +5,6 @@ whether a float32 CPU model computes a one-row product as two (``msn.decoding.cp
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
@@ -18,7 +17,7 @@ from msn.decoding.autotree import LADDER, Latency, latency_key, load_latency, sa
 from msn.decoding.requests import context_limit, model_device, sync_device, vocab_size
 from msn.decoding.step import decode_one_token, fixed_step, prefill, tree_step
 from msn.decoding.tree import chain
-from msn.paths import read_stored, write_stored
+from msn.paths import read_stored, stored_path, write_stored
 
 
 _LATENCY: dict[str, Latency] = {}
@@ -31,7 +30,7 @@ def step_latency(model, *, refresh: bool = False, graphs: bool = False) -> Laten
     key = latency_key(model, device, model.dtype)
     if graphs:
         key["step"] = "graphs"
-    name = json.dumps(key, sort_keys=True)
+    name = str(stored_path("latency", key))      # kept in memory per store entry: another store reads its own
     if not refresh:
         if name in _LATENCY:
             return _LATENCY[name]
