@@ -29,7 +29,7 @@ def main() -> int:
     from msn.bench.demo import PROMPTS
     from msn.data.records import encode_prompt, ensure_chat_template
     from msn.decoding.engine import generate
-    from msn.decoding.requests import model_device, sync_device
+    from msn.decoding.devices import model_device, sync_device
     from msn.loading import load_for_inference
 
     model, tok = load_for_inference(a.model, "auto", "auto")

@@ -142,7 +142,7 @@ def load(source: dict, device: str, dtype: str):
 
 
 def latency(source: dict, device: str) -> dict:
-    from msn.decoding import graphs as fixed
+    from msn.decoding import static_steps
     from msn.decoding.timing import measure_step_latency
 
     out = {}
@@ -152,11 +152,11 @@ def latency(source: dict, device: str) -> dict:
         if device.startswith("cuda"):
             row["graphs_ms"] = {str(n): round(1e3 * s, 3)
                                 for n, s in measure_step_latency(model, graphs=True).items()}
-            row["graphs_step"] = fixed.steps_for(model).describe()
+            row["graphs_step"] = static_steps.steps_for(model).describe()
             # A long request's steps read larger buffers: the same ladder after 1,000 tokens.
             row["graphs_ms_context_1000"] = {str(n): round(1e3 * s, 3) for n, s in
                                              measure_step_latency(model, graphs=True, context=1000).items()}
-            row["graphs_step_context_1000"] = fixed.steps_for(model).describe()
+            row["graphs_step_context_1000"] = static_steps.steps_for(model).describe()
         for mode in ("eager_ms", "graphs_ms", "graphs_ms_context_1000"):
             if mode in row and "69" in row[mode]:
                 row[mode.replace("_ms", "_69_over_1")] = round(row[mode]["69"] / row[mode]["1"], 3)
@@ -171,8 +171,8 @@ def step_profile(source: dict, device: str, n: int = 69) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from msn.decoding import cache as kv
-    from msn.decoding import graphs as fixed
-    from msn.decoding.requests import context_limit, vocab_size
+    from msn.decoding import static_steps
+    from msn.decoding.devices import context_limit, vocab_size
     from msn.decoding.step import fixed_step, prefill, tree_step
     from msn.decoding.tree import chain
 
@@ -187,9 +187,9 @@ def step_profile(source: dict, device: str, n: int = 69) -> dict:
             cache = kv.new_cache(model)
             prefill(model, torch.randint(3, top, (1, 128), generator=g).to(device), cache)
             paths, cand = tuple(chain(n - 1)), torch.randint(3, top, (n - 1, 1), generator=g).to(device)
-            steps = fixed.steps_for(model) if graphs else None
+            steps = static_steps.steps_for(model) if graphs else None
             if steps is not None:
-                steps.begin(cache, 128 + 6 * n + fixed.STEP_ROOM, limit)
+                steps.begin(cache, 128 + 6 * n + static_steps.STEP_ROOM, limit)
             length = [128]
 
             def run():

@@ -47,15 +47,15 @@ def hf_greedy(model, ids, max_new_tokens, eos):
 @pytest.fixture
 def eager_fixed(monkeypatch):
     """Every greedy generation runs its steps on fixed buffers (eager, small capacity)."""
-    from msn.decoding import graphs as fixed
+    from msn.decoding import static_steps
 
     made = {}
 
     def steps_for(model, capture=False, compiled=False):
         if id(model) not in made:
-            made[id(model)] = fixed.StaticSteps(model, capture=False, min_capacity=64)
+            made[id(model)] = static_steps.StaticSteps(model, capture=False, min_capacity=64)
         return made[id(model)]
 
-    monkeypatch.setattr(fixed, "wanted", lambda graphs, device, sampling: graphs != "off" and not sampling)
-    monkeypatch.setattr(fixed, "steps_for", steps_for)
+    monkeypatch.setattr(static_steps, "wanted", lambda graphs, device, sampling: graphs != "off" and not sampling)
+    monkeypatch.setattr(static_steps, "steps_for", steps_for)
     return made

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import msn
-from msn.decoding.autotree import (Latency, Outcome, StepRecord, accepted, candidates, choose, node_order,
+from msn.decoding.autotree import (Latency, Outcome, StepRecord, accepted, candidates, choose_tree, node_order,
                                    score)
 from msn.decoding.tree import REFERENCE_TREE, validate_paths
 
@@ -56,21 +56,21 @@ def test_every_prefix_of_the_order_is_a_tree():
 def test_steep_latency_and_little_acceptance_choose_the_root_alone():
     cpu = Latency({1: 0.10, 2: 0.20, 8: 0.24, 16: 0.35, 69: 0.64})
     few = [Outcome((0, None, None, None), 0, True)] * 2 + [Outcome((None,) * 4, 0, True)] * 8
-    c = choose(few, cpu, retrieve_len=5)
+    c = choose_tree(few, cpu, retrieve_len=5)
     assert c.inputs == 1 and not c.nodes and not c.retrieval
 
 
 def test_flat_latency_and_high_acceptance_choose_a_big_tree():
     gpu = Latency({1: 0.030, 69: 0.031})
     good = [Outcome((0, 0, 1, 0), 0, True), Outcome((0, 1, 0, None), 0, True), Outcome((1, 0, 0, 0), 0, True)] * 5
-    c = choose(good, gpu, retrieve_len=5)
+    c = choose_tree(good, gpu, retrieve_len=5)
     assert len(c.nodes) >= 8 and c.expected_tokens > 3.5
 
 
 def test_good_retrieval_alone_chooses_the_chain():
     cpu = Latency({1: 0.10, 6: 0.22, 69: 0.64})
     copying = [Outcome((None,) * 4, 5, False)] * 10
-    c = choose(copying, cpu, retrieve_len=5)
+    c = choose_tree(copying, cpu, retrieve_len=5)
     assert c.retrieval and not c.nodes and c.inputs == 6
     assert {(len(x.nodes) > 0) for x in candidates(copying, cpu, 5)} == {False}   # no top-K evidence, no top-K tree
 
@@ -83,11 +83,11 @@ def test_the_chain_alone_costs_what_retrieval_found():
     chain = next(c for c in candidates(rare, cpu, 5) if c.retrieval and not c.nodes)
     assert chain.expected_tokens == pytest.approx(2.0)
     assert chain.tokens_per_s == pytest.approx(2.0 / ((2 * 0.22 + 8 * 0.10) / 10))
-    assert choose(rare, cpu, retrieve_len=5).retrieval
+    assert choose_tree(rare, cpu, retrieve_len=5).retrieval
     unknown = [Outcome(o.ranks, o.retrieved, o.guessed) for o in rare]      # stored before found was kept
     chain = next(c for c in candidates(unknown, cpu, 5) if c.retrieval and not c.nodes)
     assert chain.tokens_per_s == pytest.approx(2.0 / 0.22)
-    assert not choose(unknown, cpu, retrieve_len=5).retrieval
+    assert not choose_tree(unknown, cpu, retrieve_len=5).retrieval
 
 
 def test_the_chain_alone_proposes_only_what_was_retrieved():

@@ -77,8 +77,9 @@ def test_an_interrupted_bench_resumes_where_it_stopped(tiny, questions, tmp_path
 
     model, tok = tiny
     # The paper's drafts: a resumed bench restarts the recycled candidate tables from the one on disk.
+    # Cold: both runs start from the same learned state (a warm run leaves tr-jacobi's in the store).
     opts = dict(model="tiny", bench="spec-bench", questions=str(questions), methods=["ar", "pld", "tr-jacobi"],
-                max_new_tokens=12, warmup=0, profile=True, drafts="paper")
+                max_new_tokens=12, warmup=0, profile=True, drafts="paper", cold=True)
     straight = run_bench(BenchConfig(out=str(tmp_path / "straight"), **opts), model=model, tokenizer=tok,
                          progress=False)
     real = h.run_method
@@ -95,10 +96,12 @@ def test_an_interrupted_bench_resumes_where_it_stopped(tiny, questions, tmp_path
     with pytest.raises(KeyboardInterrupt):
         run_bench(BenchConfig(out=str(out), **opts), model=model, tokenizer=tok, progress=False)
     assert len((out / "progress.jsonl").read_text().splitlines()) == 1 + 2     # settings + two questions
+    assert (out / h.METHOD_STATE).is_dir()          # each method's scored steps, as the second question left them
     calls.clear()
     resumed = run_bench(BenchConfig(out=str(out), **opts), model=model, tokenizer=tok, progress=False)
     assert len(calls) == 3 * 2                                                 # the last two questions only
     assert resumed["config"]["questions_from_earlier_runs"] == 2
+    assert not (out / h.METHOD_STATE).exists()      # finished: the checkpoint is gone
     key = lambda r: (r["question_id"], r["method"])
     a = sorted((json.loads(l) for l in open(tmp_path / "straight" / "records.jsonl")), key=key)
     b = sorted((json.loads(l) for l in open(out / "records.jsonl")), key=key)

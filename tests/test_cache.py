@@ -130,3 +130,23 @@ def test_cold_runs_on_a_fresh_store_agree_and_a_method_ignores_the_others(tiny, 
     warm = bench("warm", ["ar", "tr-jacobi:reference", "tr-jacobi"], cold=False)
     assert warm["tr-jacobi"] == first["tr-jacobi"] and warm["tr-jacobi:reference"] == first["tr-jacobi:reference"]
     assert (store / "acceptance").is_dir()          # a warm run keeps tr-jacobi's scored steps
+
+
+def test_a_library_user_passes_a_store_of_their_own(store, tmp_path):
+    """decoding_store(folder): the block's decoding state is read from and kept in the user's
+    folder, msn's store untouched; the folder keeps it for the next block."""
+    import msn
+    from tiny import tiny_model
+    import torch
+
+    model = tiny_model("qwen2").eval()
+    mine = tmp_path / "mine"
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5]])
+    with paths.decoding_store(mine):
+        msn.generate(model, ids, method="tr-jacobi", max_new_tokens=12, eos_token_id=[])
+    kept = _files(mine)
+    assert any(k.startswith("latency/") for k in kept) and any(k.startswith("acceptance/") for k in kept)
+    assert not any(k.split("/")[0] in paths.DECODING_STATE for k in _files(store))
+    with pytest.raises(paths.MsnError, match="unknown kind of decoding state 'weights'"):
+        with paths.decoding_store(mine, kinds=("weights",)):
+            pass

@@ -1,4 +1,4 @@
-"""The fixed-shape step (``msn.decoding.graphs``): preallocated KV buffers, a mask built on
+"""The fixed-shape step (``msn.decoding.static_steps``): preallocated KV buffers, a mask built on
 the device from a context-length tensor, on-device verification and path compaction.
 
 On CUDA it is captured and replayed; here the same step runs eagerly, and must give every
@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import msn
 from conftest import FAMILIES
 from tiny import tiny_model
-from msn.decoding import graphs as fixed
+from msn.decoding import static_steps
 from msn.decoding.config import DecodeConfig
 from msn.errors import MsnError
 
@@ -56,8 +56,8 @@ def test_a_long_generation_grows_the_buffers(models, eager_fixed, monkeypatch):
     model = models("llama")
     x = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6]])
     want = msn.generate(model, x, method="ar", max_new_tokens=150, eos_token_id=[], graphs="off").tokens
-    monkeypatch.setattr(fixed, "capacity_for", lambda need, limit, start: need)     # no room to spare
-    monkeypatch.setattr(fixed, "STEP_ROOM", 0)
+    monkeypatch.setattr(static_steps, "capacity_for", lambda need, limit, start: need)     # no room to spare
+    monkeypatch.setattr(static_steps, "STEP_ROOM", 0)
     got = msn.generate(model, x, method="tr-jacobi", tree="reference", max_new_tokens=150, eos_token_id=[])
     assert got.tokens == want
     assert got.info["step"]["capacity"] > x.shape[1] + 150
@@ -73,7 +73,7 @@ def test_a_request_starts_small_and_grows_as_it_fills(models, eager_fixed):
     got = msn.generate(model, x, method="tr-jacobi", tree="reference", max_new_tokens=300, eos_token_id=[])
     assert got.tokens == want
     steps = eager_fixed[id(model)]
-    first = fixed.capacity_for(x.shape[1] + fixed.STEP_ROOM, 2048, 64)
+    first = static_steps.capacity_for(x.shape[1] + static_steps.STEP_ROOM, 2048, 64)
     assert first < x.shape[1] + 300 and sorted(steps.buckets)[0] == first
     assert got.info["step"]["capacity"] == max(steps.buckets) >= x.shape[1] + len(want) - 1
     assert len(steps.buckets) >= 2
@@ -103,8 +103,8 @@ def test_requests_use_buffers_of_their_size_and_keep_their_trees(models, eager_f
         steps = eager_fixed[id(model)]
         if x is short and len(steps.buckets) == 1:
             trees = dict(steps.buf.shapes)
-    assert sorted(steps.buckets) == [fixed.capacity_for(12 + fixed.STEP_ROOM, 2048, 64),
-                                     fixed.capacity_for(240 + fixed.STEP_ROOM, 2048, 64)]
+    assert sorted(steps.buckets) == [static_steps.capacity_for(12 + static_steps.STEP_ROOM, 2048, 64),
+                                     static_steps.capacity_for(240 + static_steps.STEP_ROOM, 2048, 64)]
     assert r.info["step"]["capacity"] == min(steps.buckets)
     assert all(steps.buf.shapes[p] is shape for p, shape in trees.items())     # the same objects: kept
 
@@ -137,7 +137,7 @@ def test_the_step_reads_nothing_on_the_host(family):
     model = tiny_model(family).to("meta")
     cache = kv.new_cache(model)
     prefill(model, torch.tensor([[5, 6, 7, 8, 9, 10, 11]], device="meta"), cache)
-    steps = fixed.StaticSteps(model, capture=False, min_capacity=64)
+    steps = static_steps.StaticSteps(model, capture=False, min_capacity=64)
     steps.begin(cache, 64, 2048)
     for paths in (tuple(preset_paths("reference")[0]), ()):
         shape = steps._shape(paths)

@@ -179,3 +179,10 @@ def test_no_file_assigns_or_deletes_a_forward():
                     and len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and node.args[1].value == "forward":
                 bad.append(f"{path.name}:{node.lineno}")
     assert not bad, bad
+
+
+def test_nothing_waits_for_the_interpreters_exit():
+    """State is written as it is made (renamed in whole), never by an exit handler, which a
+    crash or a kill would skip."""
+    users = [p.name for p in PACKAGE.rglob("*.py") if "atexit" in p.read_text()]
+    assert not users, users

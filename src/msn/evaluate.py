@@ -74,7 +74,7 @@ def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens
     from msn.bench.batch import hf_batched
     from msn.bench.prompts import humaneval_instruction
     from msn.data.records import encode_prompt
-    from msn.decoding.requests import resolve_eos
+    from msn.decoding.request import resolve_eos
 
     if batch_size < 1:
         raise MsnError(f"batch size must be positive, got {batch_size}")

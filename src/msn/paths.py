@@ -107,6 +107,21 @@ def empty_decoding_state(kinds=DECODING_STATE, start_from: Path | None = None):
             _ENDED.add(root)
 
 
+@contextlib.contextmanager
+def decoding_store(root: str | os.PathLike, kinds=DECODING_STATE):
+    """Within the block, the decoding state of ``kinds`` is read from and kept in ``root`` (a
+    folder of the caller's, kept afterwards) instead of msn's store: a library user's own store."""
+    unknown = [k for k in kinds if k not in DECODING_STATE]
+    if unknown:
+        raise MsnError(f"unknown kind of decoding state {unknown[0]!r}; choose from {', '.join(DECODING_STATE)}")
+    before = {k: set_state_root(k, Path(root)) for k in kinds}
+    try:
+        yield Path(root)
+    finally:
+        for k, b in before.items():
+            set_state_root(k, b)
+
+
 def set_state_root(kind: str, root: Path | None) -> Path | None:
     """Points ``kind`` of decoding state at ``root`` (None: the store); returns what it was
     (None: the store). ``empty_decoding_state`` is the block form."""
@@ -167,11 +182,16 @@ def read_stored(kind: str, key: dict):
 
 
 def write_stored(kind: str, key: dict, data) -> None:
-    """Keeps ``data`` (JSON) for (``kind``, ``key``); a read-only cache only costs a new measurement."""
+    """Keeps ``data`` (JSON) for (``kind``, ``key``), written beside and renamed in (a crash
+    leaves the old entry or the new one, never half of one); a read-only cache only costs a new
+    measurement."""
     path = stored_path(kind, key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data) + "\n")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(data) + "\n")
+        os.replace(tmp, path)
     except OSError:
         pass
 

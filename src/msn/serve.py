@@ -49,7 +49,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from msn.decoding.batch import BatchDecoder, Finished
 from msn.decoding.checks import check_seed, is_int, is_number
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
-from msn.decoding.requests import DecodeResult, context_limit, resolve_eos, validate_request
+from msn.decoding.request import DecodeResult, resolve_eos, validate_request
+from msn.decoding.devices import context_limit
 from msn.decoding.sampling import MIN_TEMPERATURE
 from msn.errors import MsnError
 

@@ -24,7 +24,8 @@ from msn.bench.prompts import load_questions
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS
 from msn.decoding.engine import generate
-from msn.decoding.requests import model_device, resolve_eos, sync_device
+from msn.decoding.request import resolve_eos
+from msn.decoding.devices import model_device, sync_device
 
 
 def _timed(fn, device):

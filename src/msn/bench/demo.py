@@ -15,7 +15,7 @@ import torch
 
 from msn.decoding import recycle
 from msn.decoding.engine import generate
-from msn.decoding.requests import model_device, sync_device, vocab_size
+from msn.decoding.devices import model_device, sync_device, vocab_size
 from msn.errors import MsnError
 
 # The paragraph of the copy prompt (this project's own text).

@@ -25,7 +25,8 @@ from msn.decoding import cpu
 from msn.decoding.config import (DEFAULT_MAX_NEW_TOKENS, DRAFT_CHOICES, METHODS, TREE_CHOICES, DecodeConfig,
                                 exactness_contract)
 from msn.decoding.engine import generate
-from msn.decoding.requests import context_limit, resolve_eos, sync_device
+from msn.decoding.request import resolve_eos
+from msn.decoding.devices import context_limit, sync_device
 from msn.decoding.profile import StepProfile
 from msn.errors import MsnError
 from msn.paths import (CALIBRATION, DECODING_STATE, LEARNED, cache_root, check_apart, empty_decoding_state, ensure_output_dir,
@@ -258,14 +259,15 @@ def run_bench(cfg: BenchConfig, model=None, tokenizer=None, clock: Callable[[], 
     with contextlib.ExitStack() as stack:
         if cfg.cold:
             stack.enter_context(empty_decoding_state(LEARNED))
-        tables = MethodTables(model, cfg)
+        tables = MethodTables(model, cfg, out / METHOD_STATE if log.resumed else None)
         try:
             with logging_redirect_tqdm():      # log lines above the progress bar, not at the end of its line
                 records, latency, profiles = _run_all(model, tokenizer, questions, cfg, counter, clock, device,
                                                       progress, log, tables)
+            tables.finished = True
         finally:
             counter.handle.remove()
-            tables.keep()
+            tables.keep(out / METHOD_STATE)
         one_row, prepacked = cpu.padded(model), cpu.prepacked(model)
     with open(out / "records.jsonl", "w") as f:
         for r in records:
@@ -392,19 +394,24 @@ class Progress:
             f.write(json.dumps(entry) + "\n")
 
 
+METHOD_STATE = ".method-state"     # in a bench's --out: each method's scored steps after the last finished question
+
+
 class MethodTables:
     """Learned decoding state, one state per method through a bench: the model's recycled
     candidate table and the scored tree steps ``--tree auto`` and merged drafts choose from
     (``acceptance`` in msn's store). Each method's generations start from its own state, begun
     as the bench's starting state, so a method never drafts from what another one (or an
     earlier repeat of the same prompt) learnt, and its figures do not depend on which other
-    methods share the run."""
+    methods share the run. Each method's scored steps are checkpointed in the bench's folder
+    after every finished question, so a resumed bench continues them (``resume_from``); its
+    recycled tables restart from the one on disk."""
 
-    def __init__(self, model, cfg: BenchConfig):
+    def __init__(self, model, cfg: BenchConfig, resume_from: Path | None = None):
         import tempfile
 
         from msn.decoding import recycle
-        from msn.decoding.requests import model_device, vocab_size
+        from msn.decoding.devices import model_device, vocab_size
 
         if cfg.reset_recycle:
             recycle.reset_tables(model)
@@ -415,7 +422,10 @@ class MethodTables:
         self.methods = cfg.methods
         self.scored = state_root("acceptance") / "acceptance"       # the scored steps the bench starts from
         self.folder = Path(tempfile.mkdtemp(prefix="msn-bench-state-"))
+        self.resume_from = resume_from if resume_from is not None and resume_from.is_dir() else None
+        self.finished = False
         self._before: Path | None = None
+        self.reset()
 
     def _saved(self, method: str) -> Path:
         """Method ``method``'s scored steps as it left them (made from the start state)."""
@@ -447,15 +457,28 @@ class MethodTables:
         shutil.copytree(self.folder / "work", saved)
 
     def reset(self) -> None:
-        """Back to the state the bench started from (after the warm-up)."""
+        """Back to the state the bench started from (after the warm-up): the scored steps of a
+        resumed bench's last checkpoint, else the start state for every method."""
         self.table.ids.copy_(self.start)
         self.states.clear()
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.folder.mkdir()
+        if self.resume_from is not None:
+            shutil.copytree(self.resume_from, self.folder)
+        else:
+            self.folder.mkdir()
 
-    def keep(self) -> None:
+    def checkpoint(self, to: Path) -> None:
+        """Writes every method's scored steps to ``to`` (beside, then renamed in)."""
+        staged = to.with_name(to.name + ".tmp")
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(self.folder, staged, ignore=shutil.ignore_patterns("work"))
+        shutil.rmtree(to, ignore_errors=True)
+        staged.rename(to)
+
+    def keep(self, checkpoint: Path) -> None:
         """Leaves the state of ``tr-jacobi`` (else the first method that changed one) in memory
-        and in the store: its recycled table, and its scored steps."""
+        and in the store: its recycled table, and its scored steps. A bench that ran to its end
+        drops its ``checkpoint``; an interrupted one keeps it for its rerun."""
         main = "tr-jacobi" if "tr-jacobi" in self.methods else None
         scored = self.folder / str(self.methods.index(main)) / "acceptance" if main else None
         if scored is not None and scored.is_dir():
@@ -463,6 +486,8 @@ class MethodTables:
             for f in scored.iterdir():
                 shutil.copy2(f, self.scored / f.name)
         shutil.rmtree(self.folder, ignore_errors=True)
+        if self.finished:
+            shutil.rmtree(checkpoint, ignore_errors=True)
         used = [m for m in self.methods if m in self.states]
         if not used:
             self.table.ids.copy_(self.start)
@@ -552,6 +577,7 @@ def _run_all(model, tokenizer, questions: list[Question], cfg: BenchConfig, coun
             part.steps = p.steps - steps
             part.seconds = {k: v - seconds[k] for k, v in p.seconds.items()}
             spent[m] = part
+        tables.checkpoint(log.path.parent / METHOD_STATE)      # each method's state as this question left it
         log.add(q, {m: per_method[(q.qid, m)] for m in cfg.methods}, latency, spent)
     bar.close()
     records = []

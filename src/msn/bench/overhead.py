@@ -19,7 +19,7 @@ from msn.decoding import cache as kv
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
 from msn.decoding.engine import generate
-from msn.decoding.requests import sync_device
+from msn.decoding.devices import sync_device
 from msn.decoding.step import forward, prefill, tree_inputs
 from msn.decoding.tree import chain, compile_tree, compiled_on
 

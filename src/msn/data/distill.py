@@ -59,7 +59,7 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
 
     from msn.bench.batch import hf_batched
     from msn.data.records import encode_prompt, ensure_chat_template, jsonl_lines
-    from msn.decoding.requests import resolve_eos
+    from msn.decoding.request import resolve_eos
     from msn.loading import load_for_inference
 
     data_dir, out = Path(data_dir), Path(out_dir)

@@ -61,9 +61,9 @@ def packed_attention(module, query, key, value, attention_mask, position_ids=Non
 def use_packed_attention(model) -> str | None:
     """Switches an sdpa model to ``PACKED_SDPA`` (registered once, under msn's name); returns the
     implementation to restore, or None when the model keeps its own (eager, flash attention)."""
-    from msn.decoding.attention import choose
+    from msn.decoding.attention import use_attention
 
-    return choose(model, PACKED_SDPA, packed_attention)
+    return use_attention(model, PACKED_SDPA, packed_attention)
 
 
 @torch.no_grad()

@@ -64,7 +64,7 @@ def shared_kv_heads(device: torch.device):
         _GQA.reset(token)
 
 
-def choose(model, name: str, function) -> str | None:
+def use_attention(model, name: str, function) -> str | None:
     """Switches an sdpa model to the attention ``function`` registered under msn's own ``name``
     (with sdpa's mask builder; registered the first time); returns the implementation it replaced,
     or None when the model keeps its own (eager, flash attention)."""
@@ -83,4 +83,4 @@ def choose(model, name: str, function) -> str | None:
 
 def use(model) -> None:
     """Chooses ``MSN_SDPA`` for an sdpa model; other implementations (eager) are left as they are."""
-    choose(model, MSN_SDPA, attention)
+    use_attention(model, MSN_SDPA, attention)

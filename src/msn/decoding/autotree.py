@@ -281,13 +281,14 @@ def candidates(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
     return out
 
 
-def choose(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
+def choose_tree(outcomes: list[Outcome], latency: Latency, retrieve_len: int,
            sizes: tuple[int, ...] = SIZES, margin: float = 0.2, options: list[Choice] | None = None) -> Choice:
     """The candidate with the most expected tokens per second (ties: the smaller tree).
     A tree replaces the root alone only when it is expected to be ``margin`` faster: the
     estimate of the winner among many candidates is optimistic, the root's is exact, and
-    t(n) itself is noisy (two ladders measured back to back on a 2-core CPU gave t(1) = 94
-    and 77 ms), so a tree that is expected to be only a little faster is often slower.
+    t(n) itself is noisy on a loaded CPU (two ladders back to back can differ by a fifth:
+    ``docs/results/cpu-kernels.md``), so a tree that is expected to be only a little faster is
+    often slower.
     ``options``: ``candidates(outcomes, latency, retrieve_len, sizes)`` if the caller has them."""
     root = Choice((), False, 1, 1.0, 1.0 / latency(1))
     best = root

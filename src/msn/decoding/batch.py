@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from transformers import DynamicCache
 
 from msn.decoding import attention
 from msn.decoding import cache as kv
@@ -29,30 +30,33 @@ from msn.decoding import cpu
 from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
-from msn.decoding.requests import (DecodeResult, Output, check_model, context_limit, model_device, request_sampler,
-                                   resolve_eos, sync_device, validate_request)
-from msn.decoding.step import RowStep, batch_step, choose, prefill
+from msn.decoding.request import DecodeResult, Output, check_model, request_sampler, resolve_eos, validate_request
+from msn.decoding.devices import context_limit, model_device, sync_device
+from msn.decoding.step import RowStep, batch_step, pick_token, prefill
 from msn.decoding.timing import one_row_kernel, step_latency
 from msn.decoding.history import TokenHistory
-from msn.decoding.proposers import AutoTreeJacobi
+from msn.decoding.proposers import AutoTreeJacobi, Proposer
+from msn.decoding.sampling import Sampler
 from msn.decoding.tree import compiled_on
 from msn.errors import MsnError
 
 
 @dataclass
 class _Row:
+    """One prompt of the batch: what it has produced and what drafts for it."""
+
     rid: int
     prompt: list[int]
     out: Output
-    sampler: object
+    sampler: Sampler | None        # None: greedy
     sample_drafts: bool
-    proposer: object
-    history: TokenHistory | None
+    proposer: Proposer | None      # None: ``ar`` (the root alone every step)
+    history: TokenHistory | None   # prompt and output, what the proposer drafts from (None for ``ar``)
     length: int                    # KV entries of this row (prompt + accepted tokens before the root)
     root: int
     result: DecodeResult
     started: float
-    joining: object = None         # its own prefilled cache until the next step merges it into the batch
+    joining: DynamicCache | None = None   # its own prefilled cache until the next step merges it into the batch
 
 
 @dataclass
@@ -129,7 +133,7 @@ class BatchDecoder:
         row_cache = kv.new_cache(self.model)
         sync_device(self.device)
         t0 = time.perf_counter()
-        first = choose(prefill(self.model, input_ids.to(self.device), row_cache), sampler, 0)
+        first = pick_token(prefill(self.model, input_ids.to(self.device), row_cache), sampler, 0)
         sync_device(self.device)
         t1 = time.perf_counter()
         out.add([first])

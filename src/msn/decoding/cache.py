@@ -23,10 +23,8 @@ class GrowingLayer(DynamicLayer):
 
     ``DynamicLayer`` concatenates on every update, re-allocating and copying the whole
     layer each step; here an append writes only the new entries, and dropping entries
-    (``crop``) only shortens the views. Measured with SmolLM2-135M on this project's 2-core
-    CPU (one thread, ``ar``): a step of 8 rows with prompts of 40-770 tokens took 306-324 ms
-    against 415-478 ms with ``DynamicLayer``; one row after a 769-token prompt 116-124 ms
-    against 127-148 ms.
+    (``crop``) only shortens the views: the copy grows with the context, the append does not
+    (figures: ``docs/results/cpu-kernels.md``).
     """
 
     starts: torch.Tensor | None = None    # (B,): a batched step writes row r's entries from starts[r] (``rows_at``)

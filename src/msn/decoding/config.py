@@ -86,7 +86,7 @@ class DecodeConfig:
             (Jacobi drafts are the step's draws, top-K rows are drawn without replacement)
             instead of the raw logits' argmax and top-K. Outputs are exact either way.
         graphs: fixed-shape steps on preallocated KV buffers, each tree's step captured
-            once as a CUDA graph and replayed (``msn.decoding.graphs``). ``auto`` (default):
+            once as a CUDA graph and replayed (``msn.decoding.static_steps``). ``auto`` (default):
             on CUDA for greedy decoding, eager elsewhere; ``on``: the same, and an error
             where it cannot apply; ``off``: always eager. Outputs are identical either way.
         compile: the fixed-shape step (forward, verification, compaction) compiled by

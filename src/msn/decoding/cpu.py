@@ -3,18 +3,13 @@
 A step feeds 2 to a few dozen inputs. For that many rows, ``F.linear`` (x @ W^T) on this
 project's CPU runs a general GEMM that is far slower per row than its matrix-vector
 product; the same product computed as (W @ x^T)^T (then made contiguous) takes another
-kernel. Measured on SmolLM2-135M (float32, 2 threads, medians of 6 steps, the two kinds
-interleaved step by step): a one-row tree step of 2 inputs 166 -> 93 ms, 4 inputs
-165 -> 80 ms, 8 inputs 165 -> 108 ms, 16 inputs 172 -> 131 ms; a batched ``ar`` step of
-8 rows 215 -> 169 ms; a batched step of 35 inputs gained nothing (503 against 485 ms),
-hence ``MAX_ROWS``.
+kernel, faster up to a few dozen rows and not beyond (hence ``MAX_ROWS``; the figures are
+in ``docs/results/cpu-kernels.md``).
 
 One input (``ar``, a step that drafts nothing) runs a matrix-vector product. On this
-project's CPU that streams the weights more slowly than a two-row product does: SmolLM2's
-49152 x 576 ``lm_head`` took 15 ms as ``F.linear`` and 10 ms as (W @ [x; x]^T) keeping one
-column; its 30 layers' linears, weights read from memory, 54-68 against 47-53 ms. With 2048
-inputs per row the two-row product was slower instead (a 32000 x 2048 head: 18 against 24
-ms). So whether one row is computed as two is decided per model by timing one-token
+project's CPU that can stream the weights more slowly than a two-row product (W @ [x; x]^T,
+one column kept) does, and with wide rows (2048 inputs) it can be the other way round. So
+whether one row is computed as two is decided per model by timing one-token
 forwards both ways (``msn.decoding.engine.one_row_kernel``); the padded row's product is
 the same up to float rounding.
 
@@ -33,10 +28,8 @@ the kernel's product. Nothing is swapped per step. ``restore(model)`` turns them
 Two or more rows, where this torch has oneDNN's prepacked linear
 (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what inductor's CPU
 freezing emits): the weight is reordered once into oneDNN's blocked layout and every later
-product reads that copy, with no per-call packing. Measured on SmolLM2-135M (float32, 2
-threads, medians of 15 products, (W @ x^T)^T against prepacked): the 49152 x 576 head 8 rows
-8.3 -> 5.7 ms, 16 rows 15.3 -> 6.2 ms, 69 rows 63 -> 19 ms; a 576 x 1536 layer 16 rows 0.23
--> 0.15 ms; whole tree steps of 16 inputs 90-95 -> 59-72 ms. It costs a second copy of
+product reads that copy, with no per-call packing (the gain grows with the rows; figures in
+``docs/results/cpu-kernels.md``). It costs a second copy of
 the weights, so it is used only where those fit in a quarter of the memory available when
 the model is first stepped, and ``DecodeConfig(cpu_prepack="off")`` (default from
 ``MSN_CPU_PACK=0``) turns it off; a torch without the ops, or

@@ -7,7 +7,7 @@ from msn.decoding.autotree import acceptance_key
 from msn.decoding.config import DecodeConfig
 from msn.decoding.proposers import AutoTreeJacobi, JacobiWindow, Lookahead, PromptLookup, Proposer, Recycle, TreeJacobi
 from msn.decoding.recycle import table_for
-from msn.decoding.requests import model_device, vocab_size
+from msn.decoding.devices import model_device, vocab_size
 from msn.decoding.timing import step_latency
 from msn.decoding.tree import preset_paths
 from msn.errors import MsnError

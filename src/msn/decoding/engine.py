@@ -16,16 +16,16 @@ import torch
 from msn.decoding import attention
 from msn.decoding import cache as kv
 from msn.decoding import cpu
-from msn.decoding import graphs as fixed
+from msn.decoding import static_steps
 from msn.decoding.batch import generate_batch
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
 from msn.decoding.history import TokenHistory
 from msn.decoding.profile import StepProfile, section
-from msn.decoding.requests import (DecodeResult, Output, check_model, context_limit, is_batch, model_device,
-                                   request_sampler, resolve_eos, sync_device, validate_request)
+from msn.decoding.request import DecodeResult, Output, check_model, is_batch, request_sampler, resolve_eos, validate_request
+from msn.decoding.devices import context_limit, model_device, sync_device
 from msn.decoding.sampling import Sampler
-from msn.decoding.step import choose, decode_one_token, fixed_step, prefill, tree_step
+from msn.decoding.step import pick_token, decode_one_token, fixed_step, prefill, tree_step
 from msn.decoding.timing import one_row_kernel
 from msn.errors import MsnError
 
@@ -45,11 +45,14 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     distributed exactly as one-token sampling with the same logits processing.
 
     What it keeps between calls (the tokens never depend on it, only the speed and, for
-    ``tr-jacobi``'s automatic tree, which tree is tried): the model's measured step latency and
-    CPU kernel decision, ``--tree auto``'s scored steps and the recycled candidate table, read
-    from and written to msn's store (``msn.paths.cache_root()``; ``msn cache info``). Inside
+    ``tr-jacobi``'s automatic tree and merged drafts, which tree is tried), in msn's store
+    (``msn.paths.cache_root()``; ``msn cache info`` shows it, ``msn cache clear`` deletes it):
+    it reads and, where missing, measures and writes the calibration of the model at hand (step
+    latency t(n), the CPU kernel decision); it reads and, as the generation ends, writes the
+    learned state (``--tree auto``'s scored steps, the recycled candidate table). Inside
     ``with msn.paths.empty_decoding_state():`` a call starts from nothing and leaves the store
-    as it was.
+    as it was (``empty_decoding_state(msn.paths.LEARNED)``: learned state only); inside
+    ``with msn.paths.decoding_store(folder):`` it reads and writes ``folder`` instead.
 
     Args:
         model: a Hugging Face causal LM with ``sdpa`` or ``eager`` attention.
@@ -90,9 +93,9 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
     sampler = request_sampler(cfg, generator, device)
     if cfg.graphs == "on" and device.type != "cuda":
         raise MsnError(f"graphs='on' needs a CUDA device; the model is on {device.type} (use graphs='auto' or 'off')")
-    capture = fixed.wanted(cfg.graphs, device, sampler is not None)
-    compiled = fixed.compiles(cfg.compile, device, sampler is not None)
-    steps = fixed.steps_for(model, capture=capture, compiled=compiled) if capture or compiled else None
+    capture = static_steps.wanted(cfg.graphs, device, sampler is not None)
+    compiled = static_steps.compiles(cfg.compile, device, sampler is not None)
+    steps = static_steps.steps_for(model, capture=capture, compiled=compiled) if capture or compiled else None
     if steps is not None and not steps.lock.acquire(blocking=False):
         steps = None          # another generation holds this model's buffers: this one runs eagerly
     try:
@@ -105,7 +108,7 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
 
 def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tokens: int, eos_token_id,
                   on_tokens, sampler: Sampler | None, profile: StepProfile | None,
-                  steps: fixed.StaticSteps | None) -> DecodeResult:
+                  steps: static_steps.StaticSteps | None) -> DecodeResult:
     device = model_device(model)
     input_ids = input_ids.to(device)
     prompt = input_ids[0].tolist()
@@ -121,11 +124,11 @@ def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tok
 
     sync_device(device)
     t0 = time.perf_counter()
-    first = choose(prefill(model, input_ids, cache), sampler, 0)
+    first = pick_token(prefill(model, input_ids, cache), sampler, 0)
     if steps is not None:
         # The smallest buffers that hold the prompt and one step: attention reads every slot, so
         # the buffers grow with the context (a step reads about the filled length, not the final).
-        steps.begin(cache, len(prompt) + fixed.STEP_ROOM, limit)
+        steps.begin(cache, len(prompt) + static_steps.STEP_ROOM, limit)
     sync_device(device)
     t1 = time.perf_counter()
     out.add([first])

@@ -120,7 +120,7 @@ class Recycle(Proposer):
         self.table.update(fed_ids(self.paths, cand, root, self.device), step.logits)
 
     def close(self):
-        self.table.save()
+        self.table.save(force=True)
 
     def describe(self):
         return {"recycle_table": "cold" if self.started_cold else "warm"}
@@ -280,6 +280,11 @@ class AutoTreeJacobi(TreeJacobi):
         self.choices: list[dict] = []
         self.cap: int | None = None   # in a batch: the most inputs this row may use (batch_width)
         self._fed = None
+        self._pending_table = None    # (table, real rows, recycled) of the step proposed, for ``update``
+        self.explore_paths: tuple = ()   # the whole candidate tree an exploring step feeds
+        self.active: tuple = ()       # the paths a plain step feeds (``_use``)
+        self.topk_active = False      # whether they include top-K nodes
+        self.chain_alone = False      # whether the retrieval chain is all they feed
         if self.prior or self.fixed is not None:
             self._reselect(None)
         else:
@@ -393,7 +398,7 @@ class AutoTreeJacobi(TreeJacobi):
         self._reselect(None, options)
 
     def _reselect(self, history, options: list | None = None) -> None:
-        from msn.decoding.autotree import candidates, choose, fullest
+        from msn.decoding.autotree import candidates, choose_tree, fullest
 
         self._resolve(history)
         basis = self._basis()
@@ -406,7 +411,7 @@ class AutoTreeJacobi(TreeJacobi):
             self.explore = False
             self.choices.append({"step": self.steps, "cap": min(caps), **self.choice.describe()})
             return
-        self.choice = choose(basis, self.latency, self.retrieve_len, options=options)
+        self.choice = choose_tree(basis, self.latency, self.retrieve_len, options=options)
         self._use(self.choice.nodes, self.choice.retrieval)
         with_topk = [c for c in options if c.nodes]
         best_topk = max(with_topk, key=lambda c: c.tokens_per_s, default=None)
@@ -430,7 +435,7 @@ class AutoTreeJacobi(TreeJacobi):
         if self.store_key is not None:
             save_outcomes(self.store_key, self._window(self.prior + self.outcomes))
         if self.recycle is not None:
-            self.recycle.save()
+            self.recycle.save(force=True)
 
     def describe(self) -> dict:
         info = {"tree": "auto" if self.fixed is None else f"{self.fixed} inputs", "choices": self.choices,

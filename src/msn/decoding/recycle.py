@@ -15,7 +15,6 @@ Pure tensor work; proposers call it, it never calls the model.
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import tempfile
@@ -193,7 +192,8 @@ class RecycleTable:
 
     def save(self, every_s: float = 5.0, force: bool = False) -> None:
         """Writes the table to disk (atomic rename) when it changed, at most every ``every_s``
-        seconds unless ``force``; a read-only cache only costs a cold start later."""
+        seconds unless ``force`` (every generation that used it saves it as it ends, so nothing
+        waits for the interpreter's exit); a read-only cache only costs a cold start later."""
         if self.key is None or not self.dirty or (not force and time.monotonic() - self.saved_at < every_s) \
                 or discarded(self._path):
             return
@@ -272,8 +272,3 @@ def tables_of(model, k: int = K) -> list[RecycleTable]:
     key = table_key(model, k)
     return [t for t in _TABLES.values() if t.key == key]
 
-
-@atexit.register
-def _save_all() -> None:
-    for table in _TABLES.values():
-        table.save(force=True)

@@ -12,7 +12,7 @@ Every step is the same four stages, whatever carries it:
 
 What differs comes in as arguments: one row on a growing cache (``tree_step``), a batch
 of rows of different lengths (``batch_step``, rows written at their own lengths and their
-attention grouped by length), or the fixed buffers of ``msn.decoding.graphs``
+attention grouped by length), or the fixed buffers of ``msn.decoding.static_steps``
 (``fixed_device_step``: positions from a device scalar, compaction on the device, so the
 step can be compiled and captured as a CUDA graph). The prefill and a step that feeds the
 root alone (``one_token``) pass no mask: transformers builds it from the cache.
@@ -31,7 +31,7 @@ from msn.decoding import cpu
 from msn.decoding import ragged
 from msn.decoding.profile import StepProfile, section
 from msn.decoding.proposers import StepFeedback
-from msn.decoding.requests import model_device
+from msn.decoding.devices import model_device
 from msn.decoding.sampling import Sampler, first_siblings
 from msn.decoding.tree import (CompiledTree, compiled_on, offset_attention_bias, offset_key_positions,
                                tree_positions)
@@ -39,7 +39,7 @@ from msn.decoding.verify import greedy_verify
 from msn.decoding.windows import layer_masks
 
 if TYPE_CHECKING:
-    from msn.decoding.graphs import StaticSteps
+    from msn.decoding.static_steps import StaticSteps
 
 
 @torch.inference_mode()
@@ -49,7 +49,7 @@ def prefill(model, input_ids: torch.Tensor, cache) -> torch.Tensor:
     return out.logits[0, -1]
 
 
-def choose(logits: torch.Tensor, sampler: Sampler | None, position: int) -> int:
+def pick_token(logits: torch.Tensor, sampler: Sampler | None, position: int) -> int:
     """The token at output ``position`` from (V,) logits: the argmax, or its draw when sampling."""
     if sampler is None:
         return int(logits.argmax())
@@ -67,7 +67,7 @@ def one_token(model, token: int, cache, device) -> torch.Tensor:
 @torch.inference_mode()
 def decode_one_token(model, token: int, cache, device, sampler: Sampler | None = None, position: int = 0) -> int:
     """One plain step (the oracle's rung): greedy, or the draw of output ``position`` when sampling."""
-    return choose(one_token(model, token, cache, device)[-1], sampler, position)
+    return pick_token(one_token(model, token, cache, device)[-1], sampler, position)
 
 
 @dataclass(frozen=True)
@@ -161,9 +161,9 @@ def tree_step(model, cache, context_len: int, root: int, paths, cand: torch.Tens
         with section(profile, "forward"):
             logits = one_token(model, root, cache, device)
         with section(profile, "host_sync"):
-            token = choose(logits[-1], sampler, out_position)
+            token = pick_token(logits[-1], sampler, out_position)
             if sampler is None or sample_drafts:
-                pred_host = [token]       # greedy: the argmax ``choose`` took; sampled drafts: the draw
+                pred_host = [token]       # greedy: the argmax ``pick_token`` took; sampled drafts: the draw
             else:
                 pred_host = logits.argmax(dim=-1).tolist()
             pred = torch.tensor(pred_host, device=device)
@@ -257,7 +257,7 @@ def batch_step(model, cache, rows: list[RowStep], max_position: int | None,
 def fixed_device_step(model, cache, ctx: torch.Tensor, slots: torch.Tensor, tree: CompiledTree, ids: torch.Tensor,
                       moves: bool, max_position: int | None, kernels: bool = True,
                       cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A greedy step on fixed buffers (``msn.decoding.graphs``): the inputs ``ids`` (N,)
+    """A greedy step on fixed buffers (``msn.decoding.static_steps``): the inputs ``ids`` (N,)
     written at slots ``ctx`` + 0..N-1 of ``cache`` (a ``kv.FixedCache``), the accepted path's
     entries moved to follow the context (``moves``: the tree is not a chain). No host sync
     and no allocation that depends on the context length, so the step compiles and captures.

@@ -12,9 +12,9 @@ import torch
 
 from msn.decoding import cache as kv
 from msn.decoding import cpu
-from msn.decoding import graphs as fixed
+from msn.decoding import static_steps
 from msn.decoding.autotree import LADDER, Latency, latency_key, load_latency, save_latency
-from msn.decoding.requests import context_limit, model_device, sync_device, vocab_size
+from msn.decoding.devices import context_limit, model_device, sync_device, vocab_size
 from msn.decoding.step import decode_one_token, fixed_step, prefill, tree_step
 from msn.decoding.tree import chain
 from msn.paths import read_stored, stored_path, write_stored
@@ -63,7 +63,8 @@ def one_row_kernel(model, *, refresh: bool = False) -> bool:
     """Whether one-input forwards of this float32 CPU model compute their linear layers as
     two-row products (``msn.decoding.cpu``): decided once per model, from the disk cache or
     by timing (26 one-token forwards), and applied to every later one-input forward.
-    False, and nothing measured, on other devices and dtypes or with ``MSN_CPU_GEMM=0``."""
+    False, and nothing measured, on other devices and dtypes or with the kernels switched off
+    (``DecodeConfig.cpu_kernels``)."""
     if not cpu.applies(model):
         return False
     if not refresh and cpu.decided(model):
@@ -117,14 +118,14 @@ def measure_step_latency(model, ladder: tuple[int, ...] = LADDER, context: int =
     cache, context, limit, g = _timing_prompt(model, context)
     warm = 1 if not graphs else 2            # replayed: the first step captures, the second warms the replay
     if compiled:
-        warm = fixed.COMPILE_AFTER + 1       # compiled on the COMPILE_AFTER-th step, then warmed
+        warm = static_steps.COMPILE_AFTER + 1       # compiled on the COMPILE_AFTER-th step, then warmed
     rounds = warm + repeats
     ladder = sorted(ladder)
     while len(ladder) > 1 and context + rounds * len(ladder) + ladder[-1] >= limit:
         ladder.pop()                         # a short model: the counts that fit its positions
     vocab = vocab_size(model) or 2
     cands = {n: torch.randint(vocab, (max(n - 1, 1), 1), generator=g).to(device) for n in ladder}
-    steps = fixed.steps_for(model, capture=graphs, compiled=compiled) if graphs or compiled else None
+    steps = static_steps.steps_for(model, capture=graphs, compiled=compiled) if graphs or compiled else None
     if steps is not None:
         steps.begin(cache, context + rounds * len(ladder) + max(ladder), limit)
     length, times = context, {n: [] for n in ladder}

@@ -14,6 +14,7 @@ import torch
 
 from msn.decoding.checks import is_int
 from msn.decoding.config import DecodeConfig
+from msn.decoding.devices import context_limit, vocab_size
 from msn.decoding.sampling import Sampler, check_generator
 from msn.decoding.windows import layer_masks
 from msn.errors import MsnError
@@ -75,23 +76,6 @@ class Output:
         return kept
 
 
-def sync_device(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def model_device(model) -> torch.device:
-    return next(model.parameters()).device
-
-
-def vocab_size(model) -> int | None:
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    size = getattr(emb, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
-    return int(size) if size else None
-
-
 def check_model(model) -> None:
     """Refuses what is not a loaded causal LM, and models whose attention ignores a custom 4D mask."""
     if isinstance(model, (str, os.PathLike)):
@@ -106,15 +90,6 @@ def check_model(model) -> None:
             f"attention implementation {impl!r} takes no custom tree mask; load the model with "
             f"attn_implementation='sdpa' (or 'eager')")
     layer_masks(model.config)        # refuses attention layers without a tree-mask rule
-
-
-def context_limit(model) -> int | None:
-    cfg = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(cfg, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def resolve_eos(model, eos_token_id) -> set[int]:
