@@ -80,31 +80,15 @@ def stored_path(kind: str, key: dict, suffix: str = ".json") -> Path:
 
 
 @contextlib.contextmanager
-def empty_decoding_state(kinds=DECODING_STATE, start_from: Path | None = None):
-    """Within the block, the decoding state of ``kinds`` is read from and written to a
-    throw-away folder, which starts empty (or as a copy of ``start_from``'s folders of those
-    kinds): a run starts cold and leaves the store as it was. Yields the folder."""
-    import shutil
-
-    unknown = [k for k in kinds if k not in DECODING_STATE]
-    if unknown:
-        raise MsnError(f"unknown kind of decoding state {unknown[0]!r}; choose from {', '.join(DECODING_STATE)}")
+def empty_decoding_state(kinds=DECODING_STATE):
+    """Within the block, the decoding state of ``kinds`` is read from and written to an empty
+    throw-away folder: a run starts cold and leaves the store as it was. Yields the folder."""
     with tempfile.TemporaryDirectory(prefix="msn-cold-") as tmp:
-        root = Path(tmp)
-        for kind in kinds if start_from is not None else ():
-            if (start_from / kind).is_dir():
-                shutil.copytree(start_from / kind, root / kind)
-        before = {k: _ROOTS.get(k) for k in kinds}
-        _ROOTS.update(dict.fromkeys(kinds, root))
         try:
-            yield root
+            with decoding_store(tmp, kinds) as root:
+                yield root
         finally:
-            for k, b in before.items():
-                if b is None:
-                    _ROOTS.pop(k, None)
-                else:
-                    _ROOTS[k] = b
-            _ENDED.add(root)
+            _ENDED.add(Path(tmp))
 
 
 @contextlib.contextmanager

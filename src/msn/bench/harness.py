@@ -479,8 +479,8 @@ class MethodTables:
         """Leaves the state of ``tr-jacobi`` (else the first method that changed one) in memory
         and in the store: its recycled table, and its scored steps. A bench that ran to its end
         drops its ``checkpoint``; an interrupted one keeps it for its rerun."""
-        main = "tr-jacobi" if "tr-jacobi" in self.methods else None
-        scored = self.folder / str(self.methods.index(main)) / "acceptance" if main else None
+        scored = self.folder / str(self.methods.index("tr-jacobi")) / "acceptance" if "tr-jacobi" in self.methods \
+            else None
         if scored is not None and scored.is_dir():
             self.scored.mkdir(parents=True, exist_ok=True)
             for f in scored.iterdir():

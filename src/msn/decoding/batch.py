@@ -24,16 +24,13 @@ from typing import Callable
 import torch
 from transformers import DynamicCache
 
-from msn.decoding import attention
 from msn.decoding import cache as kv
-from msn.decoding import cpu
-from msn.decoding import ragged
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
 from msn.decoding.drafting import make_proposer
 from msn.decoding.request import DecodeResult, Output, check_model, request_sampler, resolve_eos, validate_request
 from msn.decoding.devices import context_limit, model_device, sync_device
 from msn.decoding.step import RowStep, batch_step, pick_token, prefill
-from msn.decoding.timing import one_row_kernel, step_latency
+from msn.decoding.timing import prepare_model, step_latency
 from msn.decoding.history import TokenHistory
 from msn.decoding.proposers import AutoTreeJacobi, Proposer
 from msn.decoding.sampling import Sampler
@@ -87,10 +84,7 @@ class BatchDecoder:
     def __init__(self, model, method: str = "tr-jacobi", **options):
         cfg = DecodeConfig.from_options(method, options)     # refuses bad options before any row joins
         check_model(model)
-        attention.use(model)       # msn's attention function for an sdpa model (chosen once)
-        cpu.configure(model, cfg.cpu_kernels == "auto", cfg.cpu_prepack == "auto")
-        one_row_kernel(model)      # measured once per model: a one-row step's CPU kernel (and the latency key)
-        cpu.prepack(model)         # batched steps feed several inputs: their CPU weights' layout, made once
+        prepare_model(model, cfg)  # batched steps feed several inputs
         self.model = model
         self.method = method
         self.options = options
@@ -271,12 +265,10 @@ class BatchDecoder:
             except Exception as e:          # noqa: BLE001 - any fault of this row's own
                 failed[r] = e
                 drafts.append(((), None))
-        past = kv.cache_length(self.cache)
-        width = max(compiled_on(paths, str(device)).num_inputs for paths, _ in drafts)
-        groups = ragged.plan([row.length for row in rows], past, width)
+        width = max(compiled_on(paths, str(device)).num_inputs for paths, _ in drafts)    # the timings' key
         steps = [RowStep(row.root, row.length, paths, cand, row.sampler, row.sample_drafts, len(row.out.tokens),
                          skip=r in failed) for r, (row, (paths, cand)) in enumerate(zip(rows, drafts))]
-        results = batch_step(self.model, self.cache, steps, self.limit, groups)
+        results = batch_step(self.model, self.cache, steps, self.limit)
         self.steps += 1
         self.timings.setdefault((len(rows), width), collections.deque(maxlen=8)).append(
             time.perf_counter() - started)

@@ -13,9 +13,7 @@ from typing import Callable
 
 import torch
 
-from msn.decoding import attention
 from msn.decoding import cache as kv
-from msn.decoding import cpu
 from msn.decoding import static_steps
 from msn.decoding.batch import generate_batch
 from msn.decoding.config import DEFAULT_MAX_NEW_TOKENS, DecodeConfig
@@ -26,7 +24,7 @@ from msn.decoding.request import DecodeResult, Output, check_model, is_batch, re
 from msn.decoding.devices import context_limit, model_device, sync_device
 from msn.decoding.sampling import Sampler
 from msn.decoding.step import pick_token, decode_one_token, fixed_step, prefill, tree_step
-from msn.decoding.timing import one_row_kernel
+from msn.decoding.timing import prepare_model
 from msn.errors import MsnError
 
 __all__ = ["DecodeResult", "generate"]
@@ -86,9 +84,9 @@ def generate(model, input_ids: torch.Tensor, *, method: str = "tr-jacobi",
         raise MsnError("max_batch applies to a batch of prompts (a list, or (B, T) ids with an attention_mask)")
     cfg = DecodeConfig.from_options(method, options)
     check_model(model)
-    attention.use(model)           # msn's attention function for an sdpa model (chosen once)
-    cpu.configure(model, cfg.cpu_kernels == "auto", cfg.cpu_prepack == "auto")
     max_new_tokens = validate_request(model, input_ids, max_new_tokens, fit_context)
+    # Before the prefill, once per model: attention, CPU kernels (the one-input kernel timed).
+    prepare_model(model, cfg, several_inputs=cfg.method != "ar")
     device = model_device(model)
     sampler = request_sampler(cfg, generator, device)
     if cfg.graphs == "on" and device.type != "cuda":
@@ -115,11 +113,7 @@ def _generate_one(model, input_ids: torch.Tensor, cfg: DecodeConfig, max_new_tok
     out = Output(max_new_tokens, resolve_eos(model, eos_token_id), on_tokens)
     cache = kv.new_cache(model)
     limit = context_limit(model)
-    # Before the prefill: measured once per model, the CPU kernel of one-input forwards and,
-    # for tree="auto", the step latency (on the model's fixed buffers).
-    one_row_kernel(model)
-    if cfg.method != "ar":
-        cpu.prepack(model)     # several-input steps ahead: their CPU weights' layout, made once
+    # For tree="auto", the step latency (measured once per model, on its fixed buffers if used).
     proposer = make_proposer(cfg, model, graphs=steps is not None and steps.capture)
 
     sync_device(device)

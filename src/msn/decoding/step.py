@@ -211,18 +211,18 @@ class RowStep:
 
 
 @torch.inference_mode()
-def batch_step(model, cache, rows: list[RowStep], max_position: int | None,
-               groups: ragged.Plan | None = None) -> list:
+def batch_step(model, cache, rows: list[RowStep], max_position: int | None) -> list:
     """One forward for every row of a batch cache (``kv.rows_at``: row r's inputs written
-    from its own length), each row verified on its own, one host sync, every row's accepted
-    path kept. Returns per row (new tokens, StepFeedback), or the exception that failed the
+    from its own length; their attention grouped by length, ``ragged.plan``), each row
+    verified on its own, one host sync, every row's accepted path kept. Returns per row (new tokens, StepFeedback), or the exception that failed the
     row alone (its verification raised); a failed or skipped row keeps its root only."""
     device = model_device(model)
     trees = [compiled_on(row.paths, str(device)) for row in rows]
-    inputs = tree_inputs([row.root for row in rows], [row.length for row in rows], trees,
-                         [row.cand for row in rows], kv.cache_length(cache), max_position, device)
+    lengths, past = [row.length for row in rows], kv.cache_length(cache)
+    inputs = tree_inputs([row.root for row in rows], lengths, trees, [row.cand for row in rows], past,
+                         max_position, device)
     logits = forward(model, inputs, kv.cache_kwargs(model, cache), placed=kv.rows_at(cache, inputs.lengths),
-                     groups=groups)
+                     groups=ragged.plan(lengths, past, inputs.ids.shape[1]))
     results: list = [None] * len(rows)
     packed, preds = [], []
     for r, (row, tree) in enumerate(zip(rows, trees)):

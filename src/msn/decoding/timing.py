@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from msn.decoding import attention
 from msn.decoding import cache as kv
 from msn.decoding import cpu
 from msn.decoding import static_steps
@@ -54,6 +55,18 @@ def _timing_prompt(model, context: int):
     cache = kv.new_cache(model)
     prefill(model, torch.randint(vocab_size(model) or 2, (1, context), generator=g).to(model_device(model)), cache)
     return cache, context, limit, g
+
+
+def prepare_model(model, cfg, several_inputs: bool = True) -> None:
+    """What a model needs before msn decodes it with ``cfg`` (each part done once per model,
+    a lookup after): msn's attention function for an sdpa model, ``cfg``'s CPU kernel switches,
+    the one-input CPU kernel (timed once per model and machine) and, where steps will feed
+    several inputs, the prepacked CPU weights."""
+    attention.use(model)
+    cpu.configure(model, cfg.cpu_kernels == "auto", cfg.cpu_prepack == "auto")
+    one_row_kernel(model)
+    if several_inputs:
+        cpu.prepack(model)
 
 
 _ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % faster (timing noise)
