@@ -251,3 +251,21 @@ def test_reproduce_cpu_smoke_killed_in_training_and_in_evaluation_gives_the_same
     assert calls == {"train": 1, "eval": 3 + len(resumed["models"]) - 2}
     a, b = _figures(resumed), _figures(straight)
     assert a == b, _differences(a, b)
+
+
+def test_claim_reads_the_loss_line_one_sided_and_the_ratios_against_sft():
+    """MSN's held-out loss may be lower than SFT's by any amount; more than 3 % above fails."""
+    from msn.experiments.reproduce import PRESETS, claim
+
+    def entry(loss, trj, noret):
+        accept = {"tr-jacobi": trj, "tree-noret": noret, "jacobi": 1.0, "ar": 1.0}
+        return {"held_out_loss": loss, "humaneval_pass1": 0.1,
+                "accept": {k: {"mean_accepted_tokens": v, "match_rate": 1.0} for k, v in accept.items()}}
+
+    preset = PRESETS["cpu"]
+    lower = claim({"sft": entry(1.0, 2.0, 1.2), "msn": entry(0.9, 2.5, 1.8)}, preset)
+    assert lower["holds"]["loss at most 3% above sft's"] and lower["held_out_loss_change_pct"] < -3
+    assert lower["holds"]["tree-noret >= 1.4x"] and lower["holds"]["tr-jacobi >= 1.2x"]
+    higher = claim({"sft": entry(1.0, 2.0, 1.2), "msn": entry(1.04, 2.3, 1.6)}, preset)
+    assert not higher["holds"]["loss at most 3% above sft's"]
+    assert not higher["holds"]["tree-noret >= 1.4x"] and not higher["holds"]["tr-jacobi >= 1.2x"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from msn.data.collate import MsnCollator
-from msn.data.packing import check_packing, packed_matches_alone
+from msn.data.packing import check_head_at_labels, check_packing, head_at_labels_matches, packed_matches_alone
 from msn.data.records import IGNORE_INDEX
 from msn.errors import MsnError
 from msn.noise import NoiseConfig
@@ -151,6 +151,64 @@ def test_packed_training_follows_the_padded_run(folder, tmp_path):
     assert all(e["tokens_per_s"] > 0 and e["response_tokens_per_s"] > 0 for e in logged)
     assert logged[-1]["eta_s"] == 0 and all(e["eta_s"] >= 0 for e in logged)
     assert packed["throughput"]["seconds_to_first_step"] > 0
+
+
+@pytest.mark.parametrize("family", [f for f in TINY_FAMILIES])
+def test_the_head_at_labelled_positions_gives_the_full_heads_loss(family):
+    """Padded and packed batches with ``head_at_labels``: the model computes the head at the
+    labelled positions only (K rows of logits) and the loss equals the full head's."""
+    feats = features()
+    cfg = NoiseConfig(span_len=3, num_spans=2)
+    model = tiny_model(family, vocab_size=VOCAB)
+    assert head_at_labels_matches(model, VOCAB)
+    for packing in (False, True):
+        plain = MsnCollator(cfg, pad_token_id=0, vocab_size=VOCAB, seed=5, packing=packing)(feats)
+        kept = MsnCollator(cfg, pad_token_id=0, vocab_size=VOCAB, seed=5, packing=packing, head_at_labels=True)(feats)
+        assert torch.equal(kept["input_ids"], plain["input_ids"]) and torch.equal(kept["labels"], plain["labels"])
+        k = int(kept["logits_to_keep"].sum())
+        assert k == int((plain["labels"][:, 1:] != IGNORE_INDEX).sum()) == kept["shift_labels"].numel()
+        assert k < plain["labels"].numel() - plain["labels"].shape[0]        # the prompts' positions are left out
+        with torch.no_grad():
+            a = model(**plain, use_cache=False)
+            b = model(**kept, use_cache=False)
+        assert b.logits.numel() == k * a.logits.shape[-1]
+        assert abs(a.loss.item() - b.loss.item()) < 1e-5 * max(1.0, abs(a.loss.item())), (family, packing)
+
+
+class IgnoresKeep(torch.nn.Module):
+    """A model whose forward has no logits_to_keep: the head runs everywhere."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=None, **kw):
+        kw.pop("logits_to_keep", None), kw.pop("shift_labels", None)
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels, use_cache=use_cache)
+
+
+def test_a_model_without_the_head_arguments_is_refused_or_computes_every_position():
+    plain = IgnoresKeep(tiny_model("llama", vocab_size=VOCAB))
+    assert not head_at_labels_matches(plain, VOCAB)
+    with pytest.raises(MsnError, match="--head-at-labels: this model .* does not compute its loss"):
+        check_head_at_labels(plain, VOCAB, asked=True)
+    assert check_head_at_labels(plain, VOCAB, asked=None) is False
+    assert check_head_at_labels(tiny_model("llama", vocab_size=VOCAB), VOCAB, asked=False) is False
+
+
+def test_training_with_the_head_at_labels_follows_the_full_head(folder, tmp_path):
+    """Same seed and samples, packed: every step's loss and the eval loss equal the full head's."""
+    common = dict(model=str(folder / "model"), data=str(folder / "data.jsonl"), eval_data=str(folder / "data.jsonl"),
+                  max_steps=6, batch_size=4, lr=1e-3, warmup=0, logging_steps=1, save_steps=6,
+                  noise=NoiseConfig(num_spans=2), packing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full = run(TrainConfig(output_dir=str(tmp_path / "full"), head_at_labels=False, **common))
+        kept = run(TrainConfig(output_dir=str(tmp_path / "kept"), **common))
+    assert kept["head_at_labels"] and not full["head_at_labels"]
+    a, b = _step_losses(tmp_path / "full"), _step_losses(tmp_path / "kept")
+    assert len(a) == len(b) == 6 and b == pytest.approx(a, rel=2e-4)
+    assert kept["eval_loss"] == pytest.approx(full["eval_loss"], rel=2e-4)
 
 
 def test_packed_sdpa_attends_per_sample_and_falls_back_elsewhere(monkeypatch):

@@ -116,7 +116,7 @@ def cmd_train(a) -> int:
         save_total_limit=a.save_total_limit, eval_steps=a.eval_steps, logging_steps=a.logging_steps,
         resume=a.resume or None, overwrite=a.overwrite or None,
         gradient_checkpointing=a.gradient_checkpointing or None, seed=a.seed, packing=a.packing,
-        num_proc=a.num_proc, profile_steps=a.profile))
+        head_at_labels=a.head_at_labels, num_proc=a.num_proc, profile_steps=a.profile))
     summary = run(cfg)
     print(json.dumps(summary))
     return 0
@@ -460,6 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "each sample (same loss as padded batches, no compute on padding). Default: on when a "
                    "one-forward check finds the model keeps packed samples apart, else padded with a warning; "
                    "--packing refuses a model that does not; --no-packing always pads")
+    g.add_argument("--head-at-labels", action=argparse.BooleanOptionalAction, default=None,
+                   help="compute the vocabulary head and the loss only where the next token is a label (the "
+                   "response), skipping prompt positions (same loss). Default: on when a one-forward check finds "
+                   "the model takes transformers' logits_to_keep and shift_labels; --no-head-at-labels: every "
+                   "position")
     g.add_argument("--num-proc", type=int, help="processes that tokenize the data (default: up to 8 for "
                    "files of 20,000 records or more). Tokenized data is cached by content in msn's cache folder")
     g.add_argument("--profile", type=int, metavar="STEPS", help="train STEPS steps in a scratch folder and print "

@@ -54,6 +54,10 @@ class TrainConfig:
             within each sample; see ``msn.data.collate.MsnCollator``). None (default) packs
             when ``msn.data.packing.check_packing`` finds the model keeps packed samples
             apart, else pads with a warning; True refuses such a model; False pads.
+        head_at_labels: compute the vocabulary head and the loss only at positions whose next
+            token carries a label (``logits_to_keep`` and ``shift_labels`` from the collator; the
+            same loss). None (default) does so when ``msn.data.packing.head_at_labels_matches``
+            finds the model honours them; True refuses a model that does not; False never.
         num_proc: processes that tokenize the data (default: several for large files).
         profile_steps: train this many steps, print the throughput and write no model
             (``msn train --profile N``); ``output_dir`` is then only a scratch folder.
@@ -87,6 +91,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     seed: int = 42
     packing: bool | None = None
+    head_at_labels: bool | None = None
     num_proc: int | None = None
     profile_steps: int = 0
 
@@ -362,7 +367,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from msn.data.collate import MsnCollator, epoch_callback
-    from msn.data.packing import check_packing, use_packed_attention
+    from msn.data.packing import check_head_at_labels, check_packing, use_packed_attention
     from msn.data.records import ensure_chat_template
 
     out = Path(cfg.output_dir)
@@ -396,6 +401,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
     packing = check_packing(model, len(tokenizer), cfg.packing)
     if restore and not packing:
         model.set_attn_implementation(restore)
+    head_at_labels = check_head_at_labels(model, len(tokenizer), cfg.head_at_labels)
 
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
@@ -408,7 +414,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         except ValueError as e:
             raise MsnError(f"--lora-targets {cfg.lora_targets}: {str(e).splitlines()[0]}") from None
     collator = MsnCollator(cfg.noise, pad_token_id=tokenizer.pad_token_id, vocab_size=len(tokenizer), seed=cfg.seed,
-                           packing=packing)
+                           packing=packing, head_at_labels=head_at_labels)
     eval_collator = MsnCollator(NoiseConfig(enabled=False), tokenizer.pad_token_id, len(tokenizer), packing=packing)
     is_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
@@ -483,6 +489,7 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
         "noise_stats": collator.stats(),
         "train_examples": len(train_set),
         "packing": packing,
+        "head_at_labels": head_at_labels,
         "throughput": meter.summary(),
     }
     if eval_set is not None:

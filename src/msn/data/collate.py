@@ -27,6 +27,16 @@ def clean_labels(feature: dict, ids: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.as_tensor(mask, dtype=torch.bool), ids, torch.full_like(ids, IGNORE_INDEX))
 
 
+def labelled_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(keep, targets): ``keep`` (B, T) is True at each position whose next token carries a label,
+    ``targets`` (K,) those next tokens in row-major order, K = keep.sum(): the logits and labels a
+    causal LM's loss reads, without the positions it ignores."""
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX
+    return keep, targets[keep[:, :-1]]
+
+
 class MsnCollator:
     """Batches tokenized examples with MSN noise on the inputs: padded rows, or one
     padding-free row (``packing=True``).
@@ -52,18 +62,24 @@ class MsnCollator:
     concatenation, from the sample's own tokens. A feature that is itself several samples
     (TRL's ``seq_lengths``) is split into them.
 
+    ``head_at_labels``: the batch also carries ``logits_to_keep`` (a (B, T) boolean mask of the
+    positions whose next token is a label) and ``shift_labels`` (those labels, in order), so a
+    transformers causal LM computes its vocabulary head and loss at those positions only, with
+    the same loss (``msn.data.packing.head_at_labels_matches`` checks a model honours them).
+
     The epoch that seeds the noise is set by ``set_epoch`` (``EpochCallback`` does it
     for a Trainer), like a distributed sampler's. Without it, the collator counts its
     own visits of each sample, which matches the epoch in a run that is not resumed.
     """
 
     def __init__(self, cfg: NoiseConfig, pad_token_id: int, vocab_size: int, seed: int = 0,
-                 packing: bool = False):
+                 packing: bool = False, head_at_labels: bool = False):
         self.cfg = cfg
         self.pad_token_id = pad_token_id
         self.vocab_size = vocab_size
         self.seed = seed
         self.packing = packing
+        self.head_at_labels = head_at_labels
         self.epoch: int | None = None
         self.visits: dict[int, int] = {}
         self.samples = 0
@@ -120,7 +136,7 @@ class MsnCollator:
                                 for _, clean in samples])[None]
             positions = torch.cat([torch.arange(noisy.numel()) for noisy, _ in samples])[None]
             self.slots += input_ids.numel()
-            return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+            return self._head({"input_ids": input_ids, "labels": labels, "position_ids": positions})
         length = max(noisy.numel() for noisy, _ in samples)
         input_ids = torch.full((len(samples), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long)
@@ -131,7 +147,13 @@ class MsnCollator:
             labels[row, :n] = clean
             attention[row, :n] = 1
         self.slots += input_ids.numel()
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+        return self._head({"input_ids": input_ids, "labels": labels, "attention_mask": attention})
+
+    def _head(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``head_at_labels``: the positions whose next token is a label, and those labels."""
+        if self.head_at_labels:
+            batch["logits_to_keep"], batch["shift_labels"] = labelled_positions(batch["labels"])
+        return batch
 
     def stats(self) -> dict:
         # Samples the data loader collated: it may read a batch beyond the last optimizer step.

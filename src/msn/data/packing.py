@@ -1,4 +1,6 @@
-"""Whether a model keeps packed samples apart: the check behind ``msn train --packing``.
+"""Whether a model keeps packed samples apart: the check behind ``msn train --packing``; and
+whether it computes its head at the labelled positions only: the check behind
+``msn train --head-at-labels``.
 
 A padding-free batch (``MsnCollator(packing=True)``) puts several samples in one row with
 ``position_ids`` restarting at each sample and no attention mask. transformers' attention
@@ -98,4 +100,52 @@ def check_packing(model, vocab_size: int, asked: bool | None) -> bool:
     log.warning(
         "packed samples would attend to each other in this model (%s, attention %r): padded batches instead",
         type(model).__name__, impl)
+    return False
+
+
+@torch.no_grad()
+def head_at_labels_matches(model, vocab_size: int, rtol: float = 1e-4) -> bool:
+    """True when ``model`` given ``logits_to_keep`` and ``shift_labels`` (``MsnCollator(head_at_labels=True)``)
+    returns the loss of its full head: a padded batch of two probe samples, half their labels -100.
+    A model whose forward has no such arguments, or uses them otherwise, returns False."""
+    from msn.data.collate import labelled_positions
+    from msn.data.records import IGNORE_INDEX
+
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
+    ids = torch.randint(vocab_size, (len(PROBE_LENGTHS), max(PROBE_LENGTHS)), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(PROBE_LENGTHS):
+        mask[row, :n] = 1
+    labels = torch.where(mask.bool() & (torch.arange(ids.shape[1]) >= 2), ids, IGNORE_INDEX)
+    keep, targets = labelled_positions(labels)
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
+             "use_cache": False}
+    was_training = model.training
+    model.eval()
+    try:
+        full = model(**batch).loss
+        kept = model(**batch, logits_to_keep=keep.to(device), shift_labels=targets.to(device))
+    except (TypeError, ValueError, RuntimeError, IndexError) as e:
+        log.info("no head at the labelled positions only: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
+        return False
+    finally:
+        model.train(was_training)
+    if kept.loss is None or kept.logits.numel() != int(keep.sum()) * kept.logits.shape[-1]:
+        return False        # the head ran at every position: nothing to gain
+    return bool(torch.isclose(kept.loss.float(), full.float(), rtol=rtol, atol=1e-6))
+
+
+def check_head_at_labels(model, vocab_size: int, asked: bool | None) -> bool:
+    """Whether the collator sends the labelled positions: ``asked`` None when the model honours
+    them; True refuses a model that does not (one line); False never."""
+    if asked is False:
+        return False
+    if head_at_labels_matches(model, vocab_size):
+        return True
+    if asked:
+        raise MsnError(f"--head-at-labels: this model ({type(model).__name__}) does not compute its loss from "
+                       "logits_to_keep and shift_labels; train without it")
+    log.info("the head runs at every position (%s does not take logits_to_keep with shift_labels)",
+             type(model).__name__)
     return False

@@ -674,7 +674,7 @@ def claim(entries: dict, preset: Preset) -> dict | None:
             "min_match_rate": match,
             "holds": {"tr-jacobi >= 1.2x": ratio.get("tr-jacobi", 0) >= 1.2,
                       "tree-noret >= 1.4x": ratio.get("tree-noret", 0) >= 1.4,
-                      "loss within 3%": loss is not None and abs(loss) <= 3,
+                      "loss at most 3% above sft's": loss is not None and loss <= 3,
                       "humaneval within 2 points": abs(he) <= 2, "match rate 1.0": match == 1.0}}
 
 
