@@ -21,6 +21,7 @@ Layers with a sliding window, attention sinks or a padding mask fall back to tra
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -68,20 +69,27 @@ def use_packed_attention(model) -> str | None:
     return use_attention(model, PACKED_SDPA, packed_attention)
 
 
-@torch.no_grad()
+@contextmanager
+def _probing(model):
+    """The model in eval mode without gradients for a probe, its training mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
 def packed_matches_alone(model, vocab_size: int, atol: float = 1e-3) -> bool:
     """True when ``model``'s logits for two packed samples equal each one's logits alone."""
     gen = torch.Generator().manual_seed(0)
     device = next(model.parameters()).device
     samples = [torch.randint(vocab_size, (n,), generator=gen).to(device) for n in PROBE_LENGTHS]
     positions = torch.cat([torch.arange(n) for n in PROBE_LENGTHS]).to(device)
-    was_training = model.training
-    model.eval()
-    try:
+    with _probing(model):
         packed = model(input_ids=torch.cat(samples)[None], position_ids=positions[None], use_cache=False).logits[0]
         alone = torch.cat([model(input_ids=s[None], use_cache=False).logits[0] for s in samples])
-    finally:
-        model.train(was_training)
     scale = max(1.0, alone.abs().max().item())
     return bool((packed.float() - alone.float()).abs().max().item() <= atol * scale)
 
@@ -103,7 +111,6 @@ def check_packing(model, vocab_size: int, asked: bool | None) -> bool:
     return False
 
 
-@torch.no_grad()
 def head_at_labels_matches(model, vocab_size: int, rtol: float = 1e-4) -> bool:
     """True when ``model`` given ``logits_to_keep`` and ``shift_labels`` (``MsnCollator(head_at_labels=True)``)
     returns the loss of its full head: a padded batch of two probe samples, half their labels -100.
@@ -121,16 +128,13 @@ def head_at_labels_matches(model, vocab_size: int, rtol: float = 1e-4) -> bool:
     keep, targets = labelled_positions(labels)
     batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device),
              "use_cache": False}
-    was_training = model.training
-    model.eval()
     try:
-        full = model(**batch).loss
-        kept = model(**batch, logits_to_keep=keep.to(device), shift_labels=targets.to(device))
+        with _probing(model):
+            full = model(**batch).loss
+            kept = model(**batch, logits_to_keep=keep.to(device), shift_labels=targets.to(device))
     except (TypeError, ValueError, RuntimeError, IndexError) as e:
         log.info("no head at the labelled positions only: %s", str(e).splitlines()[0] if str(e) else type(e).__name__)
         return False
-    finally:
-        model.train(was_training)
     if kept.loss is None or kept.logits.numel() != int(keep.sum()) * kept.logits.shape[-1]:
         return False        # the head ran at every position: nothing to gain
     return bool(torch.isclose(kept.loss.float(), full.float(), rtol=rtol, atol=1e-6))
