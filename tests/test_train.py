@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from msn.noise import NoiseConfig
@@ -59,14 +60,19 @@ def test_lora_adapter_and_merge(setup, tmp_path):
     from transformers import AutoModelForCausalLM
 
     run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path / "a"),
-                    max_steps=3, lora_r=4, save_steps=100))
+                    max_steps=3, lora_r=4, lr=1e-2, save_steps=100))
     assert (tmp_path / "a" / "adapter_config.json").exists()
     base = AutoModelForCausalLM.from_pretrained(setup / "model")
-    PeftModel.from_pretrained(base, tmp_path / "a")
+    merged_a = PeftModel.from_pretrained(base, tmp_path / "a").merge_and_unload().state_dict()
+    torch.rand(1000)        # whatever drew random numbers before, the adapter starts from the run's seed
     run(TrainConfig(model=str(setup / "model"), data=str(setup / "data.jsonl"), output_dir=str(tmp_path / "m"),
-                    max_steps=3, lora_r=4, merge_lora=True, save_steps=100))
+                    max_steps=3, lora_r=4, lr=1e-2, merge_lora=True, save_steps=100))
     assert not (tmp_path / "m" / "adapter_config.json").exists()
-    AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    m = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    assert set(m) == set(merged_a)
+    assert max((m[k] - merged_a[k]).abs().max().item() for k in m) < 1e-6
+    before = AutoModelForCausalLM.from_pretrained(setup / "model").state_dict()
+    assert any((m[k] - before[k]).abs().max().item() > 1e-4 for k in m)     # it trained
 
 
 def free_port() -> int:

@@ -405,7 +405,9 @@ def _run_locked(cfg: TrainConfig, callbacks: list | None) -> dict:
 
     if cfg.lora_r > 0:
         from peft import LoraConfig, get_peft_model
+        from transformers import set_seed
 
+        set_seed(cfg.seed)      # the adapter's initial weights come from the run's seed, whatever ran before
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else cfg.lora_targets.split(",")
         try:
             model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,

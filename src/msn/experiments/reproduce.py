@@ -81,6 +81,8 @@ class Preset:
         humaneval_limit: HumanEval problems (None: all 164); humaneval_tokens: per answer;
             humaneval_batch: answers generated per batch.
         timing_prompts / timing_tokens / timing_methods: the best MSN model timed alone.
+        lora_r / lora_alpha: every variant trains a LoRA adapter of rank ``lora_r`` (0: all
+            weights; alpha 0 means 2 x rank), saved merged into a full model.
         precision: training precision (evaluation is always float32, so every decoder's
             output can be checked against ``ar``'s token for token).
         adapter_mib: size budget of each MSN variant's LoRA adapter (0: none).
@@ -117,6 +119,8 @@ class Preset:
     timing_tokens: int = 128
     timing_methods: tuple[str, ...] = ("ar", "hf-generate", "pld", "tr-jacobi")
     precision: str = "fp32"
+    lora_r: int = 0
+    lora_alpha: int = 0
     adapter_mib: float = 0.0
     data: str = "human"
     distill_prompts: int = 600
@@ -159,15 +163,18 @@ AT = "@"          # a checkpoint model's name: its variant's, this, and its step
 
 
 CPU_NOISE_SPANS = 8     # the cpu preset's: more denoising signal per sample in a short run
+CPU_LORA_RANK = 24      # the cpu preset's adapters: faster steps than full weights, the same acceptance
+CPU_LORA_LR = 1e-3
 GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
 PRESETS = {
     # About 2 hours on a 2-core CPU: plain SFT and MSN on the base's own answers to 600 training
-    # prompts (self-distilled), 120 steps of 4, evaluated at 60 and 120 steps. MSN with 8 spans: the
-    # lever that raised its acceptance at no cost in quality (docs/results/cpu-levers.md; lr 3e-4
-    # raised it more but cut plain SFT's HumanEval from 6.1 % to 1.2 %).
-    "cpu": Preset(steps=120, lr=1e-4, warmup=0, data="self", curve=(0.5,), heldout_loss_examples=100,
-                  variants=(("sft", 0), ("msn", CPU_NOISE_SPANS)),
+    # prompts (self-distilled), 120 steps of 4, evaluated at 60 and 120 steps, both as LoRA adapters
+    # of rank 24 (saved merged). MSN with 8 spans (docs/results/cpu-levers.md): more noise and LoRA
+    # at lr 1e-3 raised its acceptance the most without the quality cost of full fine-tuning at a
+    # high rate (full weights at lr 3e-4 cut plain SFT's HumanEval from 6.1 % to 1.2 %).
+    "cpu": Preset(steps=120, lr=CPU_LORA_LR, warmup=0, data="self", curve=(0.5,), heldout_loss_examples=100,
+                  variants=(("sft", 0), ("msn", CPU_NOISE_SPANS)), lora_r=CPU_LORA_RANK,
                   accept_prompts=10, accept_stride=50, accept_tokens=128, accept_batch=10,
                   accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "default", "pld"),
                   humaneval_tokens=320, humaneval_batch=16, humaneval_base=False, own_words=True,
@@ -194,7 +201,7 @@ PRESETS = {
                         distill_tokens=8, distill_batch=4, distill_keep_cut=True, curve=(0.5,), heldout_loss_examples=4, accept_prompts=2,
                         accept_tokens=8, accept_batch=2, humaneval_limit=2, humaneval_tokens=16, humaneval_batch=2,
                         humaneval_base=False, own_words=True, timing_prompts=1, timing_tokens=8,
-                        timing_methods=("ar", "tr-jacobi"), adapter_mib=2),
+                        timing_methods=("ar", "tr-jacobi"), adapter_mib=2, lora_r=4),
 }
 
 
@@ -205,7 +212,8 @@ def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, lo
     train_stage(Path(target), base, Path(data), variant_noise(spans, preset.noise_len), steps=preset.steps,
                 batch_size=preset.batch_size, max_length=preset.max_length, lr=preset.lr,
                 save_steps=preset.save_steps, grad_accum=preset.grad_accum, precision=preset.precision,
-                warmup=preset.warmup, save_total_limit=0 if preset.curve_steps else None)
+                warmup=preset.warmup, save_total_limit=0 if preset.curve_steps else None, lora_r=preset.lora_r,
+                lora_alpha=preset.lora_alpha)
 
 
 def _child(path: str) -> None:
@@ -493,11 +501,13 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
 
 def _same_settings(out: Path, preset_name: str, preset: Preset) -> None:
     """Records the run's settings in ``out/settings.json``; a rerun with other settings into the
-    same folder is refused (its stages would mix models trained and measured differently)."""
+    same folder is refused (its stages would mix models trained and measured differently). A
+    setting that a run of an older msn did not record counts as its default (it had no other)."""
     path = out / "settings.json"
     now = json.loads(json.dumps({"preset": preset_name, **asdict(preset)}))
     if path.exists():
-        before = json.loads(path.read_text())
+        defaults = json.loads(json.dumps(asdict(Preset())))
+        before = {**{k: v for k, v in defaults.items() if k in now}, **json.loads(path.read_text())}
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if changed:
             raise MsnError(f"--out {out} holds a run with other settings ({', '.join(changed)}); continue it with "

@@ -22,8 +22,11 @@ def variant_noise(spans: int, span_len: int) -> NoiseConfig:
 
 def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, steps: int, batch_size: int,
                 max_length: int, lr: float, save_steps: int, grad_accum: int = 1, precision: str = "fp32",
-                save_total_limit: int | None = None, warmup: float | None = None) -> bool:
+                save_total_limit: int | None = None, warmup: float | None = None, lora_r: int = 0,
+                lora_alpha: int = 0) -> bool:
     """Fine-tunes ``base`` into ``target`` unless it is finished; resumes an interrupted run.
+    ``lora_r`` > 0 trains a LoRA adapter of that rank (``lora_alpha``, no dropout) on every
+    linear layer and saves it merged, so ``target`` is a full model either way.
     Returns True when it trained."""
     from msn.train import TrainConfig, run
 
@@ -34,6 +37,8 @@ def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, step
     extra = {} if save_total_limit is None else {"save_total_limit": save_total_limit}
     if warmup is not None:
         extra["warmup"] = warmup
+    if lora_r:
+        extra.update(lora_r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0, merge_lora=True)
     run(TrainConfig(model=str(base), data=str(data / "train.jsonl"), output_dir=str(target), noise=noise,
                     max_steps=steps, batch_size=batch_size, max_length=max_length, lr=lr, save_steps=save_steps,
                     logging_steps=10, seed=42, grad_accum=grad_accum, precision=precision, resume=resume, **extra))
