@@ -182,6 +182,7 @@ def test_reproduce_cpu_smoke(tmp_path):
         assert json.loads((out / name / "msn_config.json").read_text())["config"]["lora_r"] == preset.lora_r == 4
         assert (out / name / "model.safetensors").exists() and not (out / name / "adapter_config.json").exists()
         assert (out / name / "checkpoint-2" / "adapter_config.json").exists()
+    assert "a LoRA adapter of rank 4 (alpha 8, every linear layer)" in (out / "msn-lora" / "README.md").read_text()
     assert set(res["models"]) == {"base", "sft", "msn", "sft@2", "msn@2", "msn-lora"}
     for name, entry in res["models"].items():
         assert all(v["match_rate"] == 1.0 for v in entry["accept"].values()), name

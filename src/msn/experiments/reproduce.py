@@ -605,8 +605,11 @@ def model_card(results: dict) -> str:
         "and its output is exactly its own greedy output. msn loads the folder merged into the base"
         + (f" (`msn fetch` of the shipped copy fetches `{known}` and saves it merged)." if known else "."), "",
         "## How it was made", "",
-        f"- `msn reproduce --preset {cfg['preset']}` on {cfg['device']} (torch {cfg['torch']}): full fine-tuning "
-        f"of every variant with identical data and seed, {cfg['steps']} steps, batch {cfg['batch_size']}, max "
+        f"- `msn reproduce --preset {cfg['preset']}` on {cfg['device']} (torch {cfg['torch']}): "
+        + (f"a LoRA adapter of rank {cfg['lora_r']} (alpha {cfg.get('lora_alpha') or 2 * cfg['lora_r']}, every "
+           "linear layer) trained for every variant and merged" if cfg.get("lora_r") else
+           "full fine-tuning of every variant")
+        + f", with identical data and seed, {cfg['steps']} steps, batch {cfg['batch_size']}, max "
         f"length {cfg['max_length']}, learning rate {cfg['lr']} (cosine), precision {cfg['precision']}.",
         ("- Data: the prompts of the stdlib code set (`msn data stdlib-code`: docstring -> function pairs from the "
          f"Python standard library, PSF licence), {cfg.get('distill_prompts')} of them (seeded sample) answered by "
