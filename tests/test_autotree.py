@@ -151,24 +151,6 @@ def test_exploring_costs_at_most_its_share_of_plain_steps():
         assert (auto.explore_interval == auto.explore_every) == flat
 
 
-def test_the_root_alone_keeps_exploring_when_trees_looked_hopeless():
-    """A basis in which no tree would have paid (earlier prompts unlike this one) chooses the
-    root alone, which scores no guesses; exploring still runs, at its bounded rate, and the
-    explored steps' guesses bring a tree back once they would be accepted."""
-    from msn.decoding.proposers import AutoTreeJacobi
-
-    lat = Latency({1: 0.037, 2: 0.054, 16: 0.072, 69: 0.14})     # this project's 2-core CPU
-    auto = AutoTreeJacobi(torch.device("cpu"), latency=lat, retrieve_len=5, retrieve_ngram=2)
-    auto.prior = [Outcome((None,) * 4, 0, True)] * auto.PRIOR + [Outcome((None,) * 4, 0, False)] * auto.PRIOR
-    auto._reselect(None)
-    assert not auto.choice.nodes and auto.explore and auto.explore_paths
-    extra = lat(len(auto.explore_paths) + 1) / lat(1) - 1
-    assert auto.explore_every <= auto.explore_interval and extra / auto.explore_interval <= auto.EXPLORE_COST + 1e-9
-    auto.outcomes = [Outcome((0, 0, 0, 0), 0, True)] * (auto.PRIOR // auto.DISPLACE)   # explored: guesses right
-    auto._reselect(None)
-    assert auto.choice.nodes
-
-
 def test_latency_interpolates_and_extends():
     lat = Latency({1: 1.0, 3: 2.0, 5: 4.0})
     assert lat(2) == pytest.approx(1.5) and lat(4) == pytest.approx(3.0) and lat(7) == pytest.approx(6.0)

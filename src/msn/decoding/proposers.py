@@ -231,10 +231,9 @@ class AutoTreeJacobi(TreeJacobi):
     plain one-token step) up to every node plus the retrieval chain; ``fixed_inputs`` pins
     the size instead (the most expected tokens within that many inputs). The latest scored
     steps are kept on disk per model, so a new run starts from what earlier runs saw. A
-    tree without draft nodes produces no top-K guesses; while it runs, one step in
-    ``explore_interval`` (at least ``explore_every``, and rare enough to cost at most
-    ``EXPLORE_COST`` of the plain steps' time) runs the best tree with nodes, so the choice can
-    come back however low the trees' estimate fell. The retrieval chain alone feeds only the tokens retrieval found: a step with
+    tree without draft nodes produces no top-K guesses; while a tree with nodes is within
+    reach of the current choice, one step in ``explore_every`` runs it, so the choice can
+    come back. The retrieval chain alone feeds only the tokens retrieval found: a step with
     nothing retrieved is a plain one-token step.
 
     With ``recycle`` each node takes its token from one of three sources: the Jacobi
@@ -416,10 +415,9 @@ class AutoTreeJacobi(TreeJacobi):
         self._use(self.choice.nodes, self.choice.retrieval)
         with_topk = [c for c in options if c.nodes]
         best_topk = max(with_topk, key=lambda c: c.tokens_per_s, default=None)
-        # Without top-K nodes no step scores a guess, so nothing could bring a tree back: explore
-        # whenever the root alone runs, however far the trees' estimate is (it may come from
-        # earlier prompts unlike this one), at a rate that bounds what it costs.
-        self.explore = not self.choice.nodes
+        # Explore only while a top-K tree could win: its estimate is near the choice's.
+        self.explore = not self.choice.nodes and (
+            best_topk is None or best_topk.tokens_per_s >= 0.9 * self.choice.tokens_per_s)
         if self.explore:
             from msn.decoding.tree import REFERENCE_TREE
 
