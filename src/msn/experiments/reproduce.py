@@ -168,7 +168,7 @@ CPU_LORA_LR = 1e-3
 GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
 PRESETS = {
-    # About 2 hours on a 2-core CPU: plain SFT and MSN on the base's own answers to 600 training
+    # About 1.5 hours on a 2-core CPU: plain SFT and MSN on the base's own answers to 600 training
     # prompts (self-distilled), 120 steps of 4, evaluated at 60 and 120 steps, both as LoRA adapters
     # of rank 24 (saved merged). MSN with 8 spans (docs/results/cpu-levers.md): more noise and LoRA
     # at lr 1e-3 raised its acceptance the most without the quality cost of full fine-tuning at a
