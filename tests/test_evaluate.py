@@ -282,3 +282,25 @@ def test_claim_reads_the_loss_line_one_sided_and_the_ratios_against_sft():
     higher = claim({"sft": entry(1.0, 2.0, 1.2), "msn": entry(1.04, 2.3, 1.6)}, preset)
     assert not higher["holds"]["loss at most 3% above sft's"]
     assert not higher["holds"]["tree-noret >= 1.4x"] and not higher["holds"]["tr-jacobi >= 1.2x"]
+
+
+def test_a_run_folder_of_an_older_msn_continues_where_a_new_setting_is_at_its_default(tmp_path):
+    """settings.json written before lora_r/lora_alpha existed: a preset that leaves them at their
+    defaults continues the run; one that sets them is refused in one line."""
+    from dataclasses import asdict
+
+    from msn.errors import MsnError
+    from msn.experiments.reproduce import PRESETS, _same_settings
+
+    for name, refused in (("smoke", False), ("cpu-smoke", True)):
+        out = tmp_path / name
+        out.mkdir()
+        old = {"preset": name, **json.loads(json.dumps(asdict(PRESETS[name])))}
+        for key in ("lora_r", "lora_alpha"):
+            old.pop(key)
+        (out / "settings.json").write_text(json.dumps(old))
+        if refused:
+            with pytest.raises(MsnError, match="other settings .*lora_r"):
+                _same_settings(out, name, PRESETS[name])
+        else:
+            _same_settings(out, name, PRESETS[name])
