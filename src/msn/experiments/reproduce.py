@@ -33,7 +33,7 @@ from pathlib import Path
 from msn.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, REPORT
 from msn.adapter_export import export_lora
 from msn.errors import MsnError
-from msn.experiments.stages import prepare, train_stage, variant_noise
+from msn.experiments.stages import prepare, resolved_alpha, train_stage, variant_noise
 from msn.noise import DEFAULT_NOISE_SPANS
 
 log = logging.getLogger("msn.experiments")
@@ -606,8 +606,8 @@ def model_card(results: dict) -> str:
         + (f" (`msn fetch` of the shipped copy fetches `{known}` and saves it merged)." if known else "."), "",
         "## How it was made", "",
         f"- `msn reproduce --preset {cfg['preset']}` on {cfg['device']} (torch {cfg['torch']}): "
-        + (f"a LoRA adapter of rank {cfg['lora_r']} (alpha {cfg.get('lora_alpha') or 2 * cfg['lora_r']}, every "
-           "linear layer) trained for every variant and merged" if cfg.get("lora_r") else
+        + (f"a LoRA adapter of rank {cfg['lora_r']} (alpha {resolved_alpha(cfg['lora_r'], cfg.get('lora_alpha', 0))}, "
+           "every linear layer) trained for every variant and merged" if cfg.get("lora_r") else
            "full fine-tuning of every variant")
         + f", with identical data and seed, {cfg['steps']} steps, batch {cfg['batch_size']}, max "
         f"length {cfg['max_length']}, learning rate {cfg['lr']} (cosine), precision {cfg['precision']}.",

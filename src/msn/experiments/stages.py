@@ -20,6 +20,11 @@ def variant_noise(spans: int, span_len: int) -> NoiseConfig:
     return NoiseConfig(enabled=False) if spans == 0 else NoiseConfig(span_len=span_len, num_spans=spans)
 
 
+def resolved_alpha(rank: int, alpha: int) -> int:
+    """The LoRA alpha of a preset's variants: ``alpha``, or 2 x ``rank`` where it is 0."""
+    return alpha or 2 * rank
+
+
 def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, steps: int, batch_size: int,
                 max_length: int, lr: float, save_steps: int, grad_accum: int = 1, precision: str = "fp32",
                 save_total_limit: int | None = None, warmup: float | None = None, lora_r: int = 0,
@@ -38,7 +43,8 @@ def train_stage(target: Path, base: str, data: Path, noise: NoiseConfig, *, step
     if warmup is not None:
         extra["warmup"] = warmup
     if lora_r:
-        extra.update(lora_r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0, merge_lora=True)
+        extra.update(lora_r=lora_r, lora_alpha=resolved_alpha(lora_r, lora_alpha), lora_dropout=0.0,
+                     merge_lora=True)
     run(TrainConfig(model=str(base), data=str(data / "train.jsonl"), output_dir=str(target), noise=noise,
                     max_steps=steps, batch_size=batch_size, max_length=max_length, lr=lr, save_steps=save_steps,
                     logging_steps=10, seed=42, grad_accum=grad_accum, precision=precision, resume=resume, **extra))
