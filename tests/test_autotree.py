@@ -165,7 +165,16 @@ def test_auto_tree_is_lossless_and_reports_its_choice(models):
     r = msn.generate(model, x, method="tr-jacobi", tree="auto", max_new_tokens=70, eos_token_id=[])
     assert r.tokens == want
     assert r.info["tree"] == "auto" and r.info["choices"] and "1" in r.info["latency"]["ms"]
-    assert all(1 <= c["inputs"] <= 69 for c in r.info["choices"])
+    # Which tree wins follows the step times measured on this machine; its size does not:
+    # the root, at most the reference tree's 63 nodes and (merged drafts, the default) the
+    # recycled tree's nodes, and the retrieval chain when it is used.
+    from msn.decoding.recycle import RECYCLE_TEMPLATE
+    from msn.decoding.tree import REFERENCE_TREE
+
+    assert r.info["drafts"] == "merged"
+    for c in r.info["choices"]:
+        assert 0 <= c["topk_nodes"] <= len(REFERENCE_TREE) and 0 <= c["recycled_nodes"] <= len(RECYCLE_TEMPLATE)
+        assert c["inputs"] == 1 + c["topk_nodes"] + c["recycled_nodes"] + (5 if c["retrieval"] else 0), c
 
 
 def test_profile_accounts_for_every_step_of_every_method(models):

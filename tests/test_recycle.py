@@ -160,7 +160,9 @@ def test_merged_candidates_count_the_longer_of_both_paths():
 def test_recycled_drafts_are_accepted_and_exact(family, models):
     """On a repetitive prompt the table learns the continuation: recycle and merged tr-jacobi
     accept several tokens per step, and both equal ar. The table starts empty (the shared
-    test models' tables hold whatever earlier tests taught them)."""
+    test models' tables hold whatever earlier tests taught them), and again before the
+    asserted pair: ``tr-jacobi`` with the default ``--tree auto`` picks its tree from the step
+    times it measures, so what it teaches the table depends on the machine."""
     model = models(family)
     recycle.reset_tables(model)
     unit = [5, 17, 33, 8, 41, 29]
@@ -169,7 +171,10 @@ def test_recycled_drafts_are_accepted_and_exact(family, models):
     for method, opts in (("recycle", {}), ("tr-jacobi", {"tree": "reference"}), ("tr-jacobi", {})):
         r = msn.generate(model, x, method=method, max_new_tokens=40, eos_token_id=[], **opts)
         assert r.tokens == want, (family, method, opts)
+    recycle.reset_tables(model)
+    first = msn.generate(model, x, method="recycle", max_new_tokens=40, eos_token_id=[])
     again = msn.generate(model, x, method="recycle", max_new_tokens=40, eos_token_id=[])
+    assert first.tokens == want
     assert again.tokens == want and again.mean_accepted_tokens > 1.3, again.mean_accepted_tokens
 
 
