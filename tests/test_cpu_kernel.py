@@ -143,6 +143,54 @@ def test_the_one_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
     assert timing.one_row_kernel(off) is False and not cpu.padded(off)
 
 
+def test_few_rows_keep_f_linear_up_to_the_decided_width(monkeypatch):
+    """Decided to keep F.linear up to 3 rows: a step of 2 or 3 inputs calls F.linear in every
+    layer, one of 4 the kernel; the logits agree with F.linear's to float rounding."""
+    import torch.nn.functional as F
+
+    model = tiny_model("llama").eval()
+    cpu.set_plain_rows(model, 3)
+    calls = _linear_calls(model, monkeypatch)
+    for rows, plain in ((2, True), (3, True), (4, False)):
+        x = torch.randint(3, 90, (1, rows))
+        with torch.no_grad():
+            want = model(x).logits
+            calls.clear()
+            with cpu.skinny_linears(model):
+                got = model(x).logits
+        assert bool(calls) is plain, rows
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    cpu.restore(model)
+
+
+def test_the_few_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """timing.few_row_kernel times tree steps both ways at each width once, keeps F.linear up to
+    the last width where it was faster at every width so far, keeps that on disk (a new model
+    object of the same config reads it) and applies it; kernels switched off: nothing measured."""
+    from msn.decoding import timing
+
+    monkeypatch.setenv("MSN_CACHE_DIR", str(tmp_path))
+    measured = []
+    real = timing.measure_few_rows
+
+    def plain_wins_below_four(model, **kw):
+        got = real(model, widths=(2, 3, 4), repeats=1)
+        measured.append(got)
+        return {n: {"linear": 1.0 if n in (2, 3, 8) else 2.0, "kernel": 1.5} for n in (2, 3, 4, 6, 8)}
+
+    monkeypatch.setattr(timing, "measure_few_rows", plain_wins_below_four)
+    first = tiny_model("qwen2").eval()
+    assert timing.few_row_kernel(first) == 3 and cpu.plain_rows(first) == 3     # 8 is past a loss at 4
+    assert len(measured) == 1 and set(measured[0]) == {2, 3, 4}
+    assert all(v > 0 for t in measured[0].values() for v in t.values())
+    assert cpu.plain_rows(tiny_model("llama").eval()) == 1                       # another model: not decided
+    monkeypatch.setattr(timing, "measure_few_rows", lambda *a, **k: pytest.fail("measured again"))
+    assert timing.few_row_kernel(tiny_model("qwen2").eval()) == 3                # read from disk
+    off = tiny_model("llama").eval()
+    cpu.configure(off, kernels=False)
+    assert timing.few_row_kernel(off) == 1
+
+
 def test_greedy_outputs_with_one_row_as_two_rows(models):
     """Every method equals transformers' greedy decoding with one row computed as two."""
     from conftest import hf_greedy
@@ -254,6 +302,7 @@ def test_the_environment_switches_are_decode_config_defaults(monkeypatch):
     with pytest.raises(MsnError, match="cpu_kernels must be one of auto, off"):
         DecodeConfig(cpu_kernels="fast")
     model = tiny_model("llama").eval()
+    cpu.set_plain_rows(model, 1)       # decided: the kernel for every step width (nothing timed)
     calls = _linear_calls(model, monkeypatch)
     ids = torch.randint(3, 90, (1, 6))
     counts = {}

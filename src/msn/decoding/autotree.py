@@ -29,7 +29,7 @@ from msn.paths import read_stored, write_stored
 
 # 6 is the retrieval chain alone (1 + 5): on a 2-core CPU t(4) ~ t(1) but t(6) ~ 1.3 t(1),
 # which interpolating between 4 and 8 hid.
-LADDER = (1, 2, 4, 6, 8, 12, 16, 24, 32, 48, 69)
+LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 69)
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 63)
 MERGED_SIZES = (80, 100, 120)      # merged drafts: 63 trajectory + 80 recycled nodes at most
 
@@ -79,7 +79,8 @@ def latency_key(model, device, dtype) -> dict:
             "attention": getattr(model.config, "_attn_implementation", None) or "eager",
             "torch": torch.__version__, "transformers": transformers.__version__,
             "threads": torch.get_num_threads(), "msn": __version__, "ladder": list(LADDER),
-            **({"cpu_gemm": cpu.enabled(model), "one_row": cpu.padded(model), "cpu_pack": cpu.prepacked(model)}
+            **({"cpu_gemm": cpu.enabled(model), "one_row": cpu.padded(model), "cpu_pack": cpu.prepacked(model),
+                "plain_rows": cpu.plain_rows(model)}
                if device.type == "cpu" else {})}
 
 

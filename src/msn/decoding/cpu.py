@@ -13,6 +13,13 @@ whether one row is computed as two is decided per model by timing one-token
 forwards both ways (``msn.decoding.engine.one_row_kernel``); the padded row's product is
 the same up to float rounding.
 
+A few rows can still be faster with ``F.linear``: on this project's CPU (torch 2.13) a tree
+step of 2 or 3 inputs took 40-44 ms with it against 51-54 ms prepacked (one input: 39 ms), and
+4 or more were faster prepacked. So the row count up to which ``F.linear`` is kept is decided
+per model by timing steps both ways (``msn.decoding.timing.few_row_kernel``, kept on disk like
+the one-row decision); ``plain_rows(model)`` is that count (1: the kernel for every row count
+above one).
+
 The results differ from ``F.linear``'s by float rounding only (max |logit| difference
 4e-5 to 7e-5 on SmolLM2; each is as close to a float64 forward as the other).
 ``DecodeConfig(cpu_kernels="off")`` turns it off (``MSN_CPU_GEMM=0`` sets that default).
@@ -57,6 +64,7 @@ _PADDED: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDic
 _PACKS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 _FITS: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
 _OPTIONS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[bool, bool]]" = weakref.WeakKeyDictionary()
+_PLAIN: "weakref.WeakKeyDictionary[torch.nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
 def configure(model, kernels: bool = True, prepack: bool = True) -> None:
@@ -92,6 +100,25 @@ def set_padded(model, on: bool | None) -> None:
         _PADDED.pop(model, None)
     else:
         _PADDED[model] = bool(on)
+
+
+def plain_rows(model) -> int:
+    """The most rows ``model``'s products keep ``F.linear`` for inside msn's steps (as decided
+    for it by ``set_plain_rows``; 1 until then: the kernel for every count above one)."""
+    return _PLAIN.get(model, 1)
+
+
+def plain_decided(model) -> bool:
+    """Whether ``plain_rows(model)`` was decided, rather than defaulting to 1."""
+    return model in _PLAIN
+
+
+def set_plain_rows(model, rows: int | None) -> None:
+    """Decides (a row count, at least 1) or forgets (None) up to how many rows ``model`` keeps ``F.linear``."""
+    if rows is None:
+        _PLAIN.pop(model, None)
+    else:
+        _PLAIN[model] = max(1, int(rows))
 
 
 def packing(model=None) -> bool:
@@ -153,8 +180,11 @@ def _fits_twice(model) -> bool:
     return need <= free // 4
 
 
-def _skinny(module: torch.nn.Linear, x: torch.Tensor, one_row: bool = False, packed: bool = False) -> torch.Tensor:
+def _skinny(module: torch.nn.Linear, x: torch.Tensor, one_row: bool = False, packed: bool = False,
+            plain: int = 1) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.dim() else 0
+    if 1 < rows <= plain:
+        return F.linear(x, module.weight, module.bias)
     if packed and rows > 1 and x.dtype == torch.float32:
         y = _linear_pointwise(x.reshape(rows, x.shape[-1]), _packed_weight(module), module.bias, "none", [], "")
         return y.reshape(*x.shape[:-1], module.weight.shape[0])
@@ -167,9 +197,10 @@ def _skinny(module: torch.nn.Linear, x: torch.Tensor, one_row: bool = False, pac
     return y.reshape(*x.shape[:-1], module.weight.shape[0])
 
 
-# Inside a step: (the ids of the stepping model's FewRowLinear layers, one row as two, prepacked).
-_STEP: contextvars.ContextVar[tuple[frozenset, bool, bool] | None] = contextvars.ContextVar("msn_cpu_step",
-                                                                                           default=None)
+# Inside a step: (the ids of the stepping model's FewRowLinear layers, one row as two, prepacked,
+# the most rows kept on F.linear).
+_STEP: contextvars.ContextVar[tuple[frozenset, bool, bool, int] | None] = contextvars.ContextVar("msn_cpu_step",
+                                                                                                default=None)
 
 
 class FewRowLinear(torch.nn.Linear):
@@ -180,7 +211,7 @@ class FewRowLinear(torch.nn.Linear):
         step = None if torch.compiler.is_compiling() else _STEP.get()
         if step is None or id(self) not in step[0]:
             return F.linear(x, self.weight, self.bias)
-        return _skinny(self, x, one_row=step[1], packed=step[2])
+        return _skinny(self, x, one_row=step[1], packed=step[2], plain=step[3])
 
 
 def _linears(model) -> frozenset:
@@ -224,13 +255,13 @@ def prepack(model) -> None:
 @contextlib.contextmanager
 def skinny_linears(model):
     """Within the block, the model's float32 CPU linear layers compute several rows with
-    the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T),
-    and one row as two where ``padded(model)``. A no-op on other devices and dtypes, or with
+    the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T)
+    except up to ``plain_rows(model)`` rows (``F.linear``), and one row as two where ``padded(model)``. A no-op on other devices and dtypes, or with
     the kernels switched off; a layer whose ``forward`` something else has replaced is left alone."""
     if not applies(model):
         yield
         return
-    token = _STEP.set((_linears(model), padded(model), prepacked(model)))
+    token = _STEP.set((_linears(model), padded(model), prepacked(model), plain_rows(model)))
     try:
         yield
     finally:

@@ -67,9 +67,11 @@ def prepare_model(model, cfg, several_inputs: bool = True) -> None:
     one_row_kernel(model)
     if several_inputs:
         cpu.prepack(model)
+        few_row_kernel(model)
 
 
 _ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % faster (timing noise)
+FEW_ROWS = (2, 3, 4, 6, 8, 12, 16)   # the step widths F.linear is timed against the kernel at
 
 
 def one_row_kernel(model, *, refresh: bool = False) -> bool:
@@ -92,6 +94,62 @@ def one_row_kernel(model, *, refresh: bool = False) -> bool:
         write_stored("one-row", key, stored)
     cpu.set_padded(model, stored["padded"])
     return stored["padded"]
+
+
+def few_row_kernel(model, *, refresh: bool = False) -> int:
+    """Up to how many rows the several-input steps of this float32 CPU model keep
+    ``F.linear`` instead of msn's kernel (``cpu.plain_rows``): decided once per model, from
+    the disk cache or by timing steps of ``FEW_ROWS`` inputs both ways, as the largest width
+    up to which ``F.linear`` was faster at every timed width (by ``_ONE_ROW_MARGIN``); the
+    kernel is kept for wider steps. 1 (the kernel above one row), and nothing measured, on
+    other devices and dtypes or with the kernels switched off."""
+    if not cpu.applies(model):
+        return 1
+    if not refresh and cpu.plain_decided(model):
+        return cpu.plain_rows(model)
+    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
+           if k not in ("ladder", "plain_rows")}
+    stored = None if refresh else read_stored("few-rows", key)
+    if not isinstance(stored, dict) or not isinstance(stored.get("plain_rows"), int):
+        seconds = measure_few_rows(model)
+        plain = 1
+        for n in sorted(seconds):
+            if seconds[n]["linear"] >= _ONE_ROW_MARGIN * seconds[n]["kernel"]:
+                break
+            plain = n
+        stored = {"plain_rows": plain, "ms": {str(n): {k: round(v * 1000, 3) for k, v in t.items()}
+                                              for n, t in seconds.items()}}
+        write_stored("few-rows", key, stored)
+    cpu.set_plain_rows(model, stored["plain_rows"])
+    return stored["plain_rows"]
+
+
+@torch.inference_mode()
+def measure_few_rows(model, widths: tuple[int, ...] = FEW_ROWS, context: int = 100,
+                     repeats: int = 5) -> dict[int, dict[str, float]]:
+    """Median wall seconds of a tree step of n inputs (n in ``widths`` that fit) with
+    ``F.linear`` (``linear``) and with msn's kernel (``kernel``), the two alternating on one
+    growing context (random drafts are rejected), the first round dropped as warm-up."""
+    device = model_device(model)
+    cache, context, limit, g = _timing_prompt(model, context)
+    widths = [n for n in sorted(widths) if context + 2 * (repeats + 1) * len(widths) + n < limit]
+    vocab = vocab_size(model) or 2
+    times: dict[int, dict[bool, list]] = {n: {False: [], True: []} for n in widths}
+    length = context
+    try:
+        for r in range(1 + repeats):
+            for n in widths:
+                cand = torch.randint(vocab, (n - 1, 1), generator=g).to(device)
+                for plain in ((False, True) if r % 2 else (True, False)):
+                    cpu.set_plain_rows(model, n if plain else 1)
+                    t0 = time.perf_counter()
+                    _, feedback = tree_step(model, cache, length, 0, tuple(chain(n - 1)), cand, limit)
+                    times[n][plain].append(time.perf_counter() - t0)
+                    length += 1 + feedback.accepted
+    finally:
+        cpu.set_plain_rows(model, None)
+    return {n: {"linear": statistics.median(t[True][1:]), "kernel": statistics.median(t[False][1:])}
+            for n, t in times.items()}
 
 
 @torch.inference_mode()
