@@ -20,7 +20,12 @@ Parts (``--parts``, in this order by default):
 6. compiled: compiled steps (``compile="on"``, then replayed) of ar, pld, tr-jacobi (auto)
    and tr-jacobi:reference beside transformers' compiled static-cache generate
    (``hf-static``), every compilation paid by a warm-up question first;
-7. shapes: t(n) for n = 1 ... 69 of random-weight bfloat16 models with the shapes of
+7. own_words (issue 36's own-words line, which names no device): the shipped
+   ``smollm2-msn-code`` adapter merged into the base (``--gguf``/``--model``: SmolLM2-135M-Instruct)
+   against the base, on ``msn.bench.prompts.CODE_REQUESTS``, float32, the rows ``msn reproduce``
+   scores there (``ar``, the reference tree without retrieval, ``tr-jacobi`` with it, and the
+   default decoder one request at a time, cold), each prompt's figures kept;
+8. shapes: t(n) for n = 1 ... 69 of random-weight bfloat16 models with the shapes of
    Llama-3.2-1B and Llama-3-8B (``SHAPES``), eager, replayed and (1B) compiled (n = 1 and 69),
    and a projection of tr-jacobi's speedup over ar at those sizes from the measured t(n)
    and the acceptance the reference run measured (``ACCEPTANCE``): a projection, not a
@@ -240,6 +245,36 @@ def bench(path: str, device: str, limit: int, max_new: int, out_dir: Path, categ
     return {"methods": rows, "auto_tree": main["auto_tree"]}
 
 
+def own_words(path: str, device: str, max_new: int, out_dir: Path) -> dict:
+    """The shipped MSN adapter merged into ``path`` (its base) against ``path``, on the code
+    requests in a user's own words: each decoder's tokens per step and match with ``ar``, per
+    prompt too, and the default decoder's ratio (the issue asks at least 1.2)."""
+    from msn.bench.prompts import CODE_REQUESTS, write_questions
+    from msn.data.records import ensure_chat_template
+    from msn.experiments.reproduce import OWN_WORDS_METHODS, acceptance
+    from msn.fetch import shipped_adapter
+    from msn.loading import load_for_inference, load_tokenizer, merged_model
+
+    questions = write_questions(out_dir / "own_words_questions.jsonl", CODE_REQUESTS, "code-request")
+    adapter = shipped_adapter("smollm2-msn-code")
+    if adapter is None:
+        raise RuntimeError("this copy of msn ships no smollm2-msn-code adapter")
+    merged = out_dir / "smollm2-msn-code"
+    if not (merged / "config.json").exists():
+        merged_model(adapter, base=path).save_pretrained(merged)
+        load_tokenizer(path).save_pretrained(merged)
+    rows = {}
+    for name, folder in (("base", path), ("smollm2-msn-code", str(merged))):
+        model, tok = load_for_inference(folder, device, "float32")
+        ensure_chat_template(tok)
+        rows[name] = acceptance(model, tok, questions, OWN_WORDS_METHODS, max_new, len(CODE_REQUESTS),
+                                progress=False, per_prompt=True)
+        del model
+    ratio = {m: round(rows["smollm2-msn-code"][m]["mean_accepted_tokens"] / rows["base"][m]["mean_accepted_tokens"], 3)
+             for m in OWN_WORDS_METHODS if m != "ar"}
+    return {"models": rows, "msn_over_base": ratio, "prompts": len(CODE_REQUESTS), "max_new_tokens": max_new}
+
+
 def hf_static(path: str, device: str, max_new: int, out_dir: Path, questions) -> dict:
     from msn.bench.harness import BenchConfig, run_bench
 
@@ -394,6 +429,12 @@ def claims(report: dict) -> dict:
             if name in comp:
                 v = comp[name]["over_hf_static"]
                 out[f"compiled {name} over compiled hf-static"] = {"value": v, "limit": limit, "holds": v >= limit}
+    own = report.get("own_words", {})
+    if "msn_over_base" in own:
+        v = own["msn_over_base"]["default"]
+        same = all(r[m]["match_rate"] == 1.0 for r in own["models"].values() for m in r if m != "ar")
+        out["own words: default decoder, smollm2-msn-code over base"] = {"value": v, "limit": 1.2,
+                                                                        "holds": v >= 1.2 and same}
     rows = projection(report.get("shapes", {}))
     if rows:
         out["projection rows"] = {"value": len(rows), "holds": True}
@@ -413,7 +454,7 @@ def main() -> int:
     ap.add_argument("--categories", help="comma-separated Spec-Bench categories (default all)")
     ap.add_argument("--questions", default=str(ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"),
                     help="Spec-Bench question.jsonl (default ../shared/data/spec_bench/question.jsonl)")
-    ap.add_argument("--parts", default="lossless,latency,profile,bench,bf16,hf_static,compiled,shapes")
+    ap.add_argument("--parts", default="lossless,latency,profile,bench,bf16,hf_static,compiled,own_words,shapes")
     ap.add_argument("--tiny-shapes", action="store_true", help="shapes: tiny stand-ins of SHAPES (a CPU test)")
     ap.add_argument("--projection", help="also write the projection table (markdown) here, from the shapes part")
     a = ap.parse_args()
@@ -451,6 +492,7 @@ def main() -> int:
             "bf16": lambda: bf16_agreement(path, a.device, prompts(), min(a.max_new_tokens, 64)),
             "hf_static": lambda: hf_static(path, a.device, a.max_new_tokens, work, a.questions),
             "compiled": lambda: compiled(path, a.device, a.max_new_tokens, work, a.questions),
+            "own_words": lambda: own_words(path, a.device, a.max_new_tokens, work),
             "shapes": lambda: shapes(a.device, a.tiny_shapes)}
     for name in a.parts.split(","):
         t0 = time.time()

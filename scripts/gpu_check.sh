@@ -18,6 +18,9 @@
 # compiled steps against transformers' compiled static-cache generate, t(n) at Llama-3.2-1B and
 # Llama-3-8B shapes (random bfloat16 weights) and the projection table, at most 6 minutes.
 #   bash scripts/gpu_check.sh compiled $OUT
+# Call 4 (no carry, while still warm, after call 2): the shipped smollm2-msn-code adapter against
+# the base on the code requests in a user's own words (issue 36), about 2 minutes.
+#   bash scripts/gpu_check.sh own $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
@@ -48,8 +51,16 @@ case "${1:-}" in
     timeout "${LIMIT:-360}" python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --parts shapes,compiled \
       --questions /tmp/question.jsonl --out "$2/gpu_check-compiled.json" --projection "$2/gpu-compiled-projection.md"
     ;;
+  own)
+    if ! python -c "import gguf" 2>/dev/null; then
+      export PYTHONPATH=$PYTHONPATH:/tmp/site
+    fi
+    mkdir -p "$2"
+    timeout "${LIMIT:-300}" python scripts/gpu_check.py --gguf /tmp/smollm2.gguf --parts own_words \
+      --out "$2/gpu_check-own.json"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh first CARRY1_DIR OUT_DIR | second PART01_FILE OUT_DIR | compiled OUT_DIR" >&2
+    echo "usage: bash scripts/gpu_check.sh first CARRY1_DIR OUT_DIR | second PART01_FILE OUT_DIR | compiled OUT_DIR | own OUT_DIR" >&2
     exit 2
     ;;
 esac

@@ -61,12 +61,13 @@ def cache_root() -> Path:
 STORE_KINDS = {
     "latency": "measured step latency t(n) per model shape, device, dtype and threads (--tree auto)",
     "one-row": "the CPU kernel decision per model shape and machine (one row computed as two)",
+    "few-rows": "the CPU kernel decision per model shape and machine (steps up to how many inputs keep F.linear)",
     "acceptance": "scored tree steps per model (--tree auto starts from them)",
     "recycle": "recycled candidate tables per model weights (recycle; tr-jacobi's merged drafts)",
     "tokenized": "training data tokenized by msn train, per data file, tokenizer and settings",
     "models": "models fetched by msn fetch",
 }
-CALIBRATION = ("latency", "one-row")         # measured once per model shape and machine, then read
+CALIBRATION = ("latency", "one-row", "few-rows")       # measured once per model shape and machine, then read
 LEARNED = ("acceptance", "recycle")          # grows with every generation
 DECODING_STATE = CALIBRATION + LEARNED
 _ROOTS: dict[str, Path] = {}                 # kind -> the folder standing in for the store (empty_decoding_state)
