@@ -174,7 +174,7 @@ def test_the_few_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
     real = timing.measure_few_rows
 
     def plain_wins_below_four(model, **kw):
-        got = real(model, widths=(2, 3, 4), repeats=1)
+        got = real(model, widths=(2, 3, 4), repeats=1, margin=None)
         measured.append(got)
         return {n: {"linear": 1.0 if n in (2, 3, 8) else 2.0, "kernel": 1.5} for n in (2, 3, 4, 6, 8)}
 
@@ -189,6 +189,14 @@ def test_the_few_row_decision_is_measured_once_and_kept(monkeypatch, tmp_path):
     off = tiny_model("llama").eval()
     cpu.configure(off, kernels=False)
     assert timing.few_row_kernel(off) == 1
+    # The measurement stops at the first width where the kernel is not beaten.
+    stepped = []
+    monkeypatch.setattr(timing, "tree_step", lambda *a, **k: stepped.append(cpu.plain_rows(a[0])) or
+                        (None, type("F", (), {"accepted": 0})()))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    got = real(tiny_model("gemma").eval(), widths=(2, 3, 4), repeats=1)
+    assert list(got) == [2] and len(stepped) == 4       # every step took one tick both ways: no gain at 2
 
 
 def test_greedy_outputs_with_one_row_as_two_rows(models):

@@ -126,30 +126,35 @@ def few_row_kernel(model, *, refresh: bool = False) -> int:
 
 @torch.inference_mode()
 def measure_few_rows(model, widths: tuple[int, ...] = FEW_ROWS, context: int = 100,
-                     repeats: int = 5) -> dict[int, dict[str, float]]:
-    """Median wall seconds of a tree step of n inputs (n in ``widths`` that fit) with
-    ``F.linear`` (``linear``) and with msn's kernel (``kernel``), the two alternating on one
-    growing context (random drafts are rejected), the first round dropped as warm-up."""
+                     repeats: int = 5, margin: float | None = _ONE_ROW_MARGIN) -> dict[int, dict[str, float]]:
+    """Median wall seconds of a tree step of n inputs (n in ``widths`` that fit, narrowest
+    first) with ``F.linear`` (``linear``) and with msn's kernel (``kernel``), the two
+    alternating on one growing context (random drafts are rejected), the first of each dropped
+    as warm-up. Stops after the first width where ``F.linear`` is not ``margin`` faster (the
+    wider ones cannot change ``few_row_kernel``'s decision); ``margin=None`` times every width."""
     device = model_device(model)
     cache, context, limit, g = _timing_prompt(model, context)
     widths = [n for n in sorted(widths) if context + 2 * (repeats + 1) * len(widths) + n < limit]
     vocab = vocab_size(model) or 2
-    times: dict[int, dict[bool, list]] = {n: {False: [], True: []} for n in widths}
+    out: dict[int, dict[str, float]] = {}
     length = context
     try:
-        for r in range(1 + repeats):
-            for n in widths:
-                cand = torch.randint(vocab, (n - 1, 1), generator=g).to(device)
+        for n in widths:
+            cand = torch.randint(vocab, (n - 1, 1), generator=g).to(device)
+            times: dict[bool, list] = {False: [], True: []}
+            for r in range(1 + repeats):
                 for plain in ((False, True) if r % 2 else (True, False)):
                     cpu.set_plain_rows(model, n if plain else 1)
                     t0 = time.perf_counter()
                     _, feedback = tree_step(model, cache, length, 0, tuple(chain(n - 1)), cand, limit)
-                    times[n][plain].append(time.perf_counter() - t0)
+                    times[plain].append(time.perf_counter() - t0)
                     length += 1 + feedback.accepted
+            out[n] = {"linear": statistics.median(times[True][1:]), "kernel": statistics.median(times[False][1:])}
+            if margin is not None and out[n]["linear"] >= margin * out[n]["kernel"]:
+                break
     finally:
         cpu.set_plain_rows(model, None)
-    return {n: {"linear": statistics.median(t[True][1:]), "kernel": statistics.median(t[False][1:])}
-            for n, t in times.items()}
+    return out
 
 
 @torch.inference_mode()
