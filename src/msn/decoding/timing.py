@@ -74,6 +74,23 @@ _ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % f
 FEW_ROWS = (2, 3, 4, 6, 8, 12, 16)   # the step widths F.linear is timed against the kernel at
 
 
+def _stored_decision(model, kind: str, field: str, valid, measure, refresh: bool) -> dict:
+    """A CPU kernel decision of ``model``: read from the store (``kind``, keyed as its step
+    latency is, less the ladder and the decision's own key ``field``), else ``measure()`` (a
+    dict that holds it) and kept there."""
+    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
+           if k not in ("ladder", field)}
+    stored = None if refresh else read_stored(kind, key)
+    if not (isinstance(stored, dict) and valid(stored)):
+        stored = measure()
+        write_stored(kind, key, stored)
+    return stored
+
+
+def _ms(seconds: dict) -> dict:
+    return {str(k): _ms(v) if isinstance(v, dict) else round(v * 1000, 3) for k, v in seconds.items()}
+
+
 def one_row_kernel(model, *, refresh: bool = False) -> bool:
     """Whether one-input forwards of this float32 CPU model compute their linear layers as
     two-row products (``msn.decoding.cpu``): decided once per model, from the disk cache or
@@ -84,14 +101,13 @@ def one_row_kernel(model, *, refresh: bool = False) -> bool:
         return False
     if not refresh and cpu.decided(model):
         return cpu.padded(model)
-    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
-           if k not in ("ladder", "one_row")}
-    stored = None if refresh else read_stored("one-row", key)
-    if not isinstance(stored, dict) or not isinstance(stored.get("padded"), bool):
+
+    def measure():
         seconds = measure_one_row(model)
-        stored = {"padded": seconds["padded"] < _ONE_ROW_MARGIN * seconds["linear"],
-                  "ms": {k: round(v * 1000, 3) for k, v in seconds.items()}}
-        write_stored("one-row", key, stored)
+        return {"padded": seconds["padded"] < _ONE_ROW_MARGIN * seconds["linear"], "ms": _ms(seconds)}
+
+    stored = _stored_decision(model, "one-row", "one_row", lambda s: isinstance(s.get("padded"), bool),
+                              measure, refresh)
     cpu.set_padded(model, stored["padded"])
     return stored["padded"]
 
@@ -107,19 +123,18 @@ def few_row_kernel(model, *, refresh: bool = False) -> int:
         return 1
     if not refresh and cpu.plain_decided(model):
         return cpu.plain_rows(model)
-    key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
-           if k not in ("ladder", "plain_rows")}
-    stored = None if refresh else read_stored("few-rows", key)
-    if not isinstance(stored, dict) or not isinstance(stored.get("plain_rows"), int):
+
+    def measure():
         seconds = measure_few_rows(model)
         plain = 1
         for n in sorted(seconds):
             if seconds[n]["linear"] >= _ONE_ROW_MARGIN * seconds[n]["kernel"]:
                 break
             plain = n
-        stored = {"plain_rows": plain, "ms": {str(n): {k: round(v * 1000, 3) for k, v in t.items()}
-                                              for n, t in seconds.items()}}
-        write_stored("few-rows", key, stored)
+        return {"plain_rows": plain, "ms": _ms(seconds)}
+
+    stored = _stored_decision(model, "few-rows", "plain_rows", lambda s: isinstance(s.get("plain_rows"), int),
+                              measure, refresh)
     cpu.set_plain_rows(model, stored["plain_rows"])
     return stored["plain_rows"]
 
