@@ -37,9 +37,10 @@ def models():
     return get
 
 
-def hf_greedy(model, ids, max_new_tokens, eos):
-    """transformers' own greedy decoding: the ecosystem's reference."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+def hf_greedy(model, ids, max_new_tokens, eos, use_cache=True):
+    """transformers' own greedy decoding: the ecosystem's reference (``use_cache=False``: each
+    token from a forward over the whole sequence, the definition that cached decoding follows)."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=use_cache,
                          max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
 
