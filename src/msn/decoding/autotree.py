@@ -28,7 +28,8 @@ from msn.decoding.tree import REFERENCE_TREE, Path
 from msn.paths import read_stored, write_stored
 
 # 6 is the retrieval chain alone (1 + 5): on a 2-core CPU t(4) ~ t(1) but t(6) ~ 1.3 t(1),
-# which interpolating between 4 and 8 hid.
+# which interpolating between 4 and 8 hid. 3: the widest step that may keep F.linear
+# (``timing.few_row_kernel``; SmolLM2 here: t(3) = 1.1 t(1), t(4) = 1.45 t(1)).
 LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 69)
 SIZES = (0, 1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 26, 32, 40, 48, 63)
 MERGED_SIZES = (80, 100, 120)      # merged drafts: 63 trajectory + 80 recycled nodes at most

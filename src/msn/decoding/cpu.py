@@ -256,8 +256,9 @@ def prepack(model) -> None:
 def skinny_linears(model):
     """Within the block, the model's float32 CPU linear layers compute several rows with
     the prepacked weight (``prepacked(model)``; otherwise 2..MAX_ROWS rows as (W @ x^T)^T)
-    except up to ``plain_rows(model)`` rows (``F.linear``), and one row as two where ``padded(model)``. A no-op on other devices and dtypes, or with
-    the kernels switched off; a layer whose ``forward`` something else has replaced is left alone."""
+    except up to ``plain_rows(model)`` rows (``F.linear``), and one row as two where
+    ``padded(model)``. A no-op on other devices and dtypes, or with the kernels switched off;
+    a layer whose ``forward`` something else has replaced is left alone."""
     if not applies(model):
         yield
         return

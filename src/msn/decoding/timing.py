@@ -74,12 +74,17 @@ _ONE_ROW_MARGIN = 0.97      # one row is computed as two only when that is 3 % f
 FEW_ROWS = (2, 3, 4, 6, 8, 12, 16)   # the step widths F.linear is timed against the kernel at
 
 
-def _stored_decision(model, kind: str, field: str, valid, measure, refresh: bool) -> dict:
+# What a step latency is keyed by beyond the machine and model: the kernel decisions (and the
+# ladder) it was measured under. A kernel decision itself is keyed without them, so neither
+# decision's key depends on whether the other was made first.
+_DECISION_FIELDS = ("ladder", "one_row", "plain_rows")
+
+
+def _stored_decision(model, kind: str, valid, measure, refresh: bool) -> dict:
     """A CPU kernel decision of ``model``: read from the store (``kind``, keyed as its step
-    latency is, less the ladder and the decision's own key ``field``), else ``measure()`` (a
-    dict that holds it) and kept there."""
+    latency is, less ``_DECISION_FIELDS``), else ``measure()`` (a dict that holds it) and kept there."""
     key = {k: v for k, v in latency_key(model, model_device(model), model.dtype).items()
-           if k not in ("ladder", field)}
+           if k not in _DECISION_FIELDS}
     stored = None if refresh else read_stored(kind, key)
     if not (isinstance(stored, dict) and valid(stored)):
         stored = measure()
@@ -106,7 +111,7 @@ def one_row_kernel(model, *, refresh: bool = False) -> bool:
         seconds = measure_one_row(model)
         return {"padded": seconds["padded"] < _ONE_ROW_MARGIN * seconds["linear"], "ms": _ms(seconds)}
 
-    stored = _stored_decision(model, "one-row", "one_row", lambda s: isinstance(s.get("padded"), bool),
+    stored = _stored_decision(model, "one-row", lambda s: isinstance(s.get("padded"), bool),
                               measure, refresh)
     cpu.set_padded(model, stored["padded"])
     return stored["padded"]
@@ -133,7 +138,7 @@ def few_row_kernel(model, *, refresh: bool = False) -> int:
             plain = n
         return {"plain_rows": plain, "ms": _ms(seconds)}
 
-    stored = _stored_decision(model, "few-rows", "plain_rows", lambda s: isinstance(s.get("plain_rows"), int),
+    stored = _stored_decision(model, "few-rows", lambda s: isinstance(s.get("plain_rows"), int),
                               measure, refresh)
     cpu.set_plain_rows(model, stored["plain_rows"])
     return stored["plain_rows"]
