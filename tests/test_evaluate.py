@@ -176,6 +176,21 @@ def test_reproduce_cpu_smoke(tmp_path):
     # Every kept response is the base's own answer to its prompt, which training then reads.
     answers = [json.loads(line) for line in (out / "data-self" / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == preset.distill_prompts
+    # Requests in a user's words, made from prompts outside that sample, answered by the base too;
+    # training reads both sets.
+    asked = json.loads((out / "requests-self" / "info.json").read_text())
+    assert asked["prompts"] == preset.distill_requests
+    from msn.data.distill import select
+
+    def lines(path):
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    records = lines(out / "data" / "train.jsonl")
+    sampled = {records[i]["response"] for i in select(records, preset.distill_prompts, 42)}
+    assert not sampled & {r["response"] for r in lines(out / "requests" / "train.jsonl")}   # other functions
+    requests = lines(out / "requests-self" / "train.jsonl")
+    assert len(requests) == asked["kept"] > 0 and all("Python" in r["prompt"] for r in requests)
+    train = lines(out / "data-train" / "train.jsonl")
+    assert train == lines(out / "data-self" / "train.jsonl") + requests
     assert preset.checkpoints == ["sft@2", "msn@2"]
     # Both variants trained the same LoRA rank, saved merged (a full model); the curve's checkpoints are adapters.
     for name in preset.names:

@@ -64,3 +64,39 @@ def test_other_formats_through_datasets(tmp_path):
     p = tmp_path / "d.csv"
     p.write_text("prompt,response\nhello,world\n")
     assert load_conversations(p) == [[{"role": "user", "content": "hello"}, {"role": "assistant", "content": "world"}]]
+
+
+def test_stdlib_requests_ask_for_the_same_functions_in_a_users_words(tmp_path):
+    """The cpu preset's requests: a stdlib record's prompt becomes "... a Python function that
+    returns ...", its docstring's imperative in the third person; methods, private functions and
+    docstrings that do not start with a verb are left out; skipped indices never appear; the
+    same records give the same file."""
+    import random
+
+    from msn.data.stdlib_code import PROMPT, _third_person, as_request, write_requests
+
+    assert [_third_person(v) for v in ("Return", "Returns", "Check", "Process", "Copy", "Push", "Say")] == \
+        ["returns", "returns", "checks", "processes", "copies", "pushes", "says"]
+
+    def rec(name, sig, doc):
+        return {"prompt": PROMPT.format(name=name, signature=sig, module="statistics", doc=doc),
+                "response": f"```python\ndef {name}{sig}: ...\n```", "module": "statistics"}
+
+    good = rec("mean", "(data)", "Return the sample arithmetic mean of data.\n\nIf data is empty, raise.")
+    asked = as_request(good, random.Random(0))
+    assert "returns the sample arithmetic mean of data" in asked["prompt"]
+    assert "Docstring" not in asked["prompt"] and "If data is empty" not in asked["prompt"]
+    assert asked["response"] == good["response"] and asked["module"] == "statistics"
+    for bad in (rec("mean", "(self, data)", "Return the mean of data."),
+                rec("_mean", "(data)", "Return the mean of data."),
+                rec("mean", "(data)", "The mean of data, as a float."),
+                rec("mean", "(data)", "Return it."),
+                {"prompt": "Write a haiku", "response": "x"}):
+        assert as_request(bad, random.Random(0)) is None
+    records = [rec(f"f{i}", "(x)", f"Compute the value number {i} of x.") for i in range(6)]
+    assert write_requests(records, tmp_path / "a", skip={1, 4}) == 4
+    rows = [json.loads(line) for line in (tmp_path / "a" / "train.jsonl").read_text().splitlines()]
+    assert [r["response"] for r in rows] == [records[i]["response"] for i in (0, 2, 3, 5)]
+    assert all("computes the value number" in r["prompt"] for r in rows)
+    write_requests(records, tmp_path / "b", skip={1, 4})
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()

@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "are skipped, so rerunning continues an interrupted run.")
     r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "cpu-smoke", "ablation"], default="cpu",
                    help="cpu: ~2 h on 2 cores: sft and msn (8 noise spans) on the base's own answers to 600 "
-                   "training prompts, evaluated at half and all of 120 steps, HumanEval, code requests in a user's "
+                   "training prompts and to 400 more asked in a user's words, evaluated at half and all of 120 steps, HumanEval, code requests in a user's "
                    "own words, a LoRA adapter under 16 MiB; pilot: <1 h on 2 cores; gpu: one H100/H200 in "
                    "under 9 minutes, ~3 epochs (base, sft, msn-1span, msn-4spans, and a LoRA adapter of each MSN model "
                    "under 32 MiB; trained at once, evaluated at once); smoke / cpu-smoke: the gpu / cpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import random
+import re
 import sysconfig
 from pathlib import Path
 
@@ -102,3 +104,72 @@ def build(out_dir: str | Path, held_out_percent: int = 10, max_lines: int = 40,
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
+
+
+# The same functions asked for as a user might ask (``requests``): the first sentence of the
+# docstring, its imperative verb put in the third person, in one of these phrasings.
+REQUEST_TEMPLATES = (
+    "Write a Python function that {what}.",
+    "Can you write a Python function called `{name}` that {what}?",
+    "I need a Python function that {what}. Please write it.",
+    "How do I write a function in Python that {what}?",
+    "Give me a Python function `{signature}` that {what}.",
+    "Implement a function in Python that {what}.",
+    "Please write Python code for a function that {what}.",
+)
+REQUEST_SEED = 7
+_VERBS = frozenset(
+    "return set create get read handle add initialize remove convert parse test write process send find format "
+    "make construct close delete open check update clear generate replace load log compute build run start stop "
+    "copy split join encode decode compare count print save search sort apply call calculate extract wrap "
+    "validate escape normalize register append insert determine".split())
+_PROMPT_PARTS = re.compile(r"Write the Python function `(.+?)` for the module `(.+?)`\.\n\nDocstring:\n(.*)", re.S)
+
+
+def _third_person(verb: str) -> str:
+    """``Return`` -> ``returns``; a verb already in the third person is kept."""
+    verb = verb.lower()
+    if verb.endswith("s") and not verb.endswith("ss"):
+        return verb
+    if re.search(r"(ss|sh|ch|x|z|o)$", verb):
+        return verb + "es"
+    if re.search(r"[^aeiou]y$", verb):
+        return verb[:-1] + "ies"
+    return verb + "s"
+
+
+def as_request(record: dict, rng: random.Random) -> dict | None:
+    """A stdlib record's prompt in a user's words ("Write a Python function that returns
+    ..."), or None where it does not read as one: a method, a private function, a
+    docstring whose first sentence is not an imperative of a few words."""
+    m = _PROMPT_PARTS.match(record.get("prompt", ""))
+    if not m:
+        return None
+    signature, module, doc = m.groups()
+    name = signature.split("(")[0]
+    if "self" in signature or name.startswith("_"):
+        return None
+    first = doc.split("\n\n")[0].replace("\n", " ").strip()
+    first = re.split(r"(?<=[a-z0-9)])\. ", first)[0].rstrip(".").strip()
+    words = first.split()
+    verb = words[0].lower() if words else ""
+    if len(words) < 3 or len(first) > 160 or (verb not in _VERBS and verb.rstrip("s") not in _VERBS):
+        return None
+    what = " ".join([_third_person(words[0]), *words[1:]])
+    prompt = rng.choice(REQUEST_TEMPLATES).format(what=what, name=name, signature=signature)
+    return {"prompt": prompt, "response": record.get("response", ""), "module": module}
+
+
+def write_requests(records: list[dict], out_dir: str | Path, skip: set[int] = frozenset()) -> int:
+    """Writes ``out_dir/train.jsonl``: the records (but those at the indices ``skip``) that
+    read as a request (``as_request``), in a user's words. Returns how many."""
+    rng = random.Random(REQUEST_SEED)
+    rows = [q for i, r in enumerate(records) if i not in skip and (q := as_request(r, rng)) is not None]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / "train.jsonl.partial"
+    with open(staging, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    staging.replace(out / "train.jsonl")
+    return len(rows)

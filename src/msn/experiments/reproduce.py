@@ -91,6 +91,10 @@ class Preset:
             ``msn.data.distill``; answers longer than ``distill_tokens`` are left out).
         distill_keep_cut: keep the answers cut at ``distill_tokens`` too (test presets: a random
             model rarely ends its answer).
+        distill_requests: with ``self`` data, the base model's answers to this many more of the
+            stdlib prompts, asked in a user's words (``msn.data.stdlib_code.write_requests``: "Write a
+            Python function that returns ..."; prompts outside the ``distill_prompts`` sample) join
+            the training set: what decoding meets is the model's answers to such requests.
         curve: evaluate the checkpoints at these fractions of the steps as well (the learning
             curve); each fraction times ``steps`` must be a multiple of steps / len(curve) + 1.
         humaneval_base: HumanEval of the base model too.
@@ -127,6 +131,7 @@ class Preset:
     distill_tokens: int = 320
     distill_batch: int = 16
     distill_keep_cut: bool = False
+    distill_requests: int = 0
     curve: tuple[float, ...] = ()
     humaneval_base: bool = True
     own_words: bool = False
@@ -165,6 +170,8 @@ AT = "@"          # a checkpoint model's name: its variant's, this, and its step
 CPU_NOISE_SPANS = 8     # the cpu preset's: more denoising signal per sample in a short run
 CPU_LORA_RANK = 24      # the cpu preset's adapters: faster steps than full weights, the same acceptance
 CPU_LORA_LR = 1e-3
+CPU_REQUESTS = 400      # the cpu preset's answers to requests in a user's words (docs/results/cpu-levers.md)
+DISTILL_SEED = 42       # the seeded samples of prompts a preset self-distills
 GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
 PRESETS = {
@@ -173,7 +180,8 @@ PRESETS = {
     # of rank 24 (saved merged). MSN with 8 spans (docs/results/cpu-levers.md): more noise and LoRA
     # at lr 1e-3 raised its acceptance the most without the quality cost of full fine-tuning at a
     # high rate (full weights at lr 3e-4 cut plain SFT's HumanEval from 6.1 % to 1.2 %).
-    "cpu": Preset(steps=120, lr=CPU_LORA_LR, warmup=0, data="self", curve=(0.5,), heldout_loss_examples=100,
+    "cpu": Preset(steps=120, lr=CPU_LORA_LR, warmup=0, data="self", distill_requests=CPU_REQUESTS, curve=(0.5,),
+                  heldout_loss_examples=100,
                   variants=(("sft", 0), ("msn", CPU_NOISE_SPANS)), lora_r=CPU_LORA_RANK,
                   accept_prompts=10, accept_stride=50, accept_tokens=128, accept_batch=10,
                   accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "default", "pld"),
@@ -198,11 +206,40 @@ PRESETS = {
     # Minutes on a tiny model: the cpu preset's pipeline (self-distilled data, learning curve,
     # requests in a user's own words), not the method.
     "cpu-smoke": Preset(steps=4, batch_size=2, max_length=128, warmup=0, data="self", distill_prompts=40,
+                        distill_requests=6,
                         distill_tokens=8, distill_batch=4, distill_keep_cut=True, curve=(0.5,), heldout_loss_examples=4, accept_prompts=2,
                         accept_tokens=8, accept_batch=2, humaneval_limit=2, humaneval_tokens=16, humaneval_batch=2,
                         humaneval_base=False, own_words=True, timing_prompts=1, timing_tokens=8,
                         timing_methods=("ar", "tr-jacobi"), adapter_mib=2, lora_r=4),
 }
+
+
+REQUESTS = "requests-self"   # the base model's answers to stdlib prompts asked in a user's words
+
+
+def _with_requests(out: Path, base: str, data_dir: Path, preset: Preset) -> Path:
+    """The training set of a preset with ``distill_requests``: the self-distilled stdlib answers
+    (``data-self``) and the base model's answers to ``distill_requests`` stdlib prompts outside
+    that sample asked in a user's words (``requests`` -> ``requests-self``), in ``data-train``.
+    Each part is made once; an interrupted run continues."""
+    from msn.data.distill import select, self_distill
+    from msn.data.records import jsonl_lines
+    from msn.data.stdlib_code import write_requests
+
+    asked, mixed = out / "requests", out / "data-train"
+    if not (asked / "train.jsonl").exists():
+        records = [rec for _, rec in jsonl_lines(data_dir / "train.jsonl")]
+        write_requests(records, asked, set(select(records, preset.distill_prompts, DISTILL_SEED)))
+    self_distill(base, asked, out / REQUESTS, limit=preset.distill_requests, max_new_tokens=preset.distill_tokens,
+                 batch_size=preset.distill_batch, seed=DISTILL_SEED, keep_unfinished=preset.distill_keep_cut)
+    if not (mixed / "train.jsonl").exists():
+        mixed.mkdir(parents=True, exist_ok=True)
+        staging = mixed / "train.jsonl.partial"
+        staging.write_text("".join((out / part / "train.jsonl").read_text(encoding="utf-8")
+                                   for part in ("data-self", REQUESTS)), encoding="utf-8")
+        shutil.copy(out / "data-self" / "heldout.jsonl", mixed / "heldout.jsonl")
+        staging.replace(mixed / "train.jsonl")
+    return mixed
 
 
 def _train_one(target: str, base: str, data: str, spans: int, preset: Preset, log_file: str | None) -> None:
@@ -389,7 +426,10 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         train_dir = out / "data-self"
         fresh = not (train_dir / "info.json").exists()
         self_distill(base, data_dir, train_dir, limit=preset.distill_prompts, max_new_tokens=preset.distill_tokens,
-                     batch_size=preset.distill_batch, keep_unfinished=preset.distill_keep_cut)
+                     batch_size=preset.distill_batch, seed=DISTILL_SEED, keep_unfinished=preset.distill_keep_cut)
+        if preset.distill_requests:
+            fresh = fresh or not (out / REQUESTS / "info.json").exists()
+            train_dir = _with_requests(out, base, data_dir, preset)
         if fresh:
             times["distill_s"] = round(time.time() - t + times.get("distill_s", 0), 1)
         _save(out / "times.json", times)
@@ -614,7 +654,11 @@ def model_card(results: dict) -> str:
         ("- Data: the prompts of the stdlib code set (`msn data stdlib-code`: docstring -> function pairs from the "
          f"Python standard library, PSF licence), {cfg.get('distill_prompts')} of them (seeded sample) answered by "
          "the base model itself with greedy decoding (`msn data self-distill`; answers cut at "
-         f"{cfg.get('distill_tokens')} tokens left out). Plain SFT on them keeps the model's own output; MSN's "
+         f"{cfg.get('distill_tokens')} tokens left out)"
+         + (f", and {cfg['distill_requests']} more of its prompts asked in a user's words (\"Write a Python "
+            "function that returns ...\", `msn.data.stdlib_code.write_requests`) answered the same way"
+            if cfg.get("distill_requests") else "")
+         + ". Plain SFT on them keeps the model's own output; MSN's "
          "noise teaches it to predict well after a partly wrong recent context on the text it writes."
          if cfg.get("data") == "self" else
          "- Data: the stdlib code set (`msn data stdlib-code`: docstring -> function pairs from the Python "
