@@ -161,15 +161,16 @@ def test_ablation_smoke(tmp_path):
 
 
 def test_reproduce_cpu_smoke(tmp_path):
-    """The cpu preset's pipeline on a tiny model: the base's own answers as training data, the
-    learning curve's checkpoints evaluated, the code requests in a user's own words scored per
-    request, and a rerun that reuses every stage and gives the same figures."""
+    """The cpu preset's pipeline on a tiny model: the base's own answers as training data (with
+    ``requests``: to requests in a user's words as well), the learning curve's checkpoints
+    evaluated, the code requests in a user's own words scored per request, and a rerun that
+    reuses every stage and gives the same figures."""
     from msn.errors import MsnError
     from msn.experiments.reproduce import PRESETS, run
 
     preset = PRESETS["cpu-smoke"]
     base = tiny_checkpoint(tmp_path / "base")
-    res = run("cpu-smoke", tmp_path / "out", base_model=str(base))
+    res = run("cpu-smoke", tmp_path / "out", base_model=str(base), requests=6)
     out = tmp_path / "out"
     info = json.loads((out / "data-self" / "info.json").read_text())
     assert info["prompts"] == preset.distill_prompts and 0 < info["kept"] <= info["prompts"]
@@ -179,7 +180,7 @@ def test_reproduce_cpu_smoke(tmp_path):
     # Requests in a user's words, made from prompts outside that sample, answered by the base too;
     # training reads both sets.
     asked = json.loads((out / "requests-self" / "info.json").read_text())
-    assert asked["prompts"] == preset.distill_requests
+    assert asked["prompts"] == 6 and preset.distill_requests == 0
     from msn.data.distill import select
 
     def lines(path):
@@ -211,11 +212,16 @@ def test_reproduce_cpu_smoke(tmp_path):
     md = (out / "results.md").read_text()
     assert "## Learning curve" in md and "## Code requests in a user's own words" in md
     assert (out / "curve.png").exists()
-    again = run("cpu-smoke", out, base_model=str(base))
+    again = run("cpu-smoke", out, base_model=str(base), requests=6)
     assert again["models"] == res["models"]
-    # Another budget into the same folder would mix runs: refused in one line.
-    with pytest.raises(MsnError, match="other settings"):
-        run("cpu-smoke", out, base_model=str(base), steps=6)
+    # Another budget or other data into the same folder would mix runs: refused in one line.
+    for other in ({"steps": 6, "requests": 6}, {}):
+        with pytest.raises(MsnError, match="other settings"):
+            run("cpu-smoke", out, base_model=str(base), **other)
+    for bad, message in ((("cpu-smoke", -1), "0 or more"), (("smoke", 2), "human-written")):
+        with pytest.raises(MsnError, match=message):
+            run(bad[0], tmp_path / "never", base_model=str(base), requests=bad[1])
+    assert not (tmp_path / "never").exists()
 
 
 def _figures(res: dict) -> dict:

@@ -348,14 +348,14 @@ def cmd_reproduce(a) -> int:
 
     if a.preset == "ablation":
         _refuse_unused(a, "a preset other than ablation", True, noise_spans="--noise-spans", models="--models",
-                       data="--data", steps="--steps")
+                       data="--data", steps="--steps", requests="--requests")
         ablation(Path(a.out), base_model=a.base_model)
     else:
         from msn.errors import MsnInterrupted
 
         models = tuple(m for m in a.models.split(",") if m) if a.models else None
         try:
-            run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data, a.steps)
+            run(a.preset, Path(a.out), models, a.noise_spans, a.base_model, a.data, a.steps, a.requests)
         except KeyboardInterrupt:
             raise MsnInterrupted(f"run the same command again to continue where it stopped (--out {a.out})") from None
     return 0
@@ -618,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "are skipped, so rerunning continues an interrupted run.")
     r.add_argument("--preset", choices=["cpu", "pilot", "gpu", "smoke", "cpu-smoke", "ablation"], default="cpu",
                    help="cpu: ~2 h on 2 cores: sft and msn (8 noise spans) on the base's own answers to 600 "
-                   "training prompts and to 400 more asked in a user's words, evaluated at half and all of 120 steps, HumanEval, code requests in a user's "
+                   "training prompts, evaluated at half and all of 120 steps, HumanEval, code requests in a user's "
                    "own words, a LoRA adapter under 16 MiB; pilot: <1 h on 2 cores; gpu: one H100/H200 in "
                    "under 9 minutes, ~3 epochs (base, sft, msn-1span, msn-4spans, and a LoRA adapter of each MSN model "
                    "under 32 MiB; trained at once, evaluated at once); smoke / cpu-smoke: the gpu / cpu pipeline on a tiny model in minutes; ablation: SFT and MSN with 1 and "
@@ -635,6 +635,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "give the same")
     r.add_argument("--noise-spans", type=int, help="train one MSN variant with this many noise spans per sample "
                    "(named msn-Nspans) instead of the preset's")
+    r.add_argument("--requests", type=int, help="cpu presets: also train on the base's answers to N more stdlib "
+                   "prompts asked in a user's words (\"Write a Python function that ...\"; default 0). Measured "
+                   "with 400: MSN's default decoder on requests in a user's own words 1.05 -> 1.29 tokens per step "
+                   "against the base's, but its HumanEval pass@1 halved, its answers looping "
+                   "(docs/results/cpu-levers.md)")
     r.set_defaults(func=cmd_reproduce)
     return p
 

@@ -170,7 +170,6 @@ AT = "@"          # a checkpoint model's name: its variant's, this, and its step
 CPU_NOISE_SPANS = 8     # the cpu preset's: more denoising signal per sample in a short run
 CPU_LORA_RANK = 24      # the cpu preset's adapters: faster steps than full weights, the same acceptance
 CPU_LORA_LR = 1e-3
-CPU_REQUESTS = 400      # the cpu preset's answers to requests in a user's words (docs/results/cpu-levers.md)
 DISTILL_SEED = 42       # the seeded samples of prompts a preset self-distills
 GPU_VARIANTS = (("sft", 0), ("msn-1span", 1), (f"msn-{DEFAULT_NOISE_SPANS}spans", DEFAULT_NOISE_SPANS))
 
@@ -180,8 +179,7 @@ PRESETS = {
     # of rank 24 (saved merged). MSN with 8 spans (docs/results/cpu-levers.md): more noise and LoRA
     # at lr 1e-3 raised its acceptance the most without the quality cost of full fine-tuning at a
     # high rate (full weights at lr 3e-4 cut plain SFT's HumanEval from 6.1 % to 1.2 %).
-    "cpu": Preset(steps=120, lr=CPU_LORA_LR, warmup=0, data="self", distill_requests=CPU_REQUESTS, curve=(0.5,),
-                  heldout_loss_examples=100,
+    "cpu": Preset(steps=120, lr=CPU_LORA_LR, warmup=0, data="self", curve=(0.5,), heldout_loss_examples=100,
                   variants=(("sft", 0), ("msn", CPU_NOISE_SPANS)), lora_r=CPU_LORA_RANK,
                   accept_prompts=10, accept_stride=50, accept_tokens=128, accept_batch=10,
                   accept_methods=("ar", "jacobi", "tree-noret", "tr-jacobi", "default", "pld"),
@@ -206,7 +204,6 @@ PRESETS = {
     # Minutes on a tiny model: the cpu preset's pipeline (self-distilled data, learning curve,
     # requests in a user's own words), not the method.
     "cpu-smoke": Preset(steps=4, batch_size=2, max_length=128, warmup=0, data="self", distill_prompts=40,
-                        distill_requests=6,
                         distill_tokens=8, distill_batch=4, distill_keep_cut=True, curve=(0.5,), heldout_loss_examples=4, accept_prompts=2,
                         accept_tokens=8, accept_batch=2, humaneval_limit=2, humaneval_tokens=16, humaneval_batch=2,
                         humaneval_base=False, own_words=True, timing_prompts=1, timing_tokens=8,
@@ -383,9 +380,11 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
 
 
 def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, spans: int | None = None,
-        base_model: str | None = None, data: str | None = None, steps: int | None = None) -> dict:
+        base_model: str | None = None, data: str | None = None, steps: int | None = None,
+        requests: int | None = None) -> dict:
     """Runs (or continues) a reproduction into ``out``; returns the results dict. ``steps``
-    overrides the preset's training steps (the learning curve keeps its fractions)."""
+    overrides the preset's training steps (the learning curve keeps its fractions); ``requests``
+    its ``distill_requests`` (a preset that trains on self-distilled data only)."""
     import torch
 
     preset = PRESETS[preset_name]
@@ -397,6 +396,13 @@ def run(preset_name: str, out: Path, models: tuple[str, ...] | None = None, span
         if steps < 1:
             raise MsnError(f"--steps must be positive, got {steps}")
         preset = replace(preset, steps=steps)
+    if requests is not None:
+        if requests < 0:
+            raise MsnError(f"--requests must be 0 or more, got {requests}")
+        if requests and preset.data != "self":
+            raise MsnError(f"--requests: the {preset_name} preset trains on human-written responses; it applies "
+                           "to presets that train on the base model's own answers (cpu, cpu-smoke)")
+        preset = replace(preset, distill_requests=requests)
     from msn.experiments.stages import check_data
     from msn.paths import check_apart
 
