@@ -637,9 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(named msn-Nspans) instead of the preset's")
     r.add_argument("--requests", type=int, help="cpu presets: also train on the base's answers to N more stdlib "
                    "prompts asked in a user's words (\"Write a Python function that ...\"; default 0). Measured "
-                   "with 400: MSN's default decoder on requests in a user's own words 1.05 -> 1.29 tokens per step "
-                   "against the base's, but its HumanEval pass@1 halved, its answers looping "
-                   "(docs/results/cpu-levers.md)")
+                   "with 400 on the cpu preset: MSN's HumanEval pass@1 halved (its answers loop) while its gain on "
+                   "requests in a user's own words stayed within run-to-run spread (docs/results/cpu-levers.md)")
     r.set_defaults(func=cmd_reproduce)
     return p
 
