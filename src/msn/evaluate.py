@@ -64,23 +64,6 @@ def humaneval_problems(limit: int | None = None) -> list[dict]:
     return list(read_problems().values())[:limit]
 
 
-def _answers_so_far(path: Path | None) -> dict[str, str]:
-    """The answers an interrupted run appended to ``path`` (task id -> answer); a last line cut
-    by a kill is dropped. The file is rewritten with them, so new lines follow whole ones."""
-    from msn.data.records import appended_lines
-
-    if path is None or not path.exists():
-        return {}
-    rows, _ = appended_lines(path, "a HumanEval answer")
-    try:
-        done = {str(r["task_id"]): str(r["answer"]) for r in rows}
-    except (KeyError, TypeError):
-        raise MsnError(f"{path}: not HumanEval answers; delete {path.name} to start again") from None
-    path.write_text("".join(json.dumps({"task_id": k, "answer": v}) + "\n" for k, v in done.items()),
-                    encoding="utf-8")
-    return done
-
-
 def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens: int = HUMANEVAL_MAX_NEW_TOKENS,
                           batch_size: int = 16, progress: bool = True, answers_file: Path | None = None) -> list[str]:
     """Greedy answers to HumanEval problems by batched ``model.generate`` (left padding,
@@ -93,7 +76,7 @@ def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens
     """
     from msn.bench.batch import hf_batched
     from msn.bench.prompts import humaneval_instruction
-    from msn.data.records import encode_prompt
+    from msn.data.records import encode_prompt, resumed_rows
     from msn.decoding.request import resolve_eos
 
     if batch_size < 1:
@@ -101,8 +84,8 @@ def humaneval_completions(model, tokenizer, problems: list[dict], max_new_tokens
     prompts = [encode_prompt(tokenizer, [{"role": "user", "content": humaneval_instruction(p["prompt"])}])
                for p in problems]
     eos = resolve_eos(model, None)
-    done = _answers_so_far(answers_file)
-    answers: list[str] = [done.get(p["task_id"], "") for p in problems]
+    done = {} if answers_file is None else resumed_rows(answers_file, "HumanEval answers", "task_id")
+    answers: list[str] = [done[p["task_id"]]["answer"] if p["task_id"] in done else "" for p in problems]
     order = sorted((i for i, p in enumerate(problems) if p["task_id"] not in done), key=lambda i: prompts[i].shape[1])
     with tqdm(total=len(problems), initial=len(problems) - len(order), desc="HumanEval answers", unit="answer",
               disable=not progress) as bar:

@@ -26,19 +26,6 @@ from msn.paths import check_apart
 ANSWERS = "answers.jsonl"      # one line per generated answer: {"index", "response", "finished"}
 
 
-def _read_answers(path: Path) -> dict[int, dict]:
-    """The answers written so far; a last line cut by a kill is dropped (and rewritten later)."""
-    from msn.data.records import appended_lines
-
-    if not path.exists():
-        return {}
-    rows, _ = appended_lines(path, "an answer record")
-    try:
-        return {int(row["index"]): row for row in rows}
-    except (KeyError, TypeError, ValueError):
-        raise MsnError(f"{path}: not answer records; delete {path.name} to start again") from None
-
-
 def select(records: list[dict], limit: int | None, seed: int) -> list[int]:
     """Indices of the prompts to answer: a seeded sample of ``limit`` (all when None), in file order."""
     idx = list(range(len(records)))
@@ -58,7 +45,7 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
     from tqdm import tqdm
 
     from msn.bench.batch import hf_batched
-    from msn.data.records import encode_prompt, ensure_chat_template, jsonl_lines
+    from msn.data.records import encode_prompt, ensure_chat_template, jsonl_lines, resumed_rows, write_jsonl
     from msn.decoding.request import resolve_eos
     from msn.loading import load_for_inference
 
@@ -79,7 +66,7 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
     chosen = select(records, limit, seed)
     out.mkdir(parents=True, exist_ok=True)
     answers_path = out / ANSWERS
-    done = _read_answers(answers_path)
+    done = resumed_rows(answers_path, "answer records", "index")
     todo = [i for i in chosen if i not in done]
     if todo:
         model, tok = load_for_inference(model_path, dtype=dtype, device=device)
@@ -87,8 +74,6 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
         eos = resolve_eos(model, None)
         prompts = {i: encode_prompt(tok, [{"role": "user", "content": records[i]["prompt"]}]) for i in todo}
         todo.sort(key=lambda i: prompts[i].shape[1])
-        # Rewrite what was kept, so a line cut by a kill is gone before new lines follow it.
-        answers_path.write_text("".join(json.dumps(done[i]) + "\n" for i in sorted(done)), encoding="utf-8")
         with open(answers_path, "a", encoding="utf-8") as f, \
                 tqdm(total=len(chosen), initial=len(chosen) - len(todo), desc="self-distill", unit="answer",
                      disable=not progress) as bar:
@@ -103,11 +88,7 @@ def self_distill(model_path: str, data_dir: str | Path, out_dir: str | Path, *, 
                 f.flush()
                 bar.update(len(chunk))
     kept = [i for i in chosen if (done[i]["finished"] or keep_unfinished) and done[i]["response"].strip()]
-    staging = out / "train.jsonl.partial"
-    with open(staging, "w", encoding="utf-8") as f:
-        for i in kept:
-            f.write(json.dumps({**records[i], "response": done[i]["response"]}) + "\n")
-    staging.replace(out / "train.jsonl")
+    write_jsonl(out / "train.jsonl", ({**records[i], "response": done[i]["response"]} for i in kept))
     if (data_dir / "heldout.jsonl").is_file():
         shutil.copy(data_dir / "heldout.jsonl", out / "heldout.jsonl")
     info = {"source": str(src), "model": str(model_path), "prompts": len(chosen), "kept": len(kept),

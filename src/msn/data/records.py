@@ -197,3 +197,31 @@ def appended_lines(path: Path, what: str) -> tuple[list, bool]:
                 raise MsnError(f"{path}:{n + 1}: not {what}; delete {Path(path).name} to start again") from None
             cut = True
     return rows, cut
+
+
+def resumed_rows(path: Path, what: str, key: str) -> dict:
+    """The rows an interrupted run appended to ``path`` (answers made so far), by their ``key``
+    field; {} when there is no file. The file is rewritten with them, so a line cut by a kill
+    is gone before new lines follow. A file of other rows is one error."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    rows, _ = appended_lines(path, what)
+    try:
+        done = {row[key]: row for row in rows}
+    except (KeyError, TypeError):
+        raise MsnError(f"{path}: not {what}; delete {path.name} to start again") from None
+    write_jsonl(path, done.values())
+    return done
+
+
+def write_jsonl(path: Path, rows) -> None:
+    """Writes ``rows`` to ``path`` one JSON value per line, through a staging file, so a kill
+    leaves the old file or the new one, never a part."""
+    path = Path(path)
+    staging = path.with_name(path.name + ".partial")
+    with open(staging, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    staging.replace(path)
+

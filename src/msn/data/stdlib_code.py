@@ -165,11 +165,8 @@ def write_requests(records: list[dict], out_dir: str | Path, skip: set[int] = fr
     read as a request (``as_request``), in a user's words. Returns how many."""
     rng = random.Random(REQUEST_SEED)
     rows = [q for i, r in enumerate(records) if i not in skip and (q := as_request(r, rng)) is not None]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    staging = out / "train.jsonl.partial"
-    with open(staging, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    staging.replace(out / "train.jsonl")
+    from msn.data.records import write_jsonl
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_jsonl(Path(out_dir) / "train.jsonl", rows)
     return len(rows)

@@ -220,7 +220,7 @@ def _with_requests(out: Path, base: str, data_dir: Path, preset: Preset) -> Path
     that sample asked in a user's words (``requests`` -> ``requests-self``), in ``data-train``.
     Each part is made once; an interrupted run continues."""
     from msn.data.distill import select, self_distill
-    from msn.data.records import jsonl_lines
+    from msn.data.records import jsonl_lines, write_jsonl
     from msn.data.stdlib_code import write_requests
 
     asked, mixed = out / "requests", out / "data-train"
@@ -231,11 +231,9 @@ def _with_requests(out: Path, base: str, data_dir: Path, preset: Preset) -> Path
                  batch_size=preset.distill_batch, seed=DISTILL_SEED, keep_unfinished=preset.distill_keep_cut)
     if not (mixed / "train.jsonl").exists():
         mixed.mkdir(parents=True, exist_ok=True)
-        staging = mixed / "train.jsonl.partial"
-        staging.write_text("".join((out / part / "train.jsonl").read_text(encoding="utf-8")
-                                   for part in ("data-self", REQUESTS)), encoding="utf-8")
         shutil.copy(out / "data-self" / "heldout.jsonl", mixed / "heldout.jsonl")
-        staging.replace(mixed / "train.jsonl")
+        write_jsonl(mixed / "train.jsonl", (rec for part in ("data-self", REQUESTS)
+                                            for _, rec in jsonl_lines(out / part / "train.jsonl")))
     return mixed
 
 
