@@ -83,6 +83,44 @@ def _quick_start() -> tuple[str, str]:
     return "\n".join(b for kind, b in blocks if kind == "bash"), "\n".join(b for kind, b in blocks if kind == "python")
 
 
+def _quick_start_commands(bash: str) -> list[list[str]]:
+    """Every msn command of the quick start's bash, as argument lists (comments, a trailing
+    ``&`` and pipes cut off; ``$(msn ...)`` taken from inside)."""
+    import shlex
+
+    commands = []
+    for line in bash.splitlines():
+        inner = re.search(r"\$\((msn [^)]*)\)", line)
+        text = inner.group(1) if inner else line
+        words = shlex.split(text, comments=True)
+        for stop in ("|", "&"):
+            words = words[: words.index(stop)] if stop in words else words
+        if words and words[0] == "msn":
+            commands.append(words[1:])
+    return commands
+
+
+def test_the_quick_start_commands_parse_and_its_python_compiles():
+    """Default-suite guard on the quick start (the run itself is -m slow, a minute on 2 cores):
+    every msn command in it is accepted by the CLI's parser as written, and its Python block
+    compiles and calls what msn exports."""
+    import msn
+    from msn.cli import build_parser
+
+    bash, python = _quick_start()
+    commands = _quick_start_commands(bash)
+    assert {c[0] for c in commands} >= {"fetch", "generate", "data", "train", "serve", "bench"}
+    parser = build_parser()
+    for args in commands:
+        try:
+            parser.parse_args(args)
+        except SystemExit as e:
+            raise AssertionError(f"README quick start: msn {' '.join(args)} is refused by the CLI") from e
+    compile(python, "README.md quick start", "exec")
+    assert all(hasattr(msn, name) for name in re.findall(r"\bmsn\.(\w+)\(", python))
+
+
+@pytest.mark.slow
 def test_the_quick_start_runs_as_written(tmp_path):
     """Every command of the quick start, in order, on a tiny model instead of SmolLM2 (the one
     substitution: the line that fetches SmolLM2 sets MODEL to a tiny checkpoint, with SmolLM2's

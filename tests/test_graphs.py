@@ -31,7 +31,9 @@ def prompts(seed, n=8, vocab=96):
     return out
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# Two families by default, every family under -m slow.
+@pytest.mark.parametrize("family", [f if f in ("llama", "gemma") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in FAMILIES])
 def test_fixed_steps_equal_greedy(family, models, eager_fixed):
     model = models(family)
     rng = random.Random(7)

@@ -87,6 +87,7 @@ def _cli(*args):
     return [str(BIN / "msn"), *map(str, args)]
 
 
+@pytest.mark.slow      # by default test_resume_in_a_later_epoch_equals_a_straight_run and the SIGTERM test
 def test_killed_run_resumes_at_its_last_checkpoint(setup, tmp_path):
     out = tmp_path / "run"
     args = ["train", "--model", setup / "model", "--data", setup / "data.jsonl", "--output-dir", out,
