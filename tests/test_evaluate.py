@@ -127,6 +127,34 @@ def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
     assert table["ar"]["mean_accepted_tokens"] == 1.0
 
 
+def test_the_default_row_decodes_each_request_alone_and_two_cold_runs_agree(tmp_path, monkeypatch):
+    """The default decoder's row is scored as ``msn generate`` runs a request: one prompt per call
+    to the single-request decoder (never the batch scheduler, whose wide steps follow wall-clock
+    timings), cold each time it is scored, so two scorings on the same calibration agree."""
+    import msn
+    from msn.data.records import ensure_chat_template
+    from msn.experiments.reproduce import acceptance
+    from msn.loading import load_for_inference
+
+    model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
+    ensure_chat_template(tok)
+    turns = ["def add(a, b): return a + b; def add(a, b):", "print(1)\nprint(1)\nprint(", "x = [1, 2, 3]"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    calls = []
+    real = msn.generate
+
+    def spy(model, prompts, **kw):
+        calls.append((isinstance(prompts, list), kw.get("max_batch")))
+        return real(model, prompts, **kw)
+
+    monkeypatch.setattr(msn, "generate", spy)
+    first = acceptance(model, tok, questions, ["ar", "default"], 24, batch=2, progress=False, per_prompt=True)
+    assert calls[1:] == [(False, None)] * len(turns)          # after ar's batch: one request per call
+    second = acceptance(model, tok, questions, ["ar", "default"], 24, batch=2, progress=False, per_prompt=True)
+    assert first["default"] == second["default"] and first["default"]["match_rate"] == 1.0
+
+
 @pytest.mark.slow
 def test_reproduce_smoke(tmp_path):
     """The gpu preset's pipeline on a tiny model: variants trained at once, models evaluated

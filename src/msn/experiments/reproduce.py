@@ -55,7 +55,10 @@ ACCEPT_METHODS = {
     # machine's measured step latency (cached per model and machine), merged drafts.
     "default": ("tr-jacobi", {}),
 }
-# Rows decoded one prompt at a time (a batch sizes the automatic tree for all its rows at once).
+# Rows decoded one prompt at a time by the single-request decoder, as ``msn generate`` runs a
+# request: a batch sizes the automatic tree for all its rows at once and keeps a wide step only
+# while its wall-clock throughput beats a one-input step's, so its choice follows the machine's
+# load; a single request's follows the stored latency ladder and the scored steps, so reruns agree.
 ONE_AT_A_TIME = ("default",)
 # Rows scored on the code requests in a user's own words (``msn.bench.prompts.CODE_REQUESTS``).
 OWN_WORDS_METHODS = ("ar", "tree-noret", "tr-jacobi", "default")
@@ -340,8 +343,8 @@ def _evaluate_one(path: str, result_file: str, data: str, questions: str, preset
 def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, batch: int,
                progress: bool = True, per_prompt: bool = False) -> dict:
     """Mean accepted tokens per step of each decoder (``ACCEPT_METHODS`` rows) on the
-    questions' first turns, decoded in batches; match_rate is the share of outputs
-    identical to ``ar``'s. ``per_prompt`` adds each prompt's tokens per step and match."""
+    questions' first turns, decoded in batches (``ONE_AT_A_TIME`` rows one request per call);
+    match_rate is the share of outputs identical to ``ar``'s. ``per_prompt`` adds each prompt's tokens per step and match."""
     import msn
     from msn.data.records import encode_prompt
     from tqdm import tqdm
@@ -362,8 +365,12 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
 
             reset_tables(model)        # cold: no row learns from another row's pass over these prompts,
             forget_outcomes(model)     # nor from an earlier run's (kept on disk)
-        outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
-                                     max_batch=1 if name in ONE_AT_A_TIME else batch, **options)
+        if name in ONE_AT_A_TIME:
+            outputs[name] = [msn.generate(model, p, method=method, max_new_tokens=max_new_tokens, **options)
+                             for p in prompts]
+        else:
+            outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
+                                         max_batch=batch, **options)
     table = {}
     for name in order:
         rs = outputs[name]
