@@ -12,10 +12,8 @@ PROMPT = torch.randint(3, 90, (1, 12), generator=torch.Generator().manual_seed(0
 
 # Slow: compiling is off on a CPU unless asked (compile="auto" compiles on CUDA only), and a cold
 # inductor build of the two step shapes takes half a minute on 2 cores.
-@pytest.mark.parametrize("family", [pytest.param("llama", marks=pytest.mark.slow), pytest.param("qwen2", marks=pytest.mark.slow),
-                                    pytest.param("gemma", marks=pytest.mark.slow),
-                                    pytest.param("phi3", marks=pytest.mark.slow),
-                                    pytest.param("mistral", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "phi3", "mistral"])
 def test_compiled_steps_equal_eager_steps_and_ar(family, models):
     model = models(family)
     want = msn.generate(model, PROMPT, method="ar", max_new_tokens=24, eos_token_id=[]).tokens

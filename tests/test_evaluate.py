@@ -104,6 +104,14 @@ def test_humaneval_answers_killed_after_a_batch_continue_where_they_stopped(tmp_
         humaneval_completions(model, tok, problems, 12, batch_size=2, progress=False, answers_file=answers)
 
 
+def _three_questions(tmp_path):
+    """Three short first turns (one repetitive, for drafts to be accepted) and their question file."""
+    turns = ["def add(a, b): return a + b; def add(a, b):", "print(1)\nprint(1)\nprint(", "x = [1, 2, 3]"]
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    return turns, questions
+
+
 def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
     """The reproduction measures acceptance in batches; each decoder's steps equal its
     steps on the prompts one at a time (not those drafting from the recycled table, which
@@ -115,9 +123,7 @@ def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
 
     model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
     ensure_chat_template(tok)
-    turns = ["def add(a, b): return a + b; def add(a, b):", "print(1)\nprint(1)\nprint(", "x = [1, 2, 3]"]
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    turns, questions = _three_questions(tmp_path)
     table = acceptance(model, tok, questions, list(ACCEPT_METHODS), 16, batch=2, progress=False)
     for name, (method, options) in ACCEPT_METHODS.items():
         steps = sum(msn.generate(model, encode_prompt(tok, [{"role": "user", "content": t}]), method=method,
@@ -138,9 +144,7 @@ def test_the_default_row_decodes_each_request_alone_and_two_cold_runs_agree(tmp_
 
     model, tok = load_for_inference(str(tiny_checkpoint(tmp_path / "m")), device="cpu", dtype="float32")
     ensure_chat_template(tok)
-    turns = ["def add(a, b): return a + b; def add(a, b):", "print(1)\nprint(1)\nprint(", "x = [1, 2, 3]"]
-    questions = tmp_path / "q.jsonl"
-    questions.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    turns, questions = _three_questions(tmp_path)
     calls = []
     real = msn.generate
 

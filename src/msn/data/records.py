@@ -224,4 +224,3 @@ def write_jsonl(path: Path, rows) -> None:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     staging.replace(path)
-

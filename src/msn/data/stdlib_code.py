@@ -167,6 +167,7 @@ def write_requests(records: list[dict], out_dir: str | Path, skip: set[int] = fr
     rows = [q for i, r in enumerate(records) if i not in skip and (q := as_request(r, rng)) is not None]
     from msn.data.records import write_jsonl
 
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    write_jsonl(Path(out_dir) / "train.jsonl", rows)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", rows)
     return len(rows)

@@ -344,7 +344,8 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
                progress: bool = True, per_prompt: bool = False) -> dict:
     """Mean accepted tokens per step of each decoder (``ACCEPT_METHODS`` rows) on the
     questions' first turns, decoded in batches (``ONE_AT_A_TIME`` rows one request per call);
-    match_rate is the share of outputs identical to ``ar``'s. ``per_prompt`` adds each prompt's tokens per step and match."""
+    match_rate is the share of outputs identical to ``ar``'s. ``per_prompt`` adds each
+    prompt's tokens per step and match."""
     import msn
     from msn.data.records import encode_prompt
     from tqdm import tqdm
