@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# A longer run of the cpu preset's MSN recipe (LoRA rank 24, alpha 48, lr 1e-3 cosine, 8 noise
+# spans of 5, batch 4, max length 384, no warm-up, seed 42) on the *human-written* stdlib code set
+# (no self-distillation): 320 steps (1,280 samples, 2.7x the preset's 480), checkpoints every 80.
+# Then: docs/results/cpu-levers/eval.py on the 160- and 320-step models (held-out loss, tree
+# without retrieval, `tr-jacobi`, own words), msn's default decoder cold with `ar` in the same run
+# on the 10 held-out prompts and the 10 requests in a user's own words, and HumanEval (he.py).
+# Resumable: a rerun continues the training from its newest checkpoint and skips what is written.
+#   bash longer.sh WORK      (WORK: a scratch folder; run from the repository root)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
+W=${1:?usage: bash longer.sh WORK}
+mkdir -p "$W/run" && cd "$W"
+MODEL=$(msn fetch smollm2-135m-instruct | tail -1)
+SHIPPED=$(msn fetch smollm2-msn-code | tail -1)
+[ -f data/info.json ] || msn data stdlib-code --out data
+# eval.py's run-folder layout: data-self/heldout.jsonl, the held-out questions, the own-words requests
+ln -sfn ../data run/data-self
+cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
+python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
+write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
+if [ ! -f msn/msn_config.json ]; then
+  RESUME=(); [ -d msn ] && RESUME=(--resume)
+  msn train --model "$MODEL" --data data/train.jsonl --output-dir msn --batch-size 4 --max-length 384 \
+    --warmup 0 --seed 42 --lr 1e-3 --scheduler cosine --noise-spans 8 --noise-len 5 --lora-r 24 --lora-alpha 48 \
+    --max-steps 320 --save-steps 80 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
+fi
+python "$EVAL" run msn/checkpoint-160 msn-160.eval.json
+python "$EVAL" run msn msn-320.eval.json
+for q in heldout_questions_10x50 own_words_questions; do
+  [ -f "bench-$q/summary.json" ] || msn bench --model msn --bench run/$q.jsonl --methods ar,tr-jacobi \
+    --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "bench-$q"
+done
+python "$HERE/he.py" msn he-320.json
