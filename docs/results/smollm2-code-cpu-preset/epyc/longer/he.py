@@ -1,5 +1,7 @@
-"""HumanEval pass@1 (all 164, greedy, 320 new tokens, batches of 16: the cpu preset's settings)
-of one model; answers kept as they come, so a rerun continues.
+"""HumanEval pass@1 of one model with the cpu preset's settings (all 164 problems, greedy,
+``humaneval_tokens`` new tokens in batches of ``humaneval_batch``). Writes the summary (pass@1,
+the problems passed, how many answers close their code block within the limit); the answers
+are kept in OUT.answers.jsonl as they come, so a rerun continues.
 
     python he.py MODEL OUT.json
 """
@@ -8,10 +10,17 @@ import sys
 from pathlib import Path
 
 from msn.evaluate import humaneval_pass1
+from msn.experiments.reproduce import PRESETS
 from msn.loading import load_for_inference
 
+preset = PRESETS["cpu"]
 model, tok = load_for_inference(sys.argv[1], dtype="float32")
 out = Path(sys.argv[2])
-he = humaneval_pass1(model, tok, max_new_tokens=320, batch_size=16, answers_file=out.with_suffix(".answers.jsonl"))
-out.write_text(json.dumps(he, indent=1) + "\n")
-print(out.name, he["pass1"], sum(not r["answer"].count("```") >= 2 for r in he["results"]))
+he = humaneval_pass1(model, tok, max_new_tokens=preset.humaneval_tokens, batch_size=preset.humaneval_batch,
+                     answers_file=out.with_suffix(".answers.jsonl"))
+summary = {"pass1": he["pass1"], "problems": he["problems"], "max_new_tokens": preset.humaneval_tokens,
+           "decoding": f"greedy, batches of {preset.humaneval_batch}",
+           "passed": [r["task_id"] for r in he["results"] if r["passed"]],
+           "answers_closing_their_code_block": sum(r["answer"].count("```") >= 2 for r in he["results"])}
+out.write_text(json.dumps(summary, indent=1))
+print(out.name, json.dumps(summary))

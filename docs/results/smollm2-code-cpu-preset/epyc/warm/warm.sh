@@ -10,11 +10,11 @@ cp "$M/prompts.jsonl" heldout10.jsonl
 [ -f data/info.json ] || msn data stdlib-code --out data
 python - <<'PY'
 import json, random
+from pathlib import Path
+from msn.bench.prompts import write_questions
 rows = [json.loads(line) for line in open("data/train.jsonl")]
 random.seed(7)
-with open("train40.jsonl", "w") as f:
-    for i, r in enumerate(random.sample(rows, 40)):
-        f.write(json.dumps({"question_id": i, "category": "stdlib-train", "turns": [r["prompt"]]}) + "\n")
+write_questions(Path("train40.jsonl"), [r["prompt"] for r in random.sample(rows, 40)], "stdlib-train")
 PY
 msn bench --model $M --bench train40.jsonl --methods tr-jacobi --max-new-tokens 128 --warmup 1 --dtype float32 --out warm-train40
 msn bench --model $M --bench heldout10.jsonl --methods ar,tr-jacobi --max-new-tokens 128 --warmup 1 --dtype float32 --out held10-warm
