@@ -11,6 +11,12 @@ from tiny import TINY_FAMILIES, tiny_model
 FAMILIES = list(TINY_FAMILIES)
 
 
+def families_by_default(*default: str) -> list:
+    """Every family as a test parameter: the ``default`` ones run in the default suite, the
+    others only under ``-m slow``."""
+    return [f if f in default else pytest.param(f, marks=pytest.mark.slow) for f in FAMILIES]
+
+
 def pytest_configure(config):
     """Latency and acceptance records of tiny test models go to a throw-away cache; the
     fetched models stay where they are (linked), so slow tests do not download again."""

@@ -13,7 +13,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import msn
-from conftest import FAMILIES
+from conftest import FAMILIES, families_by_default
 from tiny import tiny_model
 from msn.decoding import static_steps
 from msn.decoding.config import DecodeConfig
@@ -32,8 +32,7 @@ def prompts(seed, n=8, vocab=96):
 
 
 # Two families by default, every family under -m slow.
-@pytest.mark.parametrize("family", [f if f in ("llama", "gemma") else pytest.param(f, marks=pytest.mark.slow)
-                                    for f in FAMILIES])
+@pytest.mark.parametrize("family", families_by_default("llama", "gemma"))
 def test_fixed_steps_equal_greedy(family, models, eager_fixed):
     model = models(family)
     rng = random.Random(7)

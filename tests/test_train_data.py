@@ -2,9 +2,6 @@
 one error with its file and line, and ``msn train --profile`` measuring speed without writing."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +9,6 @@ from msn.data import tokenized
 from msn.errors import MsnError
 from tiny import tiny_tokenizer, tiny_training_folder
 
-BIN = Path(sys.executable).parent
 RECORDS = [{"prompt": f"Sort list {i}", "response": "def s(x):\n    return sorted(x)  # " + "z" * (i % 4)}
            for i in range(30)]
 
@@ -56,18 +52,19 @@ def test_a_bad_line_is_one_error_with_file_and_line(tmp_path, line, message):
     assert not list((tmp_path.parent).glob("**/*.partial-*"))
 
 
-def test_profile_prints_the_throughput_and_writes_nothing(folder, tmp_path):
-    done = subprocess.run([str(BIN / "msn"), "train", "--model", str(folder / "model"), "--data",
-                           str(folder / "data.jsonl"), "--profile", "3", "--batch-size", "4"],
-                          capture_output=True, text=True, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+def test_profile_prints_the_throughput_and_writes_nothing(folder, tmp_path, monkeypatch, capsys):
+    from msn.cli import EXIT_USAGE, main
+
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--model", str(folder / "model"), "--data", str(folder / "data.jsonl")]
+    assert main([*base, "--profile", "3", "--batch-size", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["profile_steps"] == 3 and summary["global_step"] == 3
     speed = summary["throughput"]
     assert speed["tokens_per_s"] > speed["response_tokens_per_s"] > 0 and speed["seconds_to_first_step"] > 0
     assert summary["packing"] is True and speed["padding_share"] == 0
     assert list(tmp_path.iterdir()) == []
     for bad, says in ((["--profile", "0"], "--profile needs a positive"), ([], "needs --output-dir")):
-        refused = subprocess.run([str(BIN / "msn"), "train", "--model", str(folder / "model"), "--data",
-                                  str(folder / "data.jsonl"), *bad], capture_output=True, text=True)
-        assert refused.returncode == 2 and says in refused.stderr and "Traceback" not in refused.stderr
+        assert main([*base, *bad]) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err
