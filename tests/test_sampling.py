@@ -1,7 +1,7 @@
 """Sampling is exact in distribution: every decoder's first new tokens follow the joint
 distribution of one-token sampling, computed exactly from the model by enumeration.
 
-The default suite runs every method once (1,000 samples, settings and families in turn);
+The default suite runs every method once (500 samples, settings and families in turn);
 the slow suite runs the whole grid (3 families x 5 methods x 3 settings) with 20,000
 samples each. A verifier that accepts every
 draft fails the same test, which shows that the test has power.
@@ -22,7 +22,7 @@ VOCAB = 8
 NEW = 3
 PROMPT = torch.tensor([[3, 4, 5, 3, 4, 5, 3, 4]])    # repetitive: pld, retrieval and lookahead draft often
 ALPHA = 1e-3
-QUICK_N = 1000     # samples per default-suite case (the power test uses as many)
+QUICK_N = 500      # samples per default-suite case (the power test uses as many)
 
 
 def model_for(family):
