@@ -12,6 +12,7 @@ from pathlib import Path
 from msn.evaluate import humaneval_pass1
 from msn.experiments.reproduce import PRESETS
 from msn.loading import load_for_inference
+from quality import closed
 
 preset = PRESETS["cpu"]
 model, tok = load_for_inference(sys.argv[1], dtype="float32")
@@ -21,6 +22,6 @@ he = humaneval_pass1(model, tok, max_new_tokens=preset.humaneval_tokens, batch_s
 summary = {"pass1": he["pass1"], "problems": he["problems"], "max_new_tokens": preset.humaneval_tokens,
            "decoding": f"greedy, batches of {preset.humaneval_batch}",
            "passed": [r["task_id"] for r in he["results"] if r["passed"]],
-           "answers_closing_their_code_block": sum(r["answer"].count("```") >= 2 for r in he["results"])}
+           "answers_closing_their_code_block": sum(closed(r["answer"]) for r in he["results"])}
 out.write_text(json.dumps(summary, indent=1))
 print(out.name, json.dumps(summary))

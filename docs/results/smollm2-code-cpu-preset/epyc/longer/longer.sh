@@ -38,7 +38,7 @@ for m in msn msn/checkpoint-80; do
 done
 python "$HERE/he.py" msn he-320.json
 # What each model writes: HumanEval's first 40 problems and the own-words requests (quality.py)
-for m in "$MODEL" "$SHIPPED" msn/checkpoint-80 msn/checkpoint-160 msn/checkpoint-240 msn; do
-  o="quality-$(basename $m).json"
-  [ -f "$o" ] || python "$HERE/quality.py" "$m" run/own_words_questions.jsonl "$o" 40
-done
+python "$HERE/quality.py" quality.json run/own_words_questions.jsonl "base (smollm2-135m-instruct)=$MODEL" \
+  "shipped adapter (smollm2-msn-code)=$SHIPPED" \
+  "human-written answers, 80 steps=msn/checkpoint-80" "human-written answers, 160 steps=msn/checkpoint-160" \
+  "human-written answers, 240 steps=msn/checkpoint-240" "human-written answers, 320 steps=msn"

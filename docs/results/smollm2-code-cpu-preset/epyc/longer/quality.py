@@ -1,21 +1,26 @@
-"""What a model writes, in three figures: HumanEval on its first N problems (greedy, 320 new
-tokens, batches of 8; problems passed, answers that close their code block, mean share of an
-answer's lines that repeat an earlier line of it) and the same two shares on the 10 code requests
-in a user's own words (128 new tokens). Lines of 3 characters or fewer are not counted.
+"""What models write, in three figures each: HumanEval on its first 40 problems (greedy, the cpu
+preset's 320 new tokens, batches of 8; problems passed, answers that close their code block, mean
+share of an answer's lines that repeat an earlier line of it) and the same two on the code requests
+in a user's own words (128 new tokens; the answers are kept). Lines of 3 characters or fewer are
+not counted. One row per LABEL=MODEL in OUT.json; a rerun skips the labels already there.
 
-    python quality.py MODEL REQUESTS.jsonl OUT.json [N]
+    python quality.py OUT.json REQUESTS.jsonl LABEL=MODEL [LABEL=MODEL ...]
 """
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 from msn.bench.batch import hf_batched
+from msn.bench.prompts import load_questions
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding.request import resolve_eos
 from msn.evaluate import humaneval_pass1
+from msn.experiments.reproduce import PRESETS
 from msn.loading import load_for_inference
+
+HUMANEVAL_PROBLEMS = 40
+HUMANEVAL_BATCH = 8
+REQUEST_TOKENS = 128
 
 
 def repeated_share(answer: str) -> float:
@@ -27,23 +32,29 @@ def closed(answer: str) -> bool:
     return answer.count("```") >= 2
 
 
-def main(model_path: str, requests: Path, out: Path, n: int = 40) -> None:
-    torch.manual_seed(0)
+def row(label: str, model_path: str, requests: Path) -> dict:
     model, tok = load_for_inference(model_path, dtype="float32")
     ensure_chat_template(tok)
-    he = humaneval_pass1(model, tok, max_new_tokens=320, limit=n, batch_size=8, progress=False)["results"]
-    prompts = [encode_prompt(tok, [{"role": "user", "content": json.loads(line)["turns"][0]}])
-               for line in requests.read_text().splitlines() if line.strip()]
-    own = [tok.decode(row, skip_special_tokens=True)
-           for row in hf_batched(model, prompts, 128, resolve_eos(model, None), tok.pad_token_id)]
+    he = humaneval_pass1(model, tok, max_new_tokens=PRESETS["cpu"].humaneval_tokens, limit=HUMANEVAL_PROBLEMS,
+                         batch_size=HUMANEVAL_BATCH, progress=False)["results"]
+    prompts = [encode_prompt(tok, [{"role": "user", "content": q.turns[0]}]) for q in load_questions(str(requests))]
+    own = [tok.decode(ids, skip_special_tokens=True)
+           for ids in hf_batched(model, prompts, REQUEST_TOKENS, resolve_eos(model, None), tok.pad_token_id)]
     answers = [r["answer"] for r in he]
-    result = {"model": model_path, "he_pass": sum(r["passed"] for r in he), "he_n": n,
-              "he_closed": sum(map(closed, answers)), "he_rep": sum(map(repeated_share, answers)) / n,
-              "own_closed": sum(map(closed, own)), "own_rep": sum(map(repeated_share, own)) / len(own),
-              "own_answers": own}
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "own_answers"}))
+    figures = {"he_pass": sum(r["passed"] for r in he), "he_n": len(he), "he_closed": sum(map(closed, answers)),
+               "he_rep": sum(map(repeated_share, answers)) / len(he), "own_closed": sum(map(closed, own)),
+               "own_rep": sum(map(repeated_share, own)) / len(own)}
+    return {"model": label, **{k: round(v, 4) for k, v in figures.items()}, "own_answers": own}
+
+
+def main(out: Path, requests: Path, pairs: list[str]) -> None:
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    for label, model_path in (pair.split("=", 1) for pair in pairs):
+        if all(r["model"] != label for r in rows):
+            rows.append(row(label, model_path, requests))
+            out.write_text(json.dumps({"rows": rows}, indent=1))
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "own_answers"}))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), *map(int, sys.argv[4:5]))
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3:])
