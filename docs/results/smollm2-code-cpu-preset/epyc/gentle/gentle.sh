@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The issue's own MSN recipe, which the GPU reference run scaled up (all weights, lr 1e-4 cosine,
+# 4 noise spans of 5, no warm-up, batch 4, max length 384, seed 42), on the *human-written* stdlib
+# code set, for 120 steps with a checkpoint at 60: does the gentle rate keep what the model writes
+# where LoRA at 1e-3 (../longer) did not, and what does msn's default decoder make of it?
+# eval.py (held-out loss, tree without retrieval, `tr-jacobi`, own words) and quality.py
+# (HumanEval 1-40, what it writes) on both; msn bench --cold (default decoder, `ar` in the same run)
+# on the 120-step model. Then two more runs of the same recipe: without noise (plain SFT, the
+# control) and with the paper's single noise span, each scored with quality.py (and the 1-span
+# model with msn bench). Resumable: a rerun continues a training and skips what is written.
+#   bash gentle.sh WORK      (WORK: a scratch folder; run from the repository root)
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
+QUALITY=$HERE/../longer/quality.py
+W=${1:?usage: bash gentle.sh WORK}
+mkdir -p "$W/run" && cd "$W"
+MODEL=$(msn fetch smollm2-135m-instruct | tail -1)
+SHIPPED=$(msn fetch smollm2-msn-code | tail -1)
+[ -f data/info.json ] || msn data stdlib-code --out data
+ln -sfn ../data run/data-self
+cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
+python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
+write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
+if [ ! -f msn/msn_config.json ]; then
+  RESUME=(); [ -d msn ] && RESUME=(--resume)
+  msn train --model "$MODEL" --data data/train.jsonl --output-dir msn --batch-size 4 --max-length 384 \
+    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --noise-spans 4 --noise-len 5 \
+    --max-steps 120 --save-steps 60 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
+fi
+cp msn/msn_config.json "$HERE/training.json"
+python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
+  "all weights, lr 1e-4, 60 steps=msn/checkpoint-60" "all weights, lr 1e-4, 120 steps=msn"
+python "$EVAL" run msn "$HERE/msn-120.eval.json"
+python "$EVAL" run msn/checkpoint-60 "$HERE/msn-60.eval.json"
+for q in heldout_questions_10x50 own_words_questions; do
+  o="bench-$q-120"
+  [ -f "$o/summary.json" ] || msn bench --model msn --bench run/$q.jsonl --methods ar,tr-jacobi \
+    --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$o"
+done
+# Control: the same recipe with no noise (plain SFT, the same data order, steps, rate and seed),
+# to tell what the human-written data does to what the model writes from what MSN's noise does.
+if [ ! -f sft/msn_config.json ]; then
+  RESUME=(); [ -d sft ] && RESUME=(--resume)
+  msn train --model "$MODEL" --data data/train.jsonl --output-dir sft --batch-size 4 --max-length 384 \
+    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --no-noise \
+    --max-steps 120 --save-steps 60 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
+fi
+cp sft/msn_config.json "$HERE/training-sft.json"
+python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
+  "SFT, all weights, lr 1e-4, 60 steps=sft/checkpoint-60" "SFT, all weights, lr 1e-4, 120 steps=sft"
+# MSN with the paper's single noise span, the rest as above: does less noise keep SFT's writing?
+if [ ! -f msn1/msn_config.json ]; then
+  RESUME=(); [ -d msn1 ] && RESUME=(--resume)
+  msn train --model "$MODEL" --data data/train.jsonl --output-dir msn1 --batch-size 4 --max-length 384 \
+    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --noise-spans 1 --noise-len 5 \
+    --max-steps 120 --save-steps 120 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
+fi
+cp msn1/msn_config.json "$HERE/training-1span.json"
+python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl "MSN, 1 span, all weights, lr 1e-4, 120 steps=msn1"
+for q in heldout_questions_10x50 own_words_questions; do
+  o="bench-$q-1span"
+  [ -f "$o/summary.json" ] || msn bench --model msn1 --bench run/$q.jsonl --methods ar,tr-jacobi \
+    --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$o"
+done
+# The committed summaries (machine paths as ~) and the answers the decoders reproduce (`ar`).
+sed -i "s#\"$HOME/#\"~/#g" "$HERE"/training*.json
+for run in 120 1span; do
+  for q in heldout:heldout_questions_10x50 own-words:own_words_questions; do
+    sed "s#\"$HOME/#\"~/#g" "bench-${q#*:}-$run/summary.json" > "$HERE/bench-${q%%:*}-$run.summary.json"
+  done
+done
+python - "$HERE/answers-RUN.jsonl" <<'PY'
+import json, sys
+for run in ("120", "1span"):
+    rows = []
+    for folder, name in ((f"bench-heldout_questions_10x50-{run}", "heldout"), (f"bench-own_words_questions-{run}", "own")):
+        for line in open(f"{folder}/records.jsonl"):
+            r = json.loads(line)
+            if r["method"] == "ar":
+                rows.append({"set": name, "question_id": r["question_id"], "answer": r["choices"][0]["turns"][0]})
+    open(sys.argv[1].replace("RUN", run), "w").write("".join(json.dumps(r) + "\n" for r in rows))
+PY
