@@ -22,6 +22,11 @@ def pytest_configure(config):
     fetched models stay where they are (linked), so slow tests do not download again."""
     from msn.paths import cache_root
 
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        # Parallel workers (scripts/test.sh): one thread each, and for the processes they start,
+        # so that two workers on two cores do not contend for them.
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
     models = cache_root() / "models"
     tmp = Path(tempfile.mkdtemp(prefix="msn-test-cache-"))
     models.mkdir(parents=True, exist_ok=True)
