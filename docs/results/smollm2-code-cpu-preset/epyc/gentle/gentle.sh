@@ -14,55 +14,41 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
 QUALITY=$HERE/../longer/quality.py
 W=${1:?usage: bash gentle.sh WORK}
-mkdir -p "$W/run" && cd "$W"
-MODEL=$(msn fetch smollm2-135m-instruct | tail -1)
-SHIPPED=$(msn fetch smollm2-msn-code | tail -1)
-[ -f data/info.json ] || msn data stdlib-code --out data
-ln -sfn ../data run/data-self
-cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
-python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
-write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
-if [ ! -f msn/msn_config.json ]; then
-  RESUME=(); [ -d msn ] && RESUME=(--resume)
-  msn train --model "$MODEL" --data data/train.jsonl --output-dir msn --batch-size 4 --max-length 384 \
-    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --noise-spans 4 --noise-len 5 \
-    --max-steps 120 --save-steps 60 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
-fi
+source "$HERE/../human-setup.sh"
+# train OUT SAVE_STEPS NOISE...: the recipe above into OUT (continued where a run stopped).
+train() {
+  local out=$1 save=$2; shift 2
+  [ -f "$out/msn_config.json" ] && return
+  local resume=(); [ -d "$out" ] && resume=(--resume)
+  msn train --model "$MODEL" --data data/train.jsonl --output-dir "$out" --batch-size 4 --max-length 384 \
+    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine "$@" \
+    --max-steps 120 --save-steps "$save" --save-total-limit 0 --logging-steps 20 "${resume[@]}"
+}
+# bench MODEL TAG: the default decoder cold, `ar` in the same run, on both question sets.
+bench() {
+  for q in heldout_questions_10x50 own_words_questions; do
+    [ -f "bench-$q-$2/summary.json" ] || msn bench --model "$1" --bench run/$q.jsonl --methods ar,tr-jacobi \
+      --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "bench-$q-$2"
+  done
+}
+train msn 60 --noise-spans 4 --noise-len 5
 cp msn/msn_config.json "$HERE/training.json"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
   "all weights, lr 1e-4, 60 steps=msn/checkpoint-60" "all weights, lr 1e-4, 120 steps=msn"
 python "$EVAL" run msn "$HERE/msn-120.eval.json"
 python "$EVAL" run msn/checkpoint-60 "$HERE/msn-60.eval.json"
-for q in heldout_questions_10x50 own_words_questions; do
-  o="bench-$q-120"
-  [ -f "$o/summary.json" ] || msn bench --model msn --bench run/$q.jsonl --methods ar,tr-jacobi \
-    --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$o"
-done
+bench msn 120
 # Control: the same recipe with no noise (plain SFT, the same data order, steps, rate and seed),
 # to tell what the human-written data does to what the model writes from what MSN's noise does.
-if [ ! -f sft/msn_config.json ]; then
-  RESUME=(); [ -d sft ] && RESUME=(--resume)
-  msn train --model "$MODEL" --data data/train.jsonl --output-dir sft --batch-size 4 --max-length 384 \
-    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --no-noise \
-    --max-steps 120 --save-steps 60 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
-fi
+train sft 60 --no-noise
 cp sft/msn_config.json "$HERE/training-sft.json"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
   "SFT, all weights, lr 1e-4, 60 steps=sft/checkpoint-60" "SFT, all weights, lr 1e-4, 120 steps=sft"
 # MSN with the paper's single noise span, the rest as above: does less noise keep SFT's writing?
-if [ ! -f msn1/msn_config.json ]; then
-  RESUME=(); [ -d msn1 ] && RESUME=(--resume)
-  msn train --model "$MODEL" --data data/train.jsonl --output-dir msn1 --batch-size 4 --max-length 384 \
-    --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine --noise-spans 1 --noise-len 5 \
-    --max-steps 120 --save-steps 120 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
-fi
+train msn1 120 --noise-spans 1 --noise-len 5
 cp msn1/msn_config.json "$HERE/training-1span.json"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl "MSN, 1 span, all weights, lr 1e-4, 120 steps=msn1"
-for q in heldout_questions_10x50 own_words_questions; do
-  o="bench-$q-1span"
-  [ -f "$o/summary.json" ] || msn bench --model msn1 --bench run/$q.jsonl --methods ar,tr-jacobi \
-    --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$o"
-done
+bench msn1 1span
 # The committed summaries (machine paths as ~) and the answers the decoders reproduce (`ar`).
 sed -i "s#\"$HOME/#\"~/#g" "$HERE"/training*.json
 for run in 120 1span; do

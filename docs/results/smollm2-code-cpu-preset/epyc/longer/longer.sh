@@ -12,15 +12,7 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
 W=${1:?usage: bash longer.sh WORK}
-mkdir -p "$W/run" && cd "$W"
-MODEL=$(msn fetch smollm2-135m-instruct | tail -1)
-SHIPPED=$(msn fetch smollm2-msn-code | tail -1)
-[ -f data/info.json ] || msn data stdlib-code --out data
-# eval.py's run-folder layout: data-self/heldout.jsonl, the held-out questions, the own-words requests
-ln -sfn ../data run/data-self
-cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
-python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
-write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
+source "$HERE/../human-setup.sh"
 if [ ! -f msn/msn_config.json ]; then
   RESUME=(); [ -d msn ] && RESUME=(--resume)
   msn train --model "$MODEL" --data data/train.jsonl --output-dir msn --batch-size 4 --max-length 384 \

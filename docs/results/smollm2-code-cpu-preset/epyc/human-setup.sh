@@ -1,0 +1,12 @@
+# Sourced by longer/longer.sh and gentle/gentle.sh after `W=WORK`: enters WORK and lays out what
+# their runs read there: MODEL and SHIPPED (the base and the shipped adapter, fetched), the
+# human-written stdlib code set in data/, and eval.py's run folder (run/data-self/heldout.jsonl,
+# the held-out questions, the requests in a user's own words).
+mkdir -p "$W/run" && cd "$W"
+MODEL=$(msn fetch smollm2-135m-instruct | tail -1)
+SHIPPED=$(msn fetch smollm2-msn-code | tail -1)
+[ -f data/info.json ] || msn data stdlib-code --out data
+ln -sfn ../data run/data-self
+cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
+python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
+write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
