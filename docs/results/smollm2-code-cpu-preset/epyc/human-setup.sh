@@ -10,3 +10,6 @@ ln -sfn ../data run/data-self
 cp "$SHIPPED/prompts.jsonl" run/heldout_questions_10x50.jsonl
 python -c "from pathlib import Path; from msn.bench.prompts import CODE_REQUESTS, write_questions; \
 write_questions(Path('run/own_words_questions.jsonl'), CODE_REQUESTS, 'code-request')"
+# resume_flag DIR: --resume where DIR holds a complete checkpoint; nothing where it does not (msn
+# train refuses --resume without one, and takes a folder that a run left before its first).
+resume_flag() { compgen -G "$1/checkpoint-*/trainer_state.json" >/dev/null && echo --resume || true; }

@@ -19,10 +19,9 @@ source "$HERE/../human-setup.sh"
 train() {
   local out=$1 save=$2; shift 2
   [ -f "$out/msn_config.json" ] && return
-  local resume=(); [ -d "$out" ] && resume=(--resume)
   msn train --model "$MODEL" --data data/train.jsonl --output-dir "$out" --batch-size 4 --max-length 384 \
     --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine "$@" \
-    --max-steps 120 --save-steps "$save" --save-total-limit 0 --logging-steps 20 "${resume[@]}"
+    --max-steps 120 --save-steps "$save" --save-total-limit 0 --logging-steps 20 $(resume_flag "$out")
 }
 # bench MODEL TAG: the default decoder cold, `ar` in the same run, on both question sets.
 bench() {
@@ -67,3 +66,5 @@ for run in ("120", "1span"):
                 rows.append({"set": name, "question_id": r["question_id"], "answer": r["choices"][0]["turns"][0]})
     open(sys.argv[1].replace("RUN", run), "w").write("".join(json.dumps(r) + "\n" for r in rows))
 PY
+# The held-out columns of the page's quality table (repeated lines, lines copied from the prompt, closed)
+python "$HERE/../longer/answers.py" run/heldout_questions_10x50.jsonl "$HERE"/answers-*.jsonl

@@ -14,10 +14,9 @@ EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
 W=${1:?usage: bash longer.sh WORK}
 source "$HERE/../human-setup.sh"
 if [ ! -f msn/msn_config.json ]; then
-  RESUME=(); [ -d msn ] && RESUME=(--resume)
   msn train --model "$MODEL" --data data/train.jsonl --output-dir msn --batch-size 4 --max-length 384 \
     --warmup 0 --seed 42 --lr 1e-3 --scheduler cosine --noise-spans 8 --noise-len 5 --lora-r 24 --lora-alpha 48 \
-    --max-steps 320 --save-steps 80 --save-total-limit 0 --logging-steps 20 "${RESUME[@]}"
+    --max-steps 320 --save-steps 80 --save-total-limit 0 --logging-steps 20 $(resume_flag msn)
 fi
 for s in 80 160; do python "$EVAL" run msn/checkpoint-$s msn-$s.eval.json; done
 python "$EVAL" run msn msn-320.eval.json

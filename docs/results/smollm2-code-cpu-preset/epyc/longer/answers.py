@@ -1,0 +1,34 @@
+"""The held-out columns of the cpu-preset page's quality tables, from an answers file (`ar`'s
+answers as gentle.sh writes them): the share of non-trivial lines (over 3 characters) that repeat
+an earlier line of the same answer and the share that are lines of the prompt, both pooled over
+the answers, and the answers that close their code block.
+
+    python answers.py QUESTIONS.jsonl ANSWERS.jsonl [ANSWERS.jsonl ...]
+"""
+import json
+import sys
+
+from msn.bench.prompts import load_questions
+from quality import closed
+
+
+def lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if len(line.strip()) > 3]
+
+
+def main(questions: str, files: list[str]) -> None:
+    prompts = {str(q.qid): set(lines(q.turns[0])) for q in load_questions(questions)}
+    for name in files:
+        answers = [r for r in map(json.loads, open(name)) if r["set"] == "heldout"]
+        total = repeated = copied = 0
+        for r in answers:
+            own = lines(r["answer"])
+            total += len(own)
+            repeated += sum(line in own[:i] for i, line in enumerate(own))
+            copied += sum(line in prompts[str(r["question_id"])] for line in own)
+        print(json.dumps({"answers": name, "lines": total, "repeated": round(repeated / total, 3),
+                          "copied_from_prompt": round(copied / total, 3), "closed": sum(closed(r["answer"]) for r in answers)}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2:])
