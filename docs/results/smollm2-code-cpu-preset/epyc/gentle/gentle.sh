@@ -54,17 +54,7 @@ for run in 120 1span; do
   for q in heldout:heldout_questions_10x50 own-words:own_words_questions; do
     sed "s#\"$HOME/#\"~/#g" "bench-${q#*:}-$run/summary.json" > "$HERE/bench-${q%%:*}-$run.summary.json"
   done
+  python "$HERE/ar_answers.py" "$HERE/answers-$run.jsonl" "bench-heldout_questions_10x50-$run" "bench-own_words_questions-$run"
 done
-python - "$HERE/answers-RUN.jsonl" <<'PY'
-import json, sys
-for run in ("120", "1span"):
-    rows = []
-    for folder, name in ((f"bench-heldout_questions_10x50-{run}", "heldout"), (f"bench-own_words_questions-{run}", "own")):
-        for line in open(f"{folder}/records.jsonl"):
-            r = json.loads(line)
-            if r["method"] == "ar":
-                rows.append({"set": name, "question_id": r["question_id"], "answer": r["choices"][0]["turns"][0]})
-    open(sys.argv[1].replace("RUN", run), "w").write("".join(json.dumps(r) + "\n" for r in rows))
-PY
 # The held-out columns of the page's quality table (repeated lines, lines copied from the prompt, closed)
 python "$HERE/../longer/answers.py" run/heldout_questions_10x50.jsonl "$HERE"/answers-*.jsonl
