@@ -1,41 +1,49 @@
 #!/usr/bin/env bash
 # gentle.sh's single-span recipe (all weights, lr 1e-4 cosine, 1 noise span of 5, no warm-up,
-# batch 4, max length 384, seed 42, human-written stdlib answers) trained twice as long, 240 steps,
-# then exported as the <= 16 MiB LoRA adapter that would ship: msn's default decoder (cold, `ar` in
-# the same run) on the held-out questions and the user's requests for the adapter and the full
-# model, what each writes (quality.py), the adapter's HumanEval on all 164 (he.py), eval.py's
-# columns, and the held-out columns of the page's quality table (longer/answers.py).
-# Each stage is skipped where its output is written, and the training continues from its newest
-# checkpoint, so a rerun goes on where a kill stopped it.
-#   bash span1-240.sh WORK      (WORK: gentle.sh's scratch folder; run from the repository root)
+# batch 4, max length 384, seed 42) trained twice as long, 240 steps, then exported as the
+# <= 16 MiB LoRA adapter that would ship: msn's default decoder (cold, `ar` in the same run) on the
+# held-out questions and the user's requests for the adapter and the full model, what each writes
+# (quality.py), the adapter's HumanEval on all 164 (he.py), eval.py's columns, and the held-out
+# columns of the page's quality table (longer/answers.py). Data: the human-written stdlib answers;
+# with `mix`, the base's own greedy answers to 600 of the prompts (msn data self-distill, the cpu
+# preset's sample) joined with as many human-written answers to other prompts (join.py).
+# Each stage is skipped where its output is written, and the training and self-distillation
+# continue where they stopped, so a rerun goes on where a kill stopped it.
+#   bash span1-240.sh WORK [mix]   (WORK: gentle.sh's scratch folder; run from the repository root)
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 EVAL=$(cd "$HERE/../../../cpu-levers" && pwd)/eval.py
 QUALITY=$HERE/../longer/quality.py
 HE=$HERE/../longer/he.py
-W=${1:?usage: bash span1-240.sh WORK}
+W=${1:?usage: bash span1-240.sh WORK [mix]}
 source "$HERE/../human-setup.sh"
-out=msn1-240
-[ -f "$out/msn_config.json" ] || msn train --model "$MODEL" --data data/train.jsonl --output-dir "$out" \
+tag=1span-240 out=msn1-240 data=data/train.jsonl what="1 span"
+if [ "${2:-}" = mix ]; then
+  tag=mix-1span-240 out=mix1-240 data=mix/train.jsonl what="1 span, own + human-written answers"
+  [ -f self600/info.json ] || msn data self-distill --model "$MODEL" --data data --out self600 --limit 600 \
+    --max-new-tokens 320 --batch-size 16 --seed 42
+  [ -f mix/train.jsonl ] || python "$HERE/join.py" self600 data mix
+fi
+[ -f "$out/msn_config.json" ] || msn train --model "$MODEL" --data "$data" --output-dir "$out" \
   --batch-size 4 --max-length 384 --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine \
   --noise-spans 1 --noise-len 5 --max-steps 240 --save-steps 60 --save-total-limit 0 \
   --logging-steps 20 $(resume_flag "$out")
-sed "s#\"$HOME/#\"~/#g" "$out/msn_config.json" > "$HERE/training-1span-240.json"
+sed "s#\"$HOME/#\"~/#g" "$out/msn_config.json" > "$HERE/training-$tag.json"
 [ -f "$out-lora/adapter_config.json" ] || msn export-lora --base "$MODEL" --tuned "$out" --out "$out-lora" --budget-mib 16
-sed "s#\"$HOME/#\"~/#g" "$out-lora/export_report.json" > "$HERE/export-1span-240.json"
+sed "s#\"$HOME/#\"~/#g" "$out-lora/export_report.json" > "$HERE/export-$tag.json"
 for q in heldout:heldout_questions_10x50 own-words:own_words_questions; do
   for m in "$out-lora:adapter" "$out:full"; do
-    b="bench-${q#*:}-1span-240-${m#*:}"
+    b="bench-${q#*:}-$tag-${m#*:}"
     [ -f "$b/summary.json" ] || msn bench --model "${m%%:*}" --bench "run/${q#*:}.jsonl" --methods ar,tr-jacobi \
       --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$b"
-    sed "s#\"$HOME/#\"~/#g" "$b/summary.json" > "$HERE/bench-${q%%:*}-1span-240-${m#*:}.summary.json"
+    sed "s#\"$HOME/#\"~/#g" "$b/summary.json" > "$HERE/bench-${q%%:*}-$tag-${m#*:}.summary.json"
   done
 done
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
-  "MSN, 1 span, all weights, lr 1e-4, 240 steps, as the 16 MiB adapter=$out-lora"
-[ -f he-adapter-1span-240.json ] || python "$HE" "$out-lora" he-adapter-1span-240.json
-cp he-adapter-1span-240.json "$HERE/"
-python "$EVAL" run "$out-lora" "$HERE/msn1-240-lora.eval.json"
-python "$HERE/ar_answers.py" "$HERE/answers-1span-240.jsonl" bench-heldout_questions_10x50-1span-240-adapter \
-  bench-own_words_questions-1span-240-adapter
+  "MSN, $what, all weights, lr 1e-4, 240 steps, as the 16 MiB adapter=$out-lora"
+[ -f "he-adapter-$tag.json" ] || python "$HE" "$out-lora" "he-adapter-$tag.json"
+cp "he-adapter-$tag.json" "$HERE/"
+python "$EVAL" run "$out-lora" "$HERE/$out-lora.eval.json"
+python "$HERE/ar_answers.py" "$HERE/answers-$tag.jsonl" "bench-heldout_questions_10x50-$tag-adapter" \
+  "bench-own_words_questions-$tag-adapter"
 python "$HERE/../longer/answers.py" run/heldout_questions_10x50.jsonl "$HERE"/answers-*.jsonl
