@@ -23,13 +23,6 @@ train() {
     --warmup 0 --seed 42 --lr 1e-4 --scheduler cosine "$@" \
     --max-steps 120 --save-steps "$save" --save-total-limit 0 --logging-steps 20 $(resume_flag "$out")
 }
-# bench MODEL TAG: the default decoder cold, `ar` in the same run, on both question sets.
-bench() {
-  for q in heldout_questions_10x50 own_words_questions; do
-    [ -f "bench-$q-$2/summary.json" ] || msn bench --model "$1" --bench run/$q.jsonl --methods ar,tr-jacobi \
-      --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "bench-$q-$2"
-  done
-}
 train msn 60 --noise-spans 4 --noise-len 5
 cp msn/msn_config.json "$HERE/training.json"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
@@ -48,12 +41,9 @@ train msn1 120 --noise-spans 1 --noise-len 5
 cp msn1/msn_config.json "$HERE/training-1span.json"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl "MSN, 1 span, all weights, lr 1e-4, 120 steps=msn1"
 bench msn1 1span
-# The committed summaries (machine paths as ~) and the answers the decoders reproduce (`ar`).
+# The committed training summaries (machine paths as ~) and the answers the decoders reproduce (`ar`).
 sed -i "s#\"$HOME/#\"~/#g" "$HERE"/training*.json
 for run in 120 1span; do
-  for q in heldout:heldout_questions_10x50 own-words:own_words_questions; do
-    sed "s#\"$HOME/#\"~/#g" "bench-${q#*:}-$run/summary.json" > "$HERE/bench-${q%%:*}-$run.summary.json"
-  done
   python "$HERE/ar_answers.py" "$HERE/answers-$run.jsonl" "bench-heldout_questions_10x50-$run" "bench-own_words_questions-$run"
 done
 # The held-out columns of the page's quality table (repeated lines, lines copied from the prompt, closed)

@@ -31,14 +31,8 @@ fi
 sed "s#\"$HOME/#\"~/#g" "$out/msn_config.json" > "$HERE/training-$tag.json"
 [ -f "$out-lora/adapter_config.json" ] || msn export-lora --base "$MODEL" --tuned "$out" --out "$out-lora" --budget-mib 16
 sed "s#\"$HOME/#\"~/#g" "$out-lora/export_report.json" > "$HERE/export-$tag.json"
-for q in heldout:heldout_questions_10x50 own-words:own_words_questions; do
-  for m in "$out-lora:adapter" "$out:full"; do
-    b="bench-${q#*:}-$tag-${m#*:}"
-    [ -f "$b/summary.json" ] || msn bench --model "${m%%:*}" --bench "run/${q#*:}.jsonl" --methods ar,tr-jacobi \
-      --max-new-tokens 128 --warmup 1 --cold --dtype float32 --out "$b"
-    sed "s#\"$HOME/#\"~/#g" "$b/summary.json" > "$HERE/bench-${q%%:*}-$tag-${m#*:}.summary.json"
-  done
-done
+bench "$out-lora" "$tag-adapter"
+bench "$out" "$tag-full"
 python "$QUALITY" "$HERE/quality.json" run/own_words_questions.jsonl \
   "MSN, $what, all weights, lr 1e-4, 240 steps, as the 16 MiB adapter=$out-lora"
 [ -f "he-adapter-$tag.json" ] || python "$HE" "$out-lora" "he-adapter-$tag.json"

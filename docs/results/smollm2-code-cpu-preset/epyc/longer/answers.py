@@ -9,11 +9,7 @@ import json
 import sys
 
 from msn.bench.prompts import load_questions
-from quality import closed
-
-
-def lines(text: str) -> list[str]:
-    return [line.strip() for line in text.splitlines() if len(line.strip()) > 3]
+from quality import closed, lines
 
 
 def main(questions: str, files: list[str]) -> None:

@@ -23,9 +23,14 @@ HUMANEVAL_BATCH = 8
 REQUEST_TOKENS = 128
 
 
+def lines(text: str) -> list[str]:
+    """The lines that count: stripped, over 3 characters."""
+    return [line.strip() for line in text.splitlines() if len(line.strip()) > 3]
+
+
 def repeated_share(answer: str) -> float:
-    lines = [line.strip() for line in answer.splitlines() if len(line.strip()) > 3]
-    return sum(line in lines[:i] for i, line in enumerate(lines)) / max(1, len(lines))
+    own = lines(answer)
+    return sum(line in own[:i] for i, line in enumerate(own)) / max(1, len(own))
 
 
 def closed(answer: str) -> bool:
