@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from msn.data.records import write_jsonl
+
 
 def main(out: str, heldout: str, own: str) -> None:
     rows = []
@@ -15,7 +17,7 @@ def main(out: str, heldout: str, own: str) -> None:
             r = json.loads(line)
             if r["method"] == "ar":
                 rows.append({"set": name, "question_id": r["question_id"], "answer": r["choices"][0]["turns"][0]})
-    Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(Path(out), rows)
 
 
 if __name__ == "__main__":

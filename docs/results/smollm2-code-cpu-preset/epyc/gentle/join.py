@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from msn.data.records import write_jsonl
+
 
 def main(own: str, human: str, out: str) -> None:
     own_rows = [json.loads(line) for line in (Path(own) / "train.jsonl").read_text().splitlines()]
@@ -21,9 +23,7 @@ def main(own: str, human: str, out: str) -> None:
     dest = Path(out)
     dest.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(Path(human) / "heldout.jsonl", dest / "heldout.jsonl")
-    tmp = dest / "train.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    tmp.replace(dest / "train.jsonl")
+    write_jsonl(dest / "train.jsonl", rows)
     print(f"{dest / 'train.jsonl'}: {len(own_rows)} own answers + {len(own_rows)} human-written")
 
 
