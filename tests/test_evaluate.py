@@ -13,6 +13,19 @@ def test_extract_code():
     assert extract_code("no code") == "no code"
 
 
+def test_repeated_line_share_counts_loops_within_each_answer():
+    from msn.evaluate import repeated_line_share
+
+    loop = "def f(x):\n    return x\n    return x\n    return x\n"
+    # 4 counted lines, 2 repeat an earlier one; indentation does not hide a repeat.
+    assert repeated_line_share([loop]) == 2 / 4
+    # Short lines (3 characters or fewer) are not counted; a line another answer wrote is no repeat.
+    assert repeated_line_share(["x\nx\n)\n)\nreturn 1", "return 1\nreturn 2"]) == 0.0
+    # Pooled over answers: 2 repeats among 4 + 2 counted lines.
+    assert repeated_line_share([loop, "a = 10\nb = 20"]) == 2 / 6
+    assert repeated_line_share(["", "ok"]) is None
+
+
 def test_heldout_loss_is_the_mean_response_nll(tmp_path):
     import math
 
@@ -131,6 +144,12 @@ def test_batched_acceptance_equals_one_prompt_at_a_time(tmp_path):
         assert table[name]["steps"] == steps or name in RECYCLING, name
         assert table[name]["match_rate"] == 1.0
     assert table["ar"]["mean_accepted_tokens"] == 1.0
+    # The share of repeated lines is that of the answers ar writes, one prompt at a time.
+    from msn.evaluate import repeated_line_share
+
+    answers = [tok.decode(msn.generate(model, encode_prompt(tok, [{"role": "user", "content": t}]), method="ar",
+                                       max_new_tokens=16).tokens, skip_special_tokens=True) for t in turns]
+    assert table["ar"]["repeated_lines"] == repeated_line_share(answers)
 
 
 def test_the_default_row_decodes_each_request_alone_and_two_cold_runs_agree(tmp_path, monkeypatch):
@@ -286,6 +305,10 @@ def test_reproduce_cpu_smoke(tmp_path):
     assert not list(out.glob("*.humaneval-answers.jsonl"))      # kept only while a model's HumanEval runs
     md = (out / "results.md").read_text()
     assert "## Learning curve" in md and "## Code requests in a user's own words" in md
+    # Every model's row shows what share of its answers' lines loop, on both prompt sets.
+    heads = [line for line in md.splitlines() if line.startswith("| model |") and "| match |" in line]
+    assert len(heads) == 2 and all(line.endswith("| match | repeated lines |") for line in heads)
+    assert all("repeated_lines" in e["accept"]["ar"] for e in res["models"].values())
     assert (out / "curve.png").exists()
     again = run("cpu-smoke", out, base_model=str(base), requests=6)
     assert again["models"] == res["models"]

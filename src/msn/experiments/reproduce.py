@@ -372,6 +372,8 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
         else:
             outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
                                          max_batch=batch, **options)
+    from msn.evaluate import repeated_line_share
+
     table = {}
     for name in order:
         rs = outputs[name]
@@ -384,6 +386,9 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
             table[name]["per_prompt"] = [{"tokens": len(r.tokens), "steps": r.steps,
                                           "mean_accepted_tokens": sum(r.accept_lengths) / r.steps if r.steps else 0.0,
                                           "identical": r.tokens == a.tokens} for r, a in zip(rs, outputs["ar"])]
+    # What every decoder reproduces, checked for loops: tokens per step on looping text overstate MSN.
+    table["ar"]["repeated_lines"] = repeated_line_share(
+        [tokenizer.decode(r.tokens, skip_special_tokens=True) for r in outputs["ar"]])
     return table
 
 
@@ -683,13 +688,16 @@ def model_card(results: dict) -> str:
         f"{a['kept']['overall']:.1%} of the weight difference (squared Frobenius norm; least in one layer "
         f"{a['kept']['min']:.1%}); norms are stored whole.", "",
         "## Measured (float32, on the held-out prompts in `prompts.jsonl`)", "",
-        "Mean accepted tokens per step; every output identical to `ar` of the same model.", "",
-        "| model | held-out loss | " + " | ".join(methods) + " |", "|---|---|" + "---|" * len(methods)]
+        "Mean accepted tokens per step; every output identical to `ar` of the same model. Repeated lines: "
+        "the share of the answers' lines that repeat an earlier line of the same answer (loops, which "
+        "drafts verify cheaply).", "",
+        "| model | held-out loss | " + " | ".join(methods) + " | repeated lines |",
+        "|---|---|" + "---|" * (len(methods) + 1)]
     for n in rows:
         e = entries[n]
         lines.append(f"| {n} | {loss(e)} | "
                      + " | ".join(f"{e['accept'][m]['mean_accepted_tokens']:.2f}" if m in e["accept"] else "-"
-                                  for m in methods) + " |")
+                                  for m in methods) + f" | {_repeated(e['accept'])} |")
     if a["gain_kept"] is not None:
         lines += ["", f"The adapter keeps {a['gain_kept']:.0%} of the full model's `tr-jacobi` gain over plain "
                   f"SFT ({a['tr_jacobi']:.2f} tokens per step, against {a['tr_jacobi_full']:.2f} and "
@@ -811,7 +819,7 @@ def curve_plot(entries: dict, preset: Preset, path: Path) -> None:
 def results_markdown(results: dict) -> str:
     entries, cfg = results["models"], results["config"]
     methods = list(dict.fromkeys(k for e in entries.values() for k in e["accept"]))
-    head = ["model", "noise spans", "held-out loss", "HumanEval pass@1", *methods, "match"]
+    head = ["model", "noise spans", "held-out loss", "HumanEval pass@1", *methods, "match", "repeated lines"]
     lines = [f"# msn reproduce --preset {cfg['preset']}", "",
              f"Device: {cfg['device']}; torch {cfg['torch']}. Wall times (s): "
              + ", ".join(f"{k} {v}" for k, v in results["times"].items()) + ".", "",
@@ -821,11 +829,13 @@ def results_markdown(results: dict) -> str:
         cells = [n, "-" if not e.get("noise_spans") else str(e["noise_spans"]), loss,
                  "-" if e["humaneval_pass1"] is None else f"{e['humaneval_pass1']:.1f} ({e['humaneval_problems']})",
                  *(f"{e['accept'][k]['mean_accepted_tokens']:.2f}" if k in e["accept"] else "" for k in methods),
-                 f"{min(v['match_rate'] for v in e['accept'].values()):.2f}"]
+                 f"{min(v['match_rate'] for v in e['accept'].values()):.2f}", _repeated(e["accept"])]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"Cells under the decoders: mean accepted tokens per step, float32, on {cfg['accept_prompts']} "
               f"held-out prompts ({cfg['accept_tokens']} new tokens; trees fixed: the reference tree, "
-              "`tree-noret` without its retrieval chain). match: share of outputs identical to `ar`."]
+              "`tree-noret` without its retrieval chain). match: share of outputs identical to `ar`. "
+              "repeated lines: share of the answers' lines (over 3 characters) that repeat an earlier line of "
+              "the same answer; drafts verify loops cheaply, so a high share inflates the tokens per step."]
     if results.get("claim"):
         c = results["claim"]
         lines += ["", f"## {c['msn']} against plain SFT", "",
@@ -860,11 +870,11 @@ def results_markdown(results: dict) -> str:
         lines += ["", "## Code requests in a user's own words", "",
                   "Mean accepted tokens per step on the requests of `msn.bench.prompts.CODE_REQUESTS` (not in the "
                   "training set's prompt format), same decoding; match: outputs identical to `ar`.", "",
-                  "| model | " + " | ".join(om) + " | match |", "|---|" + "---|" * (len(om) + 1)]
+                  "| model | " + " | ".join(om) + " | match | repeated lines |", "|---|" + "---|" * (len(om) + 2)]
         for n, t in own.items():
             lines.append(f"| {n} | " + " | ".join(f"{t[m]['mean_accepted_tokens']:.2f}" if m in t else "-"
                                                  for m in om)
-                         + f" | {min(v['match_rate'] for v in t.values()):.2f} |")
+                         + f" | {min(v['match_rate'] for v in t.values()):.2f} | {_repeated(t)} |")
         rows = [m for m in ("default", "tr-jacobi-merged", "tr-jacobi") if all(m in t for t in own.values())][:1]
         if rows:
             m = rows[0]
@@ -893,6 +903,12 @@ def results_markdown(results: dict) -> str:
             lines.append(f"| {m} | {v['tokens_per_s']:.1f} | {accepted} | "
                          f"{v['speedup_over_ar']:.2f}x | {over_hf} | {v['match_rate']:.2f} |")
     return "\n".join(lines) + "\n"
+
+
+def _repeated(table: dict) -> str:
+    """An acceptance table's share of repeated lines, as a cell ("-" in results made before it was measured)."""
+    share = table.get("ar", {}).get("repeated_lines")
+    return "-" if share is None else f"{share:.0%}"
 
 
 def acceptance_plot(entries: dict, path: Path) -> None:
