@@ -4,7 +4,7 @@ import pytest
 
 from msn.bench.harness import BenchConfig, run_bench
 from msn.bench.prompts import load_questions
-from msn.bench.report import summarize
+from msn.bench.report import summarize, table
 from msn.decoding import cpu
 from msn.errors import MsnError
 from tiny import tiny_llama_and_tokenizer
@@ -145,11 +145,19 @@ def test_summarize_by_hand():
         dict(method="x", category="b", wall_time=2.0, new_tokens=2, steps=1, accept_lengths=[1], forwards=2, match=False),
     ]
     s = summarize(recs, ["ar", "x"])["x"]
+    assert s["overall"]["repeated_lines"] is None            # no answer text recorded
     assert s["overall"]["speedup"] == pytest.approx(2.0)
     assert s["categories"]["a"]["speedup"] == pytest.approx(4.0)
     assert s["overall"]["mean_accepted_tokens"] == pytest.approx(2.0)
     assert s["overall"]["match_rate"] == 0.5
     assert s["overall"]["histogram"] == {"1": 1, "3": 1}
+    # Each turn of each answer is checked for lines repeating an earlier line of that turn.
+    recs[2]["choices"] = [{"turns": ["def f():\n    pass\n    pass", "def g():\n    pass"]}]
+    recs[3]["choices"] = [{"turns": ["x = 1\nx = 1\nx = 1\ny = 2"]}]
+    s = summarize(recs, ["ar", "x"])["x"]
+    assert s["overall"]["repeated_lines"] == pytest.approx(3 / 9)
+    assert s["categories"]["a"]["repeated_lines"] == pytest.approx(1 / 5)
+    assert "33%" in table(summarize(recs, ["ar", "x"]))
 
 
 def test_limit_and_categories(questions):

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from msn.evaluate import repeated_line_share
+
 
 def _stats(recs: list[dict], ar_recs: list[dict]) -> dict:
     wall = sum(r["wall_time"] for r in recs)
@@ -32,6 +34,9 @@ def _stats(recs: list[dict], ar_recs: list[dict]) -> dict:
         # Share of generations identical to ar's (greedy; or sampling with the same seed).
         "match_rate": None if any(r["match"] is None for r in recs) else sum(r["match"] for r in recs) / len(recs),
         "histogram": {str(k): histogram[k] for k in sorted(histogram)} if has_lengths else None,
+        # Share of the answers' lines that repeat an earlier line of the same answer: drafts verify
+        # loops cheaply, so a high share means the tokens per step overstate the decoder.
+        "repeated_lines": repeated_line_share([t for r in recs for c in r.get("choices", [])[:1] for t in c["turns"]]),
         "steps": steps,
         "new_tokens": tokens,
         "wall_time": wall,
@@ -65,7 +70,7 @@ def table(methods_summary: dict) -> str:
     cats = list(next(iter(methods_summary.values()))["categories"]) if methods else []
     name = max([11, *(len(m) + 1 for m in methods)])
     width = {c: max(8, len(c)) for c in cats}      # whole category names, never cut
-    head = f"{'method':<{name}}{'speedup':>8}{'accepted':>9}{'tok/fwd':>8}{'tok/s':>8}{'match':>7}  " + \
+    head = f"{'method':<{name}}{'speedup':>8}{'accepted':>9}{'tok/fwd':>8}{'tok/s':>8}{'match':>7}{'repeat':>7}  " + \
         "  ".join(f"{c:>{width[c]}}" for c in cats)
     lines = [head, "-" * len(head)]
     for m in methods:
@@ -74,9 +79,11 @@ def table(methods_summary: dict) -> str:
         cells = "  ".join(f"{methods_summary[m]['categories'].get(c, {}).get('speedup', 0):>{width[c] - 1}.2f}x"
                           for c in cats)
         match = f"{o['match_rate']:.2f}" if o["match_rate"] is not None else "-"
+        repeat = "-" if o.get("repeated_lines") is None else f"{o['repeated_lines']:.0%}"
         lines.append(f"{m:<{name}}{o['speedup']:>7.2f}x{acc:>9}{o['tokens_per_forward']:>8.2f}{o['tokens_per_s']:>8.1f}"
-                     f"{match:>7}  {cells}")
-    lines.append("(speedup over ar per category on the right; accepted = mean accepted tokens per step)")
+                     f"{match:>7}{repeat:>7}  {cells}")
+    lines.append("(speedup over ar per category on the right; accepted = mean accepted tokens per step; repeat = "
+                 "share of answer lines repeating an earlier line of the same answer, which drafts verify cheaply)")
     return "\n".join(lines)
 
 
