@@ -348,6 +348,7 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
     prompt's tokens per step and match."""
     import msn
     from msn.data.records import encode_prompt
+    from msn.evaluate import repeated_line_share
     from tqdm import tqdm
 
     unknown = sorted(set(methods) - set(ACCEPT_METHODS))
@@ -372,8 +373,6 @@ def acceptance(model, tokenizer, questions: Path, methods, max_new_tokens: int, 
         else:
             outputs[name] = msn.generate(model, prompts, method=method, max_new_tokens=max_new_tokens,
                                          max_batch=batch, **options)
-    from msn.evaluate import repeated_line_share
-
     table = {}
     for name in order:
         rs = outputs[name]
