@@ -9,6 +9,7 @@ import json
 import sys
 
 from msn.bench.prompts import load_questions
+from msn.evaluate import repeated_line_share
 from quality import closed, lines
 
 
@@ -16,13 +17,13 @@ def main(questions: str, files: list[str]) -> None:
     prompts = {str(q.qid): set(lines(q.turns[0])) for q in load_questions(questions)}
     for name in files:
         answers = [r for r in map(json.loads, open(name)) if r["set"] == "heldout"]
-        total = repeated = copied = 0
+        total = copied = 0
         for r in answers:
             own = lines(r["answer"])
             total += len(own)
-            repeated += sum(line in own[:i] for i, line in enumerate(own))
             copied += sum(line in prompts[str(r["question_id"])] for line in own)
-        print(json.dumps({"answers": name, "lines": total, "repeated": round(repeated / total, 3),
+        repeated = repeated_line_share([r["answer"] for r in answers])
+        print(json.dumps({"answers": name, "lines": total, "repeated": round(repeated, 3),
                           "copied_from_prompt": round(copied / total, 3), "closed": sum(closed(r["answer"]) for r in answers)}))
 
 

@@ -14,7 +14,7 @@ from msn.bench.batch import hf_batched
 from msn.bench.prompts import load_questions
 from msn.data.records import encode_prompt, ensure_chat_template
 from msn.decoding.request import resolve_eos
-from msn.evaluate import humaneval_pass1
+from msn.evaluate import humaneval_pass1, repeated_line_share
 from msn.experiments.reproduce import PRESETS
 from msn.loading import load_for_inference
 
@@ -29,8 +29,7 @@ def lines(text: str) -> list[str]:
 
 
 def repeated_share(answer: str) -> float:
-    own = lines(answer)
-    return sum(line in own[:i] for i, line in enumerate(own)) / max(1, len(own))
+    return repeated_line_share([answer]) or 0.0
 
 
 def closed(answer: str) -> bool:
