@@ -49,19 +49,23 @@ def heldout_loss(model, tokenizer, data_path: str, max_length: int = 512, batch_
     return total / count if count else math.nan
 
 
+def counted_lines(text: str) -> list[str]:
+    """The lines of ``text`` that line figures count: stripped, longer than 3 characters."""
+    return [line for line in (raw.strip() for raw in text.splitlines()) if len(line) > 3]
+
+
 def repeated_line_share(texts: list[str]) -> float | None:
-    """Of the lines of ``texts`` longer than 3 characters (stripped), the share that repeat an
-    earlier line of the same text, pooled over the texts (None where no line counts). Drafts and
-    retrieval verify a repeated line cheaply, so a model that loops shows more tokens per step
-    than it would on text a user wants: this figure belongs beside them."""
+    """Of the ``counted_lines`` of ``texts``, the share that repeat an earlier line of the same
+    text, pooled over the texts (None where no line counts). Drafts and retrieval verify a
+    repeated line cheaply, so a model that loops shows more tokens per step than it would on
+    text a user wants: this figure belongs beside them."""
     counted = repeats = 0
     for text in texts:
         seen: set[str] = set()
-        for line in (raw.strip() for raw in text.splitlines()):
-            if len(line) > 3:
-                counted += 1
-                repeats += line in seen
-                seen.add(line)
+        for line in counted_lines(text):
+            counted += 1
+            repeats += line in seen
+            seen.add(line)
     return repeats / counted if counted else None
 
 

@@ -9,17 +9,17 @@ import json
 import sys
 
 from msn.bench.prompts import load_questions
-from msn.evaluate import repeated_line_share
-from quality import closed, lines
+from msn.evaluate import counted_lines, repeated_line_share
+from quality import closed
 
 
 def main(questions: str, files: list[str]) -> None:
-    prompts = {str(q.qid): set(lines(q.turns[0])) for q in load_questions(questions)}
+    prompts = {str(q.qid): set(counted_lines(q.turns[0])) for q in load_questions(questions)}
     for name in files:
         answers = [r for r in map(json.loads, open(name)) if r["set"] == "heldout"]
         total = copied = 0
         for r in answers:
-            own = lines(r["answer"])
+            own = counted_lines(r["answer"])
             total += len(own)
             copied += sum(line in prompts[str(r["question_id"])] for line in own)
         repeated = repeated_line_share([r["answer"] for r in answers])

@@ -23,11 +23,6 @@ HUMANEVAL_BATCH = 8
 REQUEST_TOKENS = 128
 
 
-def lines(text: str) -> list[str]:
-    """The lines that count: stripped, over 3 characters."""
-    return [line.strip() for line in text.splitlines() if len(line.strip()) > 3]
-
-
 def repeated_share(answer: str) -> float:
     return repeated_line_share([answer]) or 0.0
 
